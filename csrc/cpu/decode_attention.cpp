@@ -1,0 +1,277 @@
+// CPU launcher for decode attention: validates every shape, stride, dtype and index (again:
+// Python checks too, but no input may make the kernel read out of bounds), builds the piece
+// list from the shared partition (lean_plan.h), runs the pieces on the thread pool with the GIL
+// released, then merges partial states with the shared merge rule (softmax.h).
+#include "decode_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "attention_cpu.h"
+#include "cpu_features.h"
+#include "pykernels/lean_plan.h"
+#include "pykernels/softmax.h"
+#include "thread_pool.h"
+
+namespace pykernels {
+namespace cpu {
+
+namespace {
+
+int64_t workspace_floats(int64_t G) { return std::min<int64_t>(G, 8) * 32 + 64; }
+
+AttendFn attend_fn() {
+  switch (active_isa()) {
+    case Isa::kAvx512: return avx512::attend_piece;
+    case Isa::kAvx2: return avx2::attend_piece;
+    default: return scalar::attend_piece;
+  }
+}
+
+
+void store_vec(void* dst, DType dt, int64_t offset, const float* src, int64_t n) {
+  switch (dt) {
+    case DType::kFloat32: {
+      float* d = static_cast<float*>(dst) + offset;
+      for (int64_t i = 0; i < n; ++i) d[i] = src[i];
+      break;
+    }
+    case DType::kFloat16: {
+      pk_u16* d = static_cast<pk_u16*>(dst) + offset;
+      for (int64_t i = 0; i < n; ++i) d[i] = float_to_fp16(src[i]);
+      break;
+    }
+    case DType::kBFloat16: {
+      pk_u16* d = static_cast<pk_u16*>(dst) + offset;
+      for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(src[i]);
+      break;
+    }
+  }
+}
+
+float load_elem(const void* p, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::kFloat32: return static_cast<const float*>(p)[i];
+    case DType::kFloat16: return fp16_to_float(static_cast<const pk_u16*>(p)[i]);
+    default: return bf16_to_float(static_cast<const pk_u16*>(p)[i]);
+  }
+}
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+}  // namespace
+
+int64_t attend_workspace_floats(int64_t G, int64_t D) { (void)D; return workspace_floats(G); }
+
+Schedule build_schedule(const int32_t* seqlens, int64_t B, int64_t Hkv, const std::string& method,
+                        int64_t num_splits, int64_t num_workers, int64_t tile) {
+  Schedule sc;
+  const int64_t nseg = B * Hkv;
+  sc.cum.assign(nseg + 1, 0);
+  for (int64_t s = 0; s < nseg; ++s) sc.cum[s + 1] = sc.cum[s] + pk_cdiv(seqlens[s / Hkv], tile);
+  const int64_t total = sc.cum[nseg];
+  sc.tile = tile;
+  if (method == "lean") {
+    const int64_t W = std::max<int64_t>(1, std::min(num_workers, total));
+    sc.num_workers = W;
+    sc.num_slots = 2 * W;
+    sc.worker_begin.resize(W + 1);
+    for (int64_t w = 0; w <= W; ++w) sc.worker_begin[w] = lean_begin(total, w, W);
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t gb = sc.worker_begin[w], ge = sc.worker_begin[w + 1];
+      sc.task_begin.push_back((int64_t)sc.pieces.size());
+      for (int64_t g = gb; g < ge;) {
+        const int64_t s = lean_segment(sc.cum.data(), nseg, g);
+        const int64_t se = std::min(ge, sc.cum[s + 1]);
+        const int64_t b = s / Hkv, L = seqlens[b];
+        const bool whole = (g == sc.cum[s] && se == sc.cum[s + 1]);
+        Piece p{b, s % Hkv, (g - sc.cum[s]) * tile, std::min(L, (se - sc.cum[s]) * tile),
+                whole ? -1 : lean_partial_slot(w, gb, sc.cum[s])};
+        sc.pieces.push_back(p);
+        g = se;
+      }
+    }
+    sc.task_begin.push_back((int64_t)sc.pieces.size());
+    for (int64_t s = 0; s < nseg; ++s) {
+      if (sc.cum[s + 1] == sc.cum[s]) continue;
+      const int64_t w0 = lean_owner(total, sc.cum[s], W), w1 = lean_owner(total, sc.cum[s + 1] - 1, W);
+      if (w0 == w1) continue;  // whole in one worker
+      Reduction r{s / Hkv, s % Hkv, {}};
+      for (int64_t w = w0; w <= w1; ++w) r.slots.push_back(lean_partial_slot(w, sc.worker_begin[w], sc.cum[s]));
+      sc.reductions.push_back(std::move(r));
+    }
+  } else {  // split
+    const int64_t S = std::max<int64_t>(1, num_splits);
+    sc.num_workers = num_workers;
+    for (int64_t s = 0; s < nseg; ++s) {
+      const int64_t n = sc.cum[s + 1] - sc.cum[s];
+      const int64_t Se = std::min(S, n);
+      const int64_t b = s / Hkv, L = seqlens[b];
+      Reduction r{b, s % Hkv, {}};
+      for (int64_t c = 0; c < Se; ++c) {
+        const int64_t tb = split_chunk_begin(n, c, Se), te = split_chunk_begin(n, c + 1, Se);
+        const int64_t slot = Se == 1 ? -1 : sc.num_slots++;
+        sc.pieces.push_back(Piece{b, s % Hkv, tb * tile, std::min(L, te * tile), slot});
+        if (slot >= 0) r.slots.push_back(slot);
+      }
+      if (Se > 1) sc.reductions.push_back(std::move(r));
+    }
+    // One task per piece, claimed dynamically by the pool's threads.
+    for (int64_t i = 0; i <= (int64_t)sc.pieces.size(); ++i) sc.task_begin.push_back(i);
+  }
+  return sc;
+}
+
+void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object seqlens_o,
+                      py::object block_table_o, py::object out_o, py::object lse_o, double scale,
+                      const std::string& method, int64_t num_splits, int64_t num_workers, int64_t tile) {
+  TensorArg q("q", q_o), k("k_cache", k_o), v("v_cache", v_o), sl("seqlens", seqlens_o);
+  TensorArg out("out", out_o), lse("lse", lse_o);
+  const bool paged = !block_table_o.is_none();
+  std::unique_ptr<TensorArg> bt;
+  if (paged) bt.reset(new TensorArg("block_table", block_table_o));
+
+  for (TensorArg* t : {&q, &k, &v, &sl, &out, &lse})
+    if (t->device_type() != kDLCPU && t->device_type() != kDLCUDAHost)
+      throw py::value_error(t->name + ": the CPU backend needs CPU tensors");
+  if (bt && bt->device_type() != kDLCPU && bt->device_type() != kDLCUDAHost)
+    throw py::value_error("block_table: the CPU backend needs CPU tensors");
+  if (method != "lean" && method != "split")
+    throw py::value_error("method: expected 'lean' or 'split', got '" + method + "'");
+  if (tile < 1) throw py::value_error("tile: expected >= 1, got " + str(tile));
+  if (num_workers < 1) throw py::value_error("num_workers: expected >= 1, got " + str(num_workers));
+  if (num_splits < 1) throw py::value_error("num_splits: expected >= 1, got " + str(num_splits));
+  if (!std::isfinite(scale)) throw py::value_error("scale: must be finite");
+
+  q.require_ndim(3);
+  k.require_ndim(4);
+  v.require_ndim(4);
+  sl.require_ndim(1);
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = k.size(2);
+  const DType qdt = q.float_dtype(), kdt = k.float_dtype(), vdt = v.float_dtype();
+  if (kdt != vdt) throw py::type_error("v_cache: dtype " + v.dtype_str() + " differs from k_cache dtype " + k.dtype_str());
+  for (int i = 0; i < 4; ++i)
+    if (k.size(i) != v.size(i))
+      throw py::value_error("v_cache: shape " + v.shape_str() + " differs from k_cache shape " + k.shape_str());
+  if (k.size(3) != D) throw py::value_error("k_cache: head_dim " + str(k.size(3)) + " differs from q head_dim " + str(D));
+  if (Hkv < 1 || Hq % Hkv != 0)
+    throw py::value_error("q: num_heads " + str(Hq) + " is not a multiple of k_cache num_kv_heads " + str(Hkv));
+  if (D < 1) throw py::value_error("q: head_dim must be >= 1");
+  k.require_last_contiguous();
+  v.require_last_contiguous();
+  if (!sl.is_int32() || sl.size(0) != B) throw py::value_error("seqlens: expected int32 [" + str(B) + "], got " + sl.dtype_str() + " " + sl.shape_str());
+  out.require_ndim(3);
+  out.require_contiguous();
+  if (out.size(0) != B || out.size(1) != Hq || out.size(2) != D) throw py::value_error("out: expected shape [B, Hq, D], got " + out.shape_str());
+  const DType odt = out.float_dtype();
+  lse.require_ndim(2);
+  lse.require_contiguous();
+  if (!lse.is_float32() || lse.size(0) != B || lse.size(1) != Hq) throw py::value_error("lse: expected float32 [B, Hq], got " + lse.dtype_str() + " " + lse.shape_str());
+
+  int64_t capacity;
+  const int32_t* bt_ptr = nullptr;
+  int64_t bt_stride = 0, block_size = 0;
+  if (paged) {
+    bt->require_ndim(2);
+    if (!bt->is_int32() || bt->size(0) != B) throw py::value_error("block_table: expected int32 [" + str(B) + ", max_blocks], got " + bt->dtype_str() + " " + bt->shape_str());
+    block_size = k.size(1);
+    if (block_size < 1) throw py::value_error("k_cache: block_size must be >= 1");
+    capacity = bt->size(1) * block_size;
+    bt_ptr = static_cast<const int32_t*>(bt->data());
+    bt_stride = bt->stride(0);
+    if (bt->size(1) > 1 && bt->stride(1) != 1) throw py::value_error("block_table: last dimension must have stride 1");
+  } else {
+    if (k.size(0) != B) throw py::value_error("k_cache: batch " + str(k.size(0)) + " differs from q batch " + str(B));
+    capacity = k.size(1);
+  }
+  // seqlens: read into a contiguous copy (it may be strided) and range-check.
+  std::vector<int32_t> lens(B);
+  const int32_t* slp = static_cast<const int32_t*>(sl.data());
+  for (int64_t b = 0; b < B; ++b) {
+    lens[b] = slp[b * sl.stride(0)];
+    if (lens[b] < 1 || lens[b] > capacity)
+      throw py::value_error("seqlens: seqlens[" + str(b) + "] = " + str(lens[b]) + " is outside [1, " + str(capacity) + "] (cache capacity)");
+    if (paged) {
+      const int64_t nblk = pk_cdiv(lens[b], block_size);
+      for (int64_t j = 0; j < nblk; ++j) {
+        const int32_t id = bt_ptr[b * bt_stride + j];
+        if (id < 0 || id >= k.size(0))
+          throw py::value_error("block_table: block_table[" + str(b) + ", " + str(j) + "] = " + str(id) + " is outside [0, " + str(k.size(0)) + ")");
+      }
+    }
+  }
+
+  AttnParams prm;
+  prm.k = k.data();
+  prm.v = v.data();
+  prm.kv_dtype = kdt;
+  for (int i = 0; i < 3; ++i) { prm.k_stride[i] = k.stride(i); prm.v_stride[i] = v.stride(i); }
+  prm.block_table = bt_ptr;
+  prm.bt_stride = bt_stride;
+  prm.block_size = block_size;
+  prm.Hq = Hq; prm.Hkv = Hkv; prm.D = D; prm.G = Hq / Hkv;
+  const int64_t G = prm.G;
+
+  py::gil_scoped_release nogil;
+  // q -> fp32 contiguous, pre-multiplied by the softmax scale (one pass over B*Hq*D values).
+  std::vector<float> q32(B * Hq * D);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h)
+      for (int64_t d = 0; d < D; ++d)
+        q32[(b * Hq + h) * D + d] = (float)scale * load_elem(q.data(), qdt, b * q.stride(0) + h * q.stride(1) + d * q.stride(2));
+  prm.q = q32.data();
+
+  Schedule sc = build_schedule(lens.data(), B, Hkv, method, num_splits, num_workers, tile);
+  ThreadPool& pool = ThreadPool::instance();
+  const int nthr = pool.size();
+  const int64_t ws = workspace_floats(G);
+  std::vector<float> work((size_t)nthr * (G * D + G + ws));
+  std::vector<float> part_o((size_t)sc.num_slots * G * D), part_lse((size_t)sc.num_slots * G);
+  void* outp = out.data();
+  float* lsep = static_cast<float*>(lse.data());
+  const AttendFn attend = attend_fn();
+
+  pool.run((int64_t)sc.task_begin.size() - 1, [&](int64_t task, int thr) {
+    float* o = work.data() + (size_t)thr * (G * D + G + ws);
+    float* l = o + G * D;
+    float* w = l + G;
+    for (int64_t i = sc.task_begin[task]; i < sc.task_begin[task + 1]; ++i) {
+      const Piece& p = sc.pieces[i];
+      if (p.t1 <= p.t0) continue;
+      if (p.slot < 0) {
+        attend(prm, p, o, l, w);
+        const int64_t row = p.b * Hq + p.h * G;
+        store_vec(outp, odt, row * D, o, G * D);
+        for (int64_t g = 0; g < G; ++g) lsep[row + g] = l[g];
+      } else {
+        attend(prm, p, part_o.data() + p.slot * G * D, part_lse.data() + p.slot * G, w);
+      }
+    }
+  });
+  // Merge the partial states of segments that were cut (few: at most 2W for lean).
+  pool.run((int64_t)sc.reductions.size(), [&](int64_t ri, int thr) {
+    const Reduction& r = sc.reductions[ri];
+    float* o = work.data() + (size_t)thr * (G * D + G + ws);
+    const int64_t row = r.b * Hq + r.h * G;
+    for (int64_t g = 0; g < G; ++g) {
+      float acc_lse = PK_NEG_INF;
+      float* og = o + g * D;
+      for (int64_t d = 0; d < D; ++d) og[d] = 0.f;
+      for (int64_t slot : r.slots) {
+        float wa, wb;
+        const float* src = part_o.data() + (slot * G + g) * D;
+        acc_lse = merge_lse(acc_lse, part_lse[slot * G + g], &wa, &wb);
+        for (int64_t d = 0; d < D; ++d) og[d] = wa * og[d] + wb * src[d];
+      }
+      lsep[row + g] = acc_lse;
+    }
+    store_vec(outp, odt, row * D, o, G * D);
+  });
+}
+
+}  // namespace cpu
+}  // namespace pykernels

@@ -1,0 +1,152 @@
+// SIMD traits for the CPU kernels. Each ISA translation unit includes this header with its own
+// -m flags and uses the matching traits; kernels are written once against the trait interface.
+//   V::W                 lanes
+//   V::load(T* p)        W elements of T (float / bf16_t / fp16_t) -> fp32 vector
+//   V::load_n(T* p, n)   first n < W elements, rest zero
+//   V::store(float*, v), V::store_n(float*, v, n)
+//   V::fma(a, b, c) = a*b + c,  V::set1, V::zero, V::add, V::mul, V::max, V::hsum, V::hmax
+//   V::exp(x)            e^x for x <= 0 (softmax weights), relative error ~2e-7
+#pragma once
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "pykernels/common.h"
+
+#ifndef PK_ISA_NS
+#error "define PK_ISA_NS (the per-ISA namespace) before including simd.h"
+#endif
+
+namespace pykernels {
+namespace cpu {
+// Everything compiled with ISA flags lives in a per-ISA namespace so no inline function
+// compiled for AVX-512 can be merged by the linker into a caller on another path.
+namespace PK_ISA_NS {
+
+struct ScalarV {
+  static constexpr int W = 1;
+  typedef float F;
+  template <typename T> static inline F load(const T* p) { return Cvt<T>::load(p); }
+  template <typename T> static inline F load_n(const T* p, int n) { return n > 0 ? Cvt<T>::load(p) : 0.f; }
+  static inline void store(float* p, F v) { *p = v; }
+  static inline void store_n(float* p, F v, int n) { if (n > 0) *p = v; }
+  static inline F fma(F a, F b, F c) { return a * b + c; }
+  static inline F set1(float x) { return x; }
+  static inline F zero() { return 0.f; }
+  static inline F add(F a, F b) { return a + b; }
+  static inline F mul(F a, F b) { return a * b; }
+  static inline F max(F a, F b) { return a > b ? a : b; }
+  static inline float hsum(F a) { return a; }
+  static inline float hmax(F a) { return a; }
+  static inline F exp(F x) { return expf(x); }
+};
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+struct Avx2V {
+  static constexpr int W = 8;
+  typedef __m256 F;
+  static inline F load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline F load(const bf16_t* p) {
+    __m128i h = _mm_loadu_si128((const __m128i*)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static inline F load(const fp16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+  template <typename T> static inline F load_n(const T* p, int n) {
+    T tmp[W];
+    memset(tmp, 0, sizeof(tmp));
+    memcpy(tmp, p, sizeof(T) * n);
+    return load(tmp);
+  }
+  static inline void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static inline void store_n(float* p, F v, int n) {
+    float tmp[W];
+    _mm256_storeu_ps(tmp, v);
+    memcpy(p, tmp, sizeof(float) * n);
+  }
+  static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline F set1(float x) { return _mm256_set1_ps(x); }
+  static inline F zero() { return _mm256_setzero_ps(); }
+  static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static inline F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static inline float hsum(F a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static inline float hmax(F a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // e^x = 2^n * e^r, n = round(x / ln2), |r| <= ln2/2, degree-6 polynomial for e^r.
+  static inline F exp(F x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    F n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    F r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    F p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+};
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+struct Avx512V {
+  static constexpr int W = 16;
+  typedef __m512 F;
+  static inline F load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline F load(const bf16_t* p) {
+    __m256i h = _mm256_loadu_si256((const __m256i*)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static inline F load(const fp16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  static inline F load_n(const float* p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+  static inline F load_n(const bf16_t* p, int n) {
+    __m256i h = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static inline F load_n(const fp16_t* p, int n) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p));
+  }
+  static inline void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static inline void store_n(float* p, F v, int n) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), v); }
+  static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline F set1(float x) { return _mm512_set1_ps(x); }
+  static inline F zero() { return _mm512_setzero_ps(); }
+  static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static inline F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
+  static inline float hmax(F a) { return _mm512_reduce_max_ps(a); }
+  static inline F exp(F x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    F n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    F r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    F p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+  }
+};
+#endif
+
+}  // namespace PK_ISA_NS
+}  // namespace cpu
+}  // namespace pykernels

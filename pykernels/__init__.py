@@ -1,0 +1,13 @@
+"""pykernels: decode attention, LUT-GEMV and quantized-KV kernels for memory-bound LLM inference.
+
+Importing never fails because an optional backend (the C++ extension, CUDA, Triton, cupy) is
+missing; see ``pykernels.backends.status()`` for what is available and why.
+"""
+from . import backends
+from .attention import decode_attention, merge_states
+from .plan import DecodePlan, plan_decode
+from . import ops  # noqa: F401  (registers torch.ops.pykernels.*)
+
+__version__ = "0.1.0"
+
+__all__ = ["decode_attention", "merge_states", "plan_decode", "DecodePlan", "backends", "__version__"]

@@ -1,0 +1,287 @@
+"""Decode attention: one query token per sequence against a long KV cache.
+
+Public entry points: ``decode_attention``, ``merge_states``. Validation happens here, at the
+boundary (the native launchers check again); the backend is chosen by ``backends.select``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import backends
+from .plan import DEFAULT_TILE, choose_method, default_num_splits
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 512
+
+
+def _as_tensor(x, name):
+    if isinstance(x, torch.Tensor):
+        return x
+    if hasattr(x, "__dlpack__"):  # numpy / cupy / jax arrays: zero-copy view
+        return torch.from_dlpack(x)
+    raise TypeError(f"{name}: expected a torch.Tensor (or a DLPack-capable array), got {type(x).__name__}")
+
+
+def _check_float(t, name):
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _cpu_threads() -> int:
+    return backends.cpu_module().get_num_threads()
+
+
+def _num_workers(device: torch.device, backend: str) -> int:
+    if backend == "cpu":
+        return _cpu_threads()
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count * 2
+    return 4  # Triton interpreter / reference: the schedule is exercised, not timed
+
+
+def _validate(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, out):
+    """Shape/dtype/device/value checks shared by every backend. Returns normalised inputs."""
+    q = _as_tensor(q, "q")
+    k_cache = _as_tensor(k_cache, "k_cache")
+    v_cache = _as_tensor(v_cache, "v_cache")
+    if q.dim() != 3:
+        raise ValueError(f"q: expected [batch, num_heads, head_dim], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4:
+        raise ValueError("k_cache: expected [batch, max_len, num_kv_heads, head_dim] (dense) or "
+                         f"[num_blocks, block_size, num_kv_heads, head_dim] (paged), got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache: shape {tuple(v_cache.shape)} differs from k_cache shape {tuple(k_cache.shape)}")
+    _check_float(q, "q")
+    _check_float(k_cache, "k_cache")
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache: dtype {v_cache.dtype} differs from k_cache dtype {k_cache.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.device != q.device:
+            raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name}: the head_dim (last) dimension must be contiguous (stride 1), got stride {t.stride(-1)}")
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    if k_cache.shape[3] != D:
+        raise ValueError(f"k_cache: head_dim {k_cache.shape[3]} differs from q head_dim {D}")
+    if D < 1 or D > MAX_HEAD_DIM:
+        raise ValueError(f"q: head_dim must be in [1, {MAX_HEAD_DIM}], got {D}")
+    if B < 1 or Hq < 1 or Hkv < 1:
+        raise ValueError(f"q/k_cache: batch, num_heads and num_kv_heads must be >= 1, got {B}, {Hq}, {Hkv}")
+    if Hq % Hkv != 0:
+        raise ValueError(f"q: num_heads {Hq} is not a multiple of k_cache num_kv_heads {Hkv}")
+
+    if seqlens is None:
+        raise ValueError("seqlens: required for a tensor cache ([batch] int lengths)")
+    if not isinstance(seqlens, torch.Tensor):
+        seqlens = torch.as_tensor(seqlens)
+    if seqlens.dim() != 1 or seqlens.shape[0] != B:
+        raise ValueError(f"seqlens: expected shape [{B}] (one length per sequence), got {tuple(seqlens.shape)}")
+    if seqlens.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+        raise TypeError(f"seqlens: expected an integer tensor, got {seqlens.dtype}")
+    if seqlens.device != q.device:
+        raise ValueError(f"seqlens: on {seqlens.device}, but q is on {q.device}")
+
+    if block_table is not None:
+        block_table = _as_tensor(block_table, "block_table")
+        if block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"block_table: expected [{B}, max_blocks], got shape {tuple(block_table.shape)}")
+        if block_table.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"block_table: expected int32 (or int64), got {block_table.dtype}")
+        if block_table.device != q.device:
+            raise ValueError(f"block_table: on {block_table.device}, but q is on {q.device}")
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    else:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"k_cache: batch {k_cache.shape[0]} differs from q batch {B} "
+                             "(pass block_table for a paged cache)")
+        capacity = k_cache.shape[1]
+
+    if not torch.compiler.is_compiling():
+        lo, hi = int(seqlens.min()), int(seqlens.max())
+        if lo < 1 or hi > capacity:
+            bad = int(torch.nonzero((seqlens < 1) | (seqlens > capacity))[0, 0])
+            raise ValueError(f"seqlens: seqlens[{bad}] = {int(seqlens[bad])} is outside [1, {capacity}] (cache capacity)")
+        if block_table is not None and block_table.shape[1] > 0:
+            bs = k_cache.shape[1]
+            used = torch.arange(block_table.shape[1], device=q.device)[None, :] < ((seqlens.long() + bs - 1) // bs)[:, None]
+            ids = block_table.long()
+            bad = used & ((ids < 0) | (ids >= k_cache.shape[0]))
+            if bool(bad.any()):
+                b, j = (int(x) for x in torch.nonzero(bad)[0])
+                raise ValueError(f"block_table: block_table[{b}, {j}] = {int(block_table[b, j])} is outside "
+                                 f"[0, {k_cache.shape[0]}) (num_blocks)")
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite float, got {scale!r}")
+    if method not in ("auto", "lean", "split"):
+        raise ValueError(f"method: expected 'auto', 'lean' or 'split', got {method!r}")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits: expected None or an int >= 1, got {num_splits!r}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out: expected {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        if not out.is_contiguous():
+            raise ValueError("out: must be contiguous")
+    return q, k_cache, v_cache, seqlens, block_table, float(scale)
+
+
+def _accepts(q, k_cache):
+    D = q.shape[-1]
+
+    def accepts(name):
+        if name == "cpu" and D % 8 != 0:
+            return f"head_dim must be a multiple of 8 for the CPU kernel, got {D}"
+        if name == "triton" and D > 256:
+            return f"head_dim must be <= 256 for the Triton kernel, got {D}"
+        if name == "cuda" and D > 256:
+            return f"head_dim must be <= 256 for the CUDA kernel, got {D}"
+        return None
+
+    return accepts
+
+
+def _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, backend, out, lse):
+    """Dispatch validated inputs; writes out [B, Hq, D] and lse [B, Hq] float32."""
+    name = backends.select(backend, q.device, _accepts(q, k_cache))
+    if name == "reference":
+        from .reference import decode_attention_reference
+
+        o, l = decode_attention_reference(q, k_cache, v_cache, seqlens, block_table, scale, return_lse=True)
+        out.copy_(o)
+        lse.copy_(l)
+        return
+    W = _num_workers(q.device, name)
+    seqlens_i32 = seqlens.to(torch.int32).contiguous()
+    if method == "auto" or (method == "split" and num_splits is None):
+        lens_host = seqlens_i32.cpu() if seqlens_i32.device.type != "cpu" else seqlens_i32
+        if method == "auto":
+            method = choose_method(lens_host, k_cache.shape[2], W, DEFAULT_TILE)
+        if method == "split" and num_splits is None:
+            num_splits = default_num_splits(lens_host, k_cache.shape[2], W)
+    if num_splits is None:
+        num_splits = 1
+    bt = block_table.to(torch.int32).contiguous() if block_table is not None else None
+    if name == "cpu":
+        backends.cpu_module().decode_attention(q, k_cache, v_cache, seqlens_i32, bt, out, lse, scale,
+                                               method, num_splits, W, DEFAULT_TILE)
+    elif name == "triton":
+        from .triton.decode_attention import decode_attention as fn
+
+        fn(q, k_cache, v_cache, seqlens_i32, bt, out, lse, scale, method, num_splits, W, DEFAULT_TILE)
+    else:
+        from .cuda.decode_attention import decode_attention as fn
+
+        fn(q, k_cache, v_cache, seqlens_i32, bt, out, lse, scale, method, num_splits, W, DEFAULT_TILE)
+
+
+def decode_attention(q, k_cache, v_cache=None, seqlens=None, *, block_table=None, scale=None,
+                     method="auto", num_splits=None, return_lse=False, backend="auto", out=None):
+    r"""Attention of one query token per sequence over its KV cache.
+
+    .. math:: o_{b,i} = \sum_{t < L_b} \mathrm{softmax}_t(\mathrm{scale}\; q_{b,i} \cdot k_{b,t,h(i)})\, v_{b,t,h(i)},
+              \qquad h(i) = \lfloor i / (H_q / H_{kv}) \rfloor
+
+    Parameters
+    ----------
+    q : Tensor [B, Hq, D], float32 / float16 / bfloat16 (any strides)
+    k_cache, v_cache : Tensor, same shape and dtype (float32 / float16 / bfloat16), head_dim contiguous.
+        Dense ``[B, Lmax, Hkv, D]``, or paged ``[num_blocks, block_size, Hkv, D]`` with ``block_table``.
+        Hq must be a multiple of Hkv (GQA / MQA / MHA); the G = Hq/Hkv query heads of a kv-head
+        share every KV read.
+    seqlens : int Tensor [B] (or list), 1 <= seqlens[b] <= capacity. Only these tokens are read.
+    block_table : int32 Tensor [B, max_blocks], block ids of each sequence (paged cache).
+    scale : softmax scale, default 1/sqrt(D).
+    method : "split" (flash-decoding: num_splits chunks per (sequence, kv-head), then merge),
+        "lean" (stream-K: all KV tiles cut into equal contiguous ranges per worker), or "auto"
+        (``pykernels.plan.choose_method``: split when one chunk per (sequence, kv-head) is already
+        perfectly balanced, else lean).
+    num_splits : chunks per (sequence, kv-head) for "split"; None picks
+        ``pykernels.plan.default_num_splits``.
+    return_lse : also return lse [B, Hq] float32, natural-log sum of exp(scores).
+    backend : "auto", "cpu", "cuda", "triton" or "reference" (see ``pykernels.backends``).
+    out : optional contiguous output tensor [B, Hq, D] of q's dtype.
+
+    Returns
+    -------
+    out [B, Hq, D] in q's dtype, or (out, lse).
+
+    Example
+    -------
+    >>> q = torch.randn(2, 32, 128, dtype=torch.bfloat16)
+    >>> k = torch.randn(2, 4096, 8, 128, dtype=torch.bfloat16); v = torch.randn_like(k)
+    >>> o = pk.decode_attention(q, k, v, torch.tensor([4096, 100]))
+    """
+    if not isinstance(k_cache, torch.Tensor) and not hasattr(k_cache, "__dlpack__"):
+        raise TypeError(f"k_cache: expected a tensor, got {type(k_cache).__name__} "
+                        "(pk.QuantizedKVCache is not implemented yet)")
+    if v_cache is None:
+        raise ValueError("v_cache: required for a tensor k_cache")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected bool, got {type(return_lse).__name__}")
+    q, k_cache, v_cache, seqlens, block_table, scale = _validate(
+        q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, out)
+    if torch.compiler.is_compiling():
+        o, lse = torch.ops.pykernels.decode_attention(q, k_cache, v_cache, seqlens, block_table, scale,
+                                                      method, num_splits or 0, backend)
+        if out is not None:
+            out.copy_(o)
+            o = out
+    else:
+        o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, backend, o, lse)
+    return (o, lse) if return_lse else o
+
+
+def merge_states(o_a, lse_a, o_b, lse_b):
+    r"""Combine attention results over two disjoint key sets into the result over their union.
+
+    .. math:: \mathrm{lse} = \log(e^{\mathrm{lse}_a} + e^{\mathrm{lse}_b}),\quad
+              o = e^{\mathrm{lse}_a - \mathrm{lse}}\, o_a + e^{\mathrm{lse}_b - \mathrm{lse}}\, o_b
+
+    Exact (up to rounding), associative and commutative; an empty side (lse = -inf) has weight 0.
+
+    Parameters
+    ----------
+    o_a, o_b : Tensor [..., D] (normalised outputs, same shape and dtype)
+    lse_a, lse_b : Tensor [...] float32, natural log (as returned with ``return_lse=True``)
+
+    Returns
+    -------
+    (o [..., D] in o_a's dtype, lse [...] float32)
+    """
+    for name, t in (("o_a", o_a), ("lse_a", lse_a), ("o_b", o_b), ("lse_b", lse_b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if o_b.shape != o_a.shape:
+        raise ValueError(f"o_b: shape {tuple(o_b.shape)} differs from o_a shape {tuple(o_a.shape)}")
+    if o_a.dim() < 1:
+        raise ValueError("o_a: expected at least 1 dimension [..., head_dim]")
+    if o_b.dtype != o_a.dtype:
+        raise TypeError(f"o_b: dtype {o_b.dtype} differs from o_a dtype {o_a.dtype}")
+    _check_float(o_a, "o_a")
+    for name, l in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if l.shape != o_a.shape[:-1]:
+            raise ValueError(f"{name}: expected shape {tuple(o_a.shape[:-1])} (o without its last dim), got {tuple(l.shape)}")
+        if not l.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a float tensor, got {l.dtype}")
+    for name, t in (("lse_a", lse_a), ("o_b", o_b), ("lse_b", lse_b)):
+        if t.device != o_a.device:
+            raise ValueError(f"{name}: on {t.device}, but o_a is on {o_a.device}")
+    la, lb = lse_a.float(), lse_b.float()
+    lse = torch.logaddexp(la, lb)
+    empty = torch.isneginf(lse)
+    safe = torch.where(empty, torch.zeros_like(lse), lse)
+    wa = torch.where(empty, torch.zeros_like(la), torch.exp(la - safe)).unsqueeze(-1)
+    wb = torch.where(empty, torch.zeros_like(lb), torch.exp(lb - safe)).unsqueeze(-1)
+    o = (wa * o_a.float() + wb * o_b.float()).to(o_a.dtype)
+    return o, lse

@@ -1,0 +1,123 @@
+"""Backend registry: which implementation serves a call, and why the others declined.
+
+Each backend declares the devices it runs on and an availability check that never raises.
+``backend="auto"`` takes the first backend, in the order below, that is available and accepts
+the call; the CPU path never falls back to the slow pure-torch reference silently (ask for it
+with ``backend="reference"``). An explicit backend that cannot serve raises
+``NotImplementedError`` listing every backend's reason.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+
+@dataclass
+class Backend:
+    name: str
+    devices: tuple
+    probe: Callable[[], tuple]          # () -> (available: bool, reason: str); never raises
+    auto: bool = True                   # may backend="auto" pick it?
+    _status: Optional[tuple] = field(default=None, repr=False)
+
+    def status(self) -> tuple:
+        if self._status is None:
+            try:
+                self._status = self.probe()
+            except Exception as e:  # a broken optional backend must not break the package
+                self._status = (False, f"probe failed: {type(e).__name__}: {e}")
+        return self._status
+
+
+_cpu_lock = threading.Lock()
+_cpu_threads_set = False
+
+
+def cpu_module():
+    """The compiled CPU extension, with its thread count synced to torch on first use."""
+    global _cpu_threads_set
+    from . import _C  # noqa: F401  (ImportError handled by the probe)
+
+    if not _cpu_threads_set:
+        with _cpu_lock:
+            if not os.environ.get("PYKERNELS_NUM_THREADS"):
+                _C.set_num_threads(torch.get_num_threads())
+            _cpu_threads_set = True
+    return _C
+
+
+def _probe_cpu():
+    try:
+        from . import _C
+    except ImportError as e:
+        return False, (f"pykernels._C is not built ({e}); reinstall with `pip install .` "
+                       "(needs a C++17 compiler) or run `make test` in a checkout")
+    return True, f"pykernels._C built; ISA {_C.active_isa()} (CPU supports {_C.detected_isa()})"
+
+
+def _probe_triton():
+    from .triton.decode_attention import available
+
+    return available()
+
+
+def _probe_cuda():
+    from .cuda.decode_attention import available
+
+    return available()
+
+
+def _probe_reference():
+    return True, "pure-torch reference (slow; only used when asked for with backend='reference')"
+
+
+REGISTRY = {
+    "cuda": Backend("cuda", ("cuda",), _probe_cuda),
+    "triton": Backend("triton", ("cuda", "cpu"), _probe_triton),
+    "cpu": Backend("cpu", ("cpu",), _probe_cpu),
+    "reference": Backend("reference", ("cpu", "cuda"), _probe_reference, auto=False),
+}
+
+
+def status() -> dict:
+    """{backend: (available, reason)} for every backend; never raises."""
+    return {name: REGISTRY[name].status() for name in BACKENDS}
+
+
+def select(backend: str, device: torch.device, accepts: Callable[[str], Optional[str]]) -> str:
+    """Pick the backend for a call.
+
+    ``accepts(name)`` returns None if the backend can serve this particular call, or the reason
+    it cannot (dtype, head dim, ...). Returns the chosen backend name.
+    """
+    if backend != "auto" and backend not in REGISTRY:
+        raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+    names = BACKENDS if backend == "auto" else (backend,)
+    reasons = {}
+    for name in names:
+        b = REGISTRY[name]
+        if device.type not in b.devices:
+            reasons[name] = f"runs on {'/'.join(b.devices)}, not {device.type}"
+            continue
+        if backend == "auto" and not b.auto:
+            reasons[name] = "not chosen automatically (pass backend='reference')"
+            continue
+        if name == "triton" and backend == "auto" and device.type == "cpu":
+            reasons[name] = "Triton on CPU is the interpreter (slow); pass backend='triton' to use it"
+            continue
+        ok, why = b.status()
+        if not ok:
+            reasons[name] = why
+            continue
+        r = accepts(name)
+        if r is None:
+            return name
+        reasons[name] = r
+    lines = "\n".join(f"  {n}: {r}" for n, r in reasons.items())
+    raise NotImplementedError(f"no backend can serve this call (backend={backend!r}, device={device}):\n{lines}")

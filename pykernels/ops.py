@@ -1,0 +1,42 @@
+"""torch.library registration of the public ops, so they work under torch.compile and can be
+called as ``torch.ops.pykernels.*`` from serving engines. The fake implementations give
+output shapes and dtypes without running a kernel."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .attention import _run, merge_states
+
+
+@torch.library.custom_op("pykernels::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor,
+                        block_table: Optional[torch.Tensor], scale: float, method: str, num_splits: int,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [B, Hq, D] (q's dtype), lse [B, Hq] float32. num_splits 0 = heuristic."""
+    from .attention import _validate
+
+    q, k_cache, v_cache, seqlens, block_table, scale = _validate(
+        q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits or None, None)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits or None, backend, out, lse)
+    return out, lse
+
+
+@decode_attention_op.register_fake
+def _(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, backend):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(q.shape[:2], dtype=torch.float32, device=q.device))
+
+
+@torch.library.custom_op("pykernels::merge_states", mutates_args=())
+def merge_states_op(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
+                    lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return merge_states(o_a, lse_a, o_b, lse_b)
+
+
+@merge_states_op.register_fake
+def _(o_a, lse_a, o_b, lse_b):
+    return torch.empty_like(o_a), torch.empty(lse_a.shape, dtype=torch.float32, device=lse_a.device)

@@ -1,0 +1,4 @@
+"""Pure-torch references: the test oracle and ``backend="reference"``."""
+from .attention import decode_attention_reference, gather_kv, merge_states_reference
+
+__all__ = ["decode_attention_reference", "gather_kv", "merge_states_reference"]

@@ -1,0 +1,138 @@
+"""Build pykernels._C (C++ CPU kernels) and, when nvcc is present, pykernels._cuda.
+
+Environment:
+  PYKERNELS_CUDA=0/1        force the CUDA extension off / on (default: on when nvcc is found)
+  PYKERNELS_CUDA_ARCHS      e.g. "80;90" (default), compute capabilities to build SASS for
+  CUDA_HOME                 CUDA toolkit root (default: dirname(dirname(which nvcc)))
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+INCLUDE = [os.path.join("csrc", "include"), "csrc"]
+HEADERS = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
+
+# Per-ISA translation units: the file suffix picks the flags. Never -march=native: the wheel
+# may run on another machine; the right variant is chosen at run time by CPUID.
+ISA_FLAGS = {
+    "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+                    "-Wno-maybe-uninitialized"],  # GCC 12 false positive inside avx512fintrin.h,
+}
+
+
+def log(msg):
+    print(f"[pykernels setup] {msg}", flush=True)
+
+
+def find_nvcc():
+    mode = os.environ.get("PYKERNELS_CUDA", "").strip()
+    if mode == "0":
+        log("PYKERNELS_CUDA=0: not building pykernels._cuda")
+        return None
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        for cand in ("/usr/local/cuda/bin/nvcc",):
+            if os.path.exists(cand):
+                nvcc = cand
+                break
+        else:
+            nvcc = None
+    if nvcc is None:
+        if mode == "1":
+            sys.exit("PYKERNELS_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+        log("nvcc not found: not building pykernels._cuda (the cupy JIT path can still compile "
+            "the CUDA kernels at run time when a GPU is present)")
+        return None
+    return os.path.realpath(nvcc)
+
+
+def cuda_archs():
+    archs = os.environ.get("PYKERNELS_CUDA_ARCHS", "80;90")
+    out = []
+    for a in archs.replace(",", ";").split(";"):
+        a = a.strip().replace(".", "")
+        if a:
+            out += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    return out
+
+
+class BuildExt(build_ext):
+    """Adds per-file flags: ISA flags by file suffix, nvcc for .cu files."""
+
+    def build_extensions(self):
+        self.compiler.src_extensions.append(".cu")
+        default_compile = self.compiler._compile
+        nvcc = getattr(self, "nvcc", None)
+
+        def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            if src.endswith(".cu"):
+                cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+                       "--expt-relaxed-constexpr", "-lineinfo"] + cuda_archs()
+                cmd += [a for a in pp_opts if a.startswith(("-I", "-D"))]
+                log(" ".join(cmd))
+                subprocess.check_call(cmd)
+                return
+            extra = list(extra_postargs)
+            for suffix, flags in ISA_FLAGS.items():
+                if src.endswith(suffix):
+                    extra += flags
+            default_compile(obj, src, ext, cc_args, extra, pp_opts)
+
+        self.compiler._compile = _compile
+        super().build_extensions()
+
+
+def extensions():
+    common = ["-O3", "-fvisibility=hidden", "-pthread", "-fno-math-errno"]
+    cpu_sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    exts = [
+        Pybind11Extension(
+            "pykernels._C",
+            cpu_sources,
+            include_dirs=INCLUDE,
+            extra_compile_args=common,
+            extra_link_args=["-pthread"],
+            depends=HEADERS,
+            cxx_std=17,
+        )
+    ]
+    nvcc = find_nvcc()
+    if nvcc is not None:
+        cuda_home = os.path.dirname(os.path.dirname(nvcc))
+        lib = os.path.join(cuda_home, "lib64")
+        if not os.path.isdir(lib):
+            lib = os.path.join(cuda_home, "targets", "x86_64-linux", "lib")
+        log(f"building pykernels._cuda with {nvcc} for archs {os.environ.get('PYKERNELS_CUDA_ARCHS', '80;90')}")
+        exts.append(
+            Pybind11Extension(
+                "pykernels._cuda",
+                ["csrc/bindings_cuda.cpp"] + sorted(glob.glob("csrc/cuda/*.cu")),
+                include_dirs=INCLUDE + [os.path.join(cuda_home, "include")],
+                library_dirs=[lib],
+                # static cudart: the module imports on machines without the CUDA runtime library;
+                # calls then fail with a clear "no CUDA device" error instead.
+                libraries=["cudart_static", "dl", "rt", "pthread"],
+                extra_compile_args=common,
+                depends=HEADERS,
+                cxx_std=17,
+            )
+        )
+    return exts
+
+
+class _BuildExtWithNvcc(BuildExt):
+    def run(self):
+        self.nvcc = find_nvcc()
+        super().run()
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": _BuildExtWithNvcc})
