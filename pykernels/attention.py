@@ -268,7 +268,8 @@ def merge_states(o_a, lse_a, o_b, lse_b):
         raise ValueError("o_a: expected at least 1 dimension [..., head_dim]")
     if o_b.dtype != o_a.dtype:
         raise TypeError(f"o_b: dtype {o_b.dtype} differs from o_a dtype {o_a.dtype}")
-    _check_float(o_a, "o_a")
+    if not o_a.dtype.is_floating_point:
+        raise TypeError(f"o_a: expected a float tensor, got {o_a.dtype}")
     for name, l in (("lse_a", lse_a), ("lse_b", lse_b)):
         if l.shape != o_a.shape[:-1]:
             raise ValueError(f"{name}: expected shape {tuple(o_a.shape[:-1])} (o without its last dim), got {tuple(l.shape)}")
@@ -277,11 +278,12 @@ def merge_states(o_a, lse_a, o_b, lse_b):
     for name, t in (("lse_a", lse_a), ("o_b", o_b), ("lse_b", lse_b)):
         if t.device != o_a.device:
             raise ValueError(f"{name}: on {t.device}, but o_a is on {o_a.device}")
-    la, lb = lse_a.float(), lse_b.float()
+    ct = torch.promote_types(o_a.dtype, torch.float32)  # fp32 math (fp64 for fp64 inputs)
+    la, lb = lse_a.to(ct), lse_b.to(ct)
     lse = torch.logaddexp(la, lb)
     empty = torch.isneginf(lse)
     safe = torch.where(empty, torch.zeros_like(lse), lse)
     wa = torch.where(empty, torch.zeros_like(la), torch.exp(la - safe)).unsqueeze(-1)
     wb = torch.where(empty, torch.zeros_like(lb), torch.exp(lb - safe)).unsqueeze(-1)
-    o = (wa * o_a.float() + wb * o_b.float()).to(o_a.dtype)
-    return o, lse
+    o = (wa * o_a.to(ct) + wb * o_b.to(ct)).to(o_a.dtype)
+    return o, lse.float()

@@ -92,6 +92,23 @@ static inline void pv_block(float* acc, int64_t D, const float* alpha, const flo
   }
 }
 
+constexpr int64_t kPrefetchTokens = 2 * kTokBlock;
+
+template <typename T>
+static inline void row_ptrs(const AttnParams& prm, const Piece& pc, const T* kbase, const T* vbase, int64_t tok,
+                            const T** kr, const T** vr) {
+  int64_t r0, r1;
+  if (prm.block_table) {
+    r0 = prm.block_table[pc.b * prm.bt_stride + tok / prm.block_size];
+    r1 = tok % prm.block_size;
+  } else {
+    r0 = pc.b;
+    r1 = tok;
+  }
+  *kr = kbase + r0 * prm.k_stride[0] + r1 * prm.k_stride[1] + pc.h * prm.k_stride[2];
+  *vr = vbase + r0 * prm.v_stride[0] + r1 * prm.v_stride[1] + pc.h * prm.v_stride[2];
+}
+
 // GB query heads (a chunk of the G heads of one kv-head) over tokens [t0, t1).
 template <typename V, typename T, int GB>
 static void attend_heads(const AttnParams& prm, const Piece& pc, int64_t g0, float* o, float* lse, float* work) {
@@ -110,18 +127,20 @@ static void attend_heads(const AttnParams& prm, const Piece& pc, int64_t g0, flo
   for (int64_t tb = pc.t0; tb < pc.t1; tb += kTokBlock) {
     const int nt = (int)((pc.t1 - tb) < kTokBlock ? (pc.t1 - tb) : kTokBlock);
     // Row pointers: one code path for dense and paged caches.
-    for (int t = 0; t < nt; ++t) {
-      const int64_t tok = tb + t;
-      int64_t r0, r1;
-      if (prm.block_table) {
-        r0 = prm.block_table[pc.b * prm.bt_stride + tok / prm.block_size];
-        r1 = tok % prm.block_size;
-      } else {
-        r0 = pc.b;
-        r1 = tok;
+    for (int t = 0; t < nt; ++t) row_ptrs(prm, pc, kbase, vbase, tb + t, &kp[t], &vp[t]);
+    // Software prefetch of a later block: the rows of one kv-head are 256-512 B out of every
+    // Hkv*D*elt bytes, so few fall in one 4 KiB page and the hardware prefetchers lose the stream.
+    {
+      const int64_t pb = tb + kPrefetchTokens, pe = pb + kTokBlock < pc.t1 ? pb + kTokBlock : pc.t1;
+      const int64_t row_bytes = D * (int64_t)sizeof(T);
+      for (int64_t tok = pb; tok < pe; ++tok) {
+        const T *kr, *vr;
+        row_ptrs(prm, pc, kbase, vbase, tok, &kr, &vr);
+        for (int64_t off = 0; off < row_bytes; off += 64) {
+          __builtin_prefetch(reinterpret_cast<const char*>(kr) + off, 0, 0);
+          __builtin_prefetch(reinterpret_cast<const char*>(vr) + off, 0, 0);
+        }
       }
-      kp[t] = kbase + r0 * prm.k_stride[0] + r1 * prm.k_stride[1] + pc.h * prm.k_stride[2];
-      vp[t] = vbase + r0 * prm.v_stride[0] + r1 * prm.v_stride[1] + pc.h * prm.v_stride[2];
     }
     scores_block<V, T, GB>(q, D, kp, nt, s);
     for (int g = 0; g < GB; ++g) {

@@ -1,0 +1,36 @@
+// pykernels._cuda: declarations only; the launcher lives in csrc/cuda/decode_attention.cu.
+// Importing this module never touches the GPU: it must import on machines without one.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+namespace py = pybind11;
+
+namespace pykernels {
+namespace cuda {
+struct KernelConfig { int epl, gb; };
+KernelConfig pick_config(int64_t D, int64_t G);
+int device_count();
+void decode_attention(py::object q, py::object k, py::object v, py::object seqlens, py::object block_table,
+                      py::object out, py::object lse, double scale, const std::string& method,
+                      int64_t num_splits, int64_t num_workers, int64_t tile, int64_t stream);
+}  // namespace cuda
+}  // namespace pykernels
+
+using namespace pykernels::cuda;
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "pykernels CUDA kernels (nvcc build; the cupy JIT path compiles the same sources)";
+  m.def("device_count", &device_count, "Number of visible CUDA devices; 0 when there is no usable driver or GPU.");
+  m.def("kernel_config", [](int64_t D, int64_t G) {
+    const KernelConfig c = pick_config(D, G);
+    return py::make_tuple(c.epl, c.gb);
+  }, py::arg("head_dim"), py::arg("group_size"),
+     "(elements of D per lane, query heads per pass) of the instantiation used for a call.");
+  m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("seqlens"), py::arg("block_table"), py::arg("out"), py::arg("lse"), py::arg("scale"),
+        py::arg("method"), py::arg("num_splits"), py::arg("num_workers"), py::arg("tile"),
+        py::arg("stream") = 0,
+        "Decode attention on CUDA tensors (DLPack), enqueued on `stream` (a cudaStream_t as int).");
+}

@@ -1,0 +1,362 @@
+// CUDA launcher for decode attention: validates exactly like the CPU launcher
+// (csrc/cpu/decode_attention.cpp; errors name the argument), copies seqlens and block_table to
+// the host to range-check them (no bad index ever reaches a kernel), picks the instantiation,
+// and enqueues plan -> attention -> reduce on the caller's stream with the GIL released.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "tensor_arg.h"
+
+// softmax.h spells -inf as -__int_as_float(...) under nvcc, a __device__-only intrinsic used
+// inside __host__ __device__ functions, which nvcc rejects (NVRTC accepts it: everything is
+// device code there). Give that name a host-device definition while softmax.h is parsed.
+// Harmless once softmax.h uses -INFINITY under nvcc; see the report on issue 2.
+#include <math.h>
+namespace pykernels {
+__host__ __device__ __forceinline__ float pk_hd_int_as_float(int i) {
+  union { int i; float f; } c;
+  c.i = i;
+  return c.f;
+}
+}  // namespace pykernels
+#define __int_as_float(x) ::pykernels::pk_hd_int_as_float(x)
+#include "pykernels/softmax.h"
+#undef __int_as_float
+
+#include "cuda/decode_attention.cuh"
+
+namespace pykernels {
+namespace cuda {
+
+namespace ck = ::pykernels::cuda_kernels;
+
+// Elements of D per lane and query heads per pass for a call (declared in bindings_cuda.cpp).
+struct KernelConfig { int epl, gb; };
+KernelConfig pick_config(int64_t D, int64_t G);
+int device_count();
+void decode_attention(py::object q, py::object k, py::object v, py::object seqlens, py::object block_table,
+                      py::object out, py::object lse, double scale, const std::string& method,
+                      int64_t num_splits, int64_t num_workers, int64_t tile, int64_t stream);
+
+namespace {
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear a sticky-free error so later calls are not blamed for it
+    throw std::runtime_error(std::string("pykernels._cuda: ") + what + " failed: " + cudaGetErrorString(err));
+  }
+}
+#define PK_CUDA_CHECK(expr) check((expr), #expr)
+
+// Makes `dev` current for the call and restores the caller's device afterwards.
+struct DeviceGuard {
+  int prev = -1;
+  explicit DeviceGuard(int dev) {
+    PK_CUDA_CHECK(cudaGetDevice(&prev));
+    if (prev != dev) PK_CUDA_CHECK(cudaSetDevice(dev));
+  }
+  ~DeviceGuard() {
+    int cur = -1;
+    if (prev >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
+  }
+};
+
+// Stream-ordered scratch memory (cudaMallocAsync); cudaMalloc + stream sync on devices
+// without memory pools. Freed in the destructor when an error unwinds the launcher.
+struct Workspace {
+  void* ptr = nullptr;
+  cudaStream_t stream = nullptr;
+  bool async = false;
+  Workspace(size_t bytes, cudaStream_t s, int dev) : stream(s) {
+    int pools = 0;
+    cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev);
+    async = pools != 0;
+    if (async) PK_CUDA_CHECK(cudaMallocAsync(&ptr, bytes, stream));
+    else PK_CUDA_CHECK(cudaMalloc(&ptr, bytes));
+  }
+  void release() {
+    void* p = ptr;
+    ptr = nullptr;
+    if (!p) return;
+    if (async) {
+      PK_CUDA_CHECK(cudaFreeAsync(p, stream));
+    } else {
+      PK_CUDA_CHECK(cudaStreamSynchronize(stream));
+      PK_CUDA_CHECK(cudaFree(p));
+    }
+  }
+  ~Workspace() {
+    if (!ptr) return;
+    if (async) cudaFreeAsync(ptr, stream);
+    else { cudaStreamSynchronize(stream); cudaFree(ptr); }
+  }
+};
+
+// Copy the elements of a strided int32 tensor (ndim <= 2) to the host, preserving the strides
+// (index with the tensor's own strides relative to the returned base). One D2H copy of the
+// span the tensor covers, ordered on `stream` after whatever produced it.
+std::vector<int32_t> copy_span_to_host(const TensorArg& t, cudaStream_t stream, int64_t* base) {
+  int64_t lo = 0, hi = 0;
+  for (int i = 0; i < t.ndim(); ++i) {
+    if (t.size(i) == 0) { *base = 0; return {}; }
+    const int64_t ext = (t.size(i) - 1) * t.stride(i);
+    if (ext < 0) lo += ext; else hi += ext;
+  }
+  std::vector<int32_t> host((size_t)(hi - lo + 1));
+  const int32_t* src = static_cast<const int32_t*>(t.data()) + lo;
+  PK_CUDA_CHECK(cudaMemcpyAsync(host.data(), src, host.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+  PK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  *base = -lo;
+  return host;
+}
+
+size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
+
+// Everything a kernel launch needs besides the template parameters.
+struct Launch {
+  const void* q; int64_t q_s[3]; int64_t q_dtype;
+  const void* k; const void* v; int64_t k_s[3], v_s[3];
+  const int32_t* seqlens; int64_t sl_stride;
+  const int32_t* block_table; int64_t bt_stride, block_size, num_blocks, capacity;
+  int64_t* cum; int64_t* split_base;
+  void* out; int64_t out_dtype; float* lse;
+  float* part_o; float* part_lse; int64_t num_slots;
+  int64_t B, Hq, Hkv, D, tile, mode, num_splits, num_workers;
+  float scale; int64_t vec;
+  unsigned grid;
+  cudaStream_t stream;
+};
+
+template <typename T, int EPL, int GB>
+void launch_attention(const Launch& a) {
+  ck::decode_attention_kernel<T, EPL, GB><<<a.grid, ck::kThreads, 0, a.stream>>>(
+      a.q, a.q_s[0], a.q_s[1], a.q_s[2], a.q_dtype,
+      static_cast<const T*>(a.k), static_cast<const T*>(a.v),
+      a.k_s[0], a.k_s[1], a.k_s[2], a.v_s[0], a.v_s[1], a.v_s[2],
+      a.seqlens, a.sl_stride, a.block_table, a.bt_stride, a.block_size, a.num_blocks, a.capacity,
+      a.cum, a.split_base, a.out, a.out_dtype, a.lse, a.part_o, a.part_lse, a.num_slots,
+      a.B, a.Hq, a.Hkv, a.D, a.tile, a.mode, a.num_splits, a.scale, a.vec);
+}
+
+template <typename T, int EPL>
+void dispatch_gb(const Launch& a, int gb) {
+  switch (gb) {
+    case 1: launch_attention<T, EPL, 1>(a); break;
+    case 2: launch_attention<T, EPL, 2>(a); break;
+    case 4: launch_attention<T, EPL, 4>(a); break;
+    default: launch_attention<T, EPL, 8>(a); break;
+  }
+}
+
+template <typename T>
+void dispatch_epl(const Launch& a, int epl, int gb) {
+  switch (epl) {
+    case 2: dispatch_gb<T, 2>(a, gb); break;
+    case 4: dispatch_gb<T, 4>(a, gb); break;
+    default: dispatch_gb<T, 8>(a, gb); break;
+  }
+}
+
+}  // namespace
+
+KernelConfig pick_config(int64_t D, int64_t G) {
+  KernelConfig c;
+  c.epl = D <= 64 ? 2 : (D <= 128 ? 4 : 8);
+  const int64_t g = std::min<int64_t>(G, 8);
+  c.gb = g <= 1 ? 1 : (g <= 2 ? 2 : (g <= 4 ? 4 : 8));
+  return c;
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object seqlens_o,
+                      py::object block_table_o, py::object out_o, py::object lse_o, double scale,
+                      const std::string& method, int64_t num_splits, int64_t num_workers, int64_t tile,
+                      int64_t stream_handle) {
+  TensorArg q("q", q_o), k("k_cache", k_o), v("v_cache", v_o), sl("seqlens", seqlens_o);
+  TensorArg out("out", out_o), lse("lse", lse_o);
+  const bool paged = !block_table_o.is_none();
+  std::unique_ptr<TensorArg> bt;
+  if (paged) bt.reset(new TensorArg("block_table", block_table_o));
+
+  std::vector<TensorArg*> all = {&q, &k, &v, &sl, &out, &lse};
+  if (bt) all.push_back(bt.get());
+  for (TensorArg* t : all) {
+    if (t->device_type() != kDLCUDA && t->device_type() != kDLCUDAManaged)
+      throw py::value_error(t->name + ": the CUDA backend needs CUDA tensors, got DLPack device type " +
+                            str(t->device_type()) + (t->device_type() == kDLCPU ? " (CPU)" : ""));
+    if (t->device_id() != q.device_id())
+      throw py::value_error(t->name + ": on cuda:" + str(t->device_id()) + " but q is on cuda:" + str(q.device_id()));
+  }
+  if (method != "lean" && method != "split")
+    throw py::value_error("method: expected 'lean' or 'split', got '" + method + "'");
+  if (tile < 1) throw py::value_error("tile: expected >= 1, got " + str(tile));
+  if (num_workers < 1) throw py::value_error("num_workers: expected >= 1, got " + str(num_workers));
+  if (num_splits < 1) throw py::value_error("num_splits: expected >= 1, got " + str(num_splits));
+  if (!std::isfinite(scale)) throw py::value_error("scale: must be finite");
+
+  q.require_ndim(3);
+  k.require_ndim(4);
+  v.require_ndim(4);
+  sl.require_ndim(1);
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = k.size(2);
+  const DType qdt = q.float_dtype(), kdt = k.float_dtype(), vdt = v.float_dtype();
+  if (kdt != vdt) throw py::type_error("v_cache: dtype " + v.dtype_str() + " differs from k_cache dtype " + k.dtype_str());
+  for (int i = 0; i < 4; ++i)
+    if (k.size(i) != v.size(i))
+      throw py::value_error("v_cache: shape " + v.shape_str() + " differs from k_cache shape " + k.shape_str());
+  if (k.size(3) != D) throw py::value_error("k_cache: head_dim " + str(k.size(3)) + " differs from q head_dim " + str(D));
+  if (Hkv < 1 || Hq % Hkv != 0)
+    throw py::value_error("q: num_heads " + str(Hq) + " is not a multiple of k_cache num_kv_heads " + str(Hkv));
+  if (D < 1) throw py::value_error("q: head_dim must be >= 1");
+  if (D > ck::kMaxHeadDim)
+    throw py::value_error("q: head_dim " + str(D) + " is not supported by the CUDA backend (at most " +
+                          str(ck::kMaxHeadDim) + ")");
+  k.require_last_contiguous();
+  v.require_last_contiguous();
+  if (!sl.is_int32() || sl.size(0) != B) throw py::value_error("seqlens: expected int32 [" + str(B) + "], got " + sl.dtype_str() + " " + sl.shape_str());
+  out.require_ndim(3);
+  out.require_contiguous();
+  if (out.size(0) != B || out.size(1) != Hq || out.size(2) != D) throw py::value_error("out: expected shape [B, Hq, D], got " + out.shape_str());
+  const DType odt = out.float_dtype();
+  lse.require_ndim(2);
+  lse.require_contiguous();
+  if (!lse.is_float32() || lse.size(0) != B || lse.size(1) != Hq) throw py::value_error("lse: expected float32 [B, Hq], got " + lse.dtype_str() + " " + lse.shape_str());
+
+  int64_t capacity, block_size = 0, bt_stride = 0;
+  if (paged) {
+    bt->require_ndim(2);
+    if (!bt->is_int32() || bt->size(0) != B) throw py::value_error("block_table: expected int32 [" + str(B) + ", max_blocks], got " + bt->dtype_str() + " " + bt->shape_str());
+    block_size = k.size(1);
+    if (block_size < 1) throw py::value_error("k_cache: block_size must be >= 1");
+    capacity = bt->size(1) * block_size;
+    bt_stride = bt->stride(0);
+    if (bt->size(1) > 1 && bt->stride(1) != 1) throw py::value_error("block_table: last dimension must have stride 1");
+  } else {
+    if (k.size(0) != B) throw py::value_error("k_cache: batch " + str(k.size(0)) + " differs from q batch " + str(B));
+    capacity = k.size(1);
+  }
+  if (B == 0 || Hq == 0) return;
+
+  DeviceGuard guard(q.device_id());
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream_handle));
+
+  // seqlens (and block ids) are read on the host to range-check them: correctness first.
+  std::vector<int32_t> lens(B), sl_host, bt_host;
+  int64_t sl_base = 0, bt_base = 0;
+  {
+    py::gil_scoped_release nogil;
+    sl_host = copy_span_to_host(sl, stream, &sl_base);
+    if (paged) bt_host = copy_span_to_host(*bt, stream, &bt_base);
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    lens[b] = sl_host[sl_base + b * sl.stride(0)];
+    if (lens[b] < 1 || lens[b] > capacity)
+      throw py::value_error("seqlens: seqlens[" + str(b) + "] = " + str(lens[b]) + " is outside [1, " + str(capacity) + "] (cache capacity)");
+    if (paged) {
+      const int64_t nblk = pk_cdiv(lens[b], block_size);
+      for (int64_t j = 0; j < nblk; ++j) {
+        const int32_t id = bt_host[bt_base + b * bt_stride + j];
+        if (id < 0 || id >= k.size(0))
+          throw py::value_error("block_table: block_table[" + str(b) + ", " + str(j) + "] = " + str(id) + " is outside [0, " + str(k.size(0)) + ")");
+      }
+    }
+  }
+
+  // Schedule sizes (the kernels recompute the same partition on the device from seqlens).
+  const int64_t nseg = B * Hkv, G = Hq / Hkv;
+  int64_t total = 0, split_slots = 0;
+  for (int64_t s = 0; s < nseg; ++s) {
+    const int64_t n = pk_cdiv(lens[s / Hkv], tile);
+    const int64_t se = std::min(num_splits, n);
+    total += n;
+    if (se > 1) split_slots += se;
+  }
+  const bool lean_mode = method == "lean";
+  const int64_t W = std::max<int64_t>(1, std::min(num_workers, total));
+  const int64_t num_slots = lean_mode ? 2 * W : split_slots;
+  const int64_t grid = lean_mode ? W : nseg * num_splits;
+  if (grid > 0x7fffffffLL)
+    throw py::value_error("num_splits: " + str(num_splits) + " splits x " + str(nseg) + " (sequence, kv-head) pairs exceeds the CUDA grid limit");
+
+  const KernelConfig cfg = pick_config(D, G);
+  const int64_t esize = kdt == DType::kFloat32 ? 4 : 2;
+  const int64_t align = std::min<int64_t>(16, cfg.epl * esize);
+  bool vec = D % cfg.epl == 0 && reinterpret_cast<uintptr_t>(k.data()) % align == 0 &&
+             reinterpret_cast<uintptr_t>(v.data()) % align == 0;
+  for (int i = 0; i < 3; ++i) vec = vec && k.stride(i) % cfg.epl == 0 && v.stride(i) % cfg.epl == 0;
+
+  py::gil_scoped_release nogil;
+  const size_t cum_bytes = align_up((nseg + 1) * sizeof(int64_t));
+  const size_t base_bytes = align_up(nseg * sizeof(int64_t));
+  const size_t po_bytes = align_up((size_t)num_slots * G * D * sizeof(float));
+  const size_t pl_bytes = align_up((size_t)num_slots * G * sizeof(float));
+  Workspace ws(cum_bytes + base_bytes + po_bytes + pl_bytes, stream, q.device_id());
+  char* wp = static_cast<char*>(ws.ptr);
+
+  Launch a;
+  a.q = q.data();
+  for (int i = 0; i < 3; ++i) { a.q_s[i] = q.stride(i); a.k_s[i] = k.stride(i); a.v_s[i] = v.stride(i); }
+  a.q_dtype = (int64_t)qdt;
+  a.k = k.data();
+  a.v = v.data();
+  a.seqlens = static_cast<const int32_t*>(sl.data());
+  a.sl_stride = sl.stride(0);
+  a.block_table = paged ? static_cast<const int32_t*>(bt->data()) : nullptr;
+  a.bt_stride = bt_stride;
+  a.block_size = block_size;
+  a.num_blocks = k.size(0);
+  a.capacity = capacity;
+  a.cum = reinterpret_cast<int64_t*>(wp);
+  a.split_base = reinterpret_cast<int64_t*>(wp + cum_bytes);
+  a.part_o = reinterpret_cast<float*>(wp + cum_bytes + base_bytes);
+  a.part_lse = reinterpret_cast<float*>(wp + cum_bytes + base_bytes + po_bytes);
+  a.num_slots = num_slots;
+  a.out = out.data();
+  a.out_dtype = (int64_t)odt;
+  a.lse = static_cast<float*>(lse.data());
+  a.B = B; a.Hq = Hq; a.Hkv = Hkv; a.D = D; a.tile = tile;
+  a.mode = lean_mode ? ck::kModeLean : ck::kModeSplit;
+  a.num_splits = num_splits;
+  a.num_workers = W;
+  a.scale = (float)scale;
+  a.vec = vec ? 1 : 0;
+  a.grid = (unsigned)grid;
+  a.stream = stream;
+
+  ck::decode_attention_plan_kernel<<<1, ck::kPlanThreads, 0, stream>>>(
+      a.seqlens, a.sl_stride, B, Hkv, tile, capacity, num_splits, a.cum, a.split_base);
+  PK_CUDA_CHECK(cudaGetLastError());
+  switch (kdt) {
+    case DType::kFloat32: dispatch_epl<float>(a, cfg.epl, cfg.gb); break;
+    case DType::kFloat16: dispatch_epl<fp16_t>(a, cfg.epl, cfg.gb); break;
+    case DType::kBFloat16: dispatch_epl<bf16_t>(a, cfg.epl, cfg.gb); break;
+  }
+  PK_CUDA_CHECK(cudaGetLastError());
+  if (num_slots > 0) {
+    ck::decode_attention_reduce_kernel<<<(unsigned)nseg, ck::kThreads, 0, stream>>>(
+        a.cum, a.split_base, a.part_o, a.part_lse, num_slots, a.out, a.out_dtype, a.lse, B, Hq, Hkv, D,
+        a.mode, num_splits, W);
+    PK_CUDA_CHECK(cudaGetLastError());
+  }
+  ws.release();
+}
+
+}  // namespace cuda
+}  // namespace pykernels
