@@ -380,3 +380,38 @@ def test_torch_compile():
     got = torch.compile(f, backend="inductor", fullgraph=False)(q, k, v, lens)
     want = oracle(q * 2, k, v, [5, 40])[0] + 1
     assert_close(got, want, 1e-4)
+
+
+def test_concurrent_python_threads_and_fork():
+    """The GIL is released during kernels: calls from several Python threads share the pool
+    safely; a forked child rebuilds the pool (its parent's worker threads do not exist there)."""
+    import multiprocessing as mp
+    import threading
+
+    lens = [300, 7]
+    q = torch.randn(2, 8, 64)
+    k, v = make_dense(2, 300, 2, 64, torch.float32, lens)
+    want = oracle(q, k, v, lens)[0]
+    errors = []
+
+    def worker():
+        for _ in range(20):
+            got = pk.decode_attention(q, k, v, torch.tensor(lens), method="lean")
+            if not torch.allclose(got.double(), want, atol=1e-4):
+                errors.append(float((got.double() - want).abs().max()))
+
+    ts = [threading.Thread(target=worker) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply(_child_attention, (q, k, v, lens))
+    assert_close(got, want, 1e-4)
+
+
+def _child_attention(q, k, v, lens):
+    return pk.decode_attention(q, k, v, torch.tensor(lens), method="lean")

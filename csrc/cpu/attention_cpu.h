@@ -27,16 +27,19 @@ struct Piece {
   int64_t slot;  // -1: the piece is the whole segment; else the partial slot it writes
 };
 
-// Attend the G query heads of kv-head p.h over the piece's tokens. Writes the normalised
-// output o [G, D] and lse [G] (natural log of the sum of exp(score)).
-// `work` is scratch of at least attend_workspace_floats(G, D) floats.
-typedef void (*AttendFn)(const AttnParams& prm, const Piece& p, float* o, float* lse, float* work);
+// Most kv-heads one kernel call walks together (see attend_group in attention_kernel.h).
+constexpr int64_t kMaxGroupHeads = 8;
 
-int64_t attend_workspace_floats(int64_t G, int64_t D);
+// Attend the G query heads of each kv-head p.h .. p.h + nh - 1 over the piece's tokens. Writes
+// the normalised output o [nh * G, D] and lse [nh * G] (natural log of the sum of exp(score)).
+// `work` is scratch of attend_workspace_floats(nh * G) floats.
+typedef void (*AttendFn)(const AttnParams& prm, const Piece& p, int64_t nh, float* o, float* lse, float* work);
 
-namespace scalar { void attend_piece(const AttnParams&, const Piece&, float*, float*, float*); }
-namespace avx2 { void attend_piece(const AttnParams&, const Piece&, float*, float*, float*); }
-namespace avx512 { void attend_piece(const AttnParams&, const Piece&, float*, float*, float*); }
+inline int64_t attend_workspace_floats(int64_t rows) { return 8 * 32 + 2 * rows; }
+
+namespace scalar { void attend_piece(const AttnParams&, const Piece&, int64_t, float*, float*, float*); }
+namespace avx2 { void attend_piece(const AttnParams&, const Piece&, int64_t, float*, float*, float*); }
+namespace avx512 { void attend_piece(const AttnParams&, const Piece&, int64_t, float*, float*, float*); }
 
 }  // namespace cpu
 }  // namespace pykernels

@@ -109,87 +109,96 @@ static inline void row_ptrs(const AttnParams& prm, const Piece& pc, const T* kba
   *vr = vbase + r0 * prm.v_stride[0] + r1 * prm.v_stride[1] + pc.h * prm.v_stride[2];
 }
 
-// GB query heads (a chunk of the G heads of one kv-head) over tokens [t0, t1).
+// One online-softmax step of GB query heads over a block of nt <= kTokBlock tokens.
+// q: [GB, D] (pre-scaled), acc: [GB, D] unnormalised, m/l: [GB] running max and sum.
 template <typename V, typename T, int GB>
-static void attend_heads(const AttnParams& prm, const Piece& pc, int64_t g0, float* o, float* lse, float* work) {
-  const int64_t D = prm.D;
+static inline void block_step(const float* q, int64_t D, const T* const* kp, const T* const* vp, int nt,
+                              float* m, float* l, float* acc, float* s) {
+  float alpha[GB];
+  scores_block<V, T, GB>(q, D, kp, nt, s);
+  for (int g = 0; g < GB; ++g) {
+    float* sg = s + g * kTokBlock;
+    float mb = PK_NEG_INF;
+    for (int t = 0; t < nt; ++t) mb = sg[t] > mb ? sg[t] : mb;
+    alpha[g] = softmax_rescale(m[g], mb, &m[g]);
+    const typename V::F neg_m = V::set1(-m[g]);
+    typename V::F sum = V::zero();
+    int t = 0;
+    for (; t + V::W <= nt; t += V::W) {
+      typename V::F e = V::exp(V::add(V::load(sg + t), neg_m));
+      V::store(sg + t, e);
+      sum = V::add(sum, e);
+    }
+    float ssum = V::hsum(sum);
+    for (; t < nt; ++t) { sg[t] = pk_exp(sg[t] - m[g]); ssum += sg[t]; }
+    l[g] = l[g] * alpha[g] + ssum;
+  }
+  pv_block<V, T, GB>(acc, D, alpha, s, vp, nt);
+}
+
+// The G query heads of each of the nh consecutive kv-heads h0.. h0+nh-1 of sequence b over
+// tokens [t0, t1). Several kv-heads are walked together, token block by token block, so each
+// token's rows of those heads (contiguous in a [.., L, Hkv, D] cache) are read in one sweep:
+// one pass per 4 KiB page instead of one per head keeps TLB misses and prefetch restarts low.
+template <typename V, typename T>
+static void attend_group(const AttnParams& prm, const Piece& pc, int64_t nh, float* o, float* lse, float* work) {
+  const int64_t D = prm.D, G = prm.G, R = nh * G;  // R output rows, [R, D] in o
   const T* kbase = static_cast<const T*>(prm.k);
   const T* vbase = static_cast<const T*>(prm.v);
-  const float* q = prm.q + (pc.b * prm.Hq + pc.h * prm.G + g0) * D;  // [GB, D]
-  float* acc = o;                                                    // [GB, D], normalised at the end
-  float* s = work;                                                   // [GB, kTokBlock]
+  const float* q = prm.q + (pc.b * prm.Hq + pc.h * G) * D;  // [R, D]
+  float* s = work;                                          // [8, kTokBlock]
+  float* m = s + 8 * kTokBlock;                             // [R]
+  float* l = m + R;                                         // [R]
+  const T* kp0[kTokBlock];
+  const T* vp0[kTokBlock];
   const T* kp[kTokBlock];
   const T* vp[kTokBlock];
-  float m[GB], l[GB], alpha[GB];
-  for (int g = 0; g < GB; ++g) { m[g] = PK_NEG_INF; l[g] = 0.f; }
-  for (int64_t i = 0; i < GB * D; ++i) acc[i] = 0.f;
+  for (int64_t r = 0; r < R; ++r) { m[r] = PK_NEG_INF; l[r] = 0.f; }
+  for (int64_t i = 0; i < R * D; ++i) o[i] = 0.f;
+  const int64_t row_bytes = D * (int64_t)sizeof(T);
+  const int64_t span_k = ((nh - 1) * prm.k_stride[2]) * (int64_t)sizeof(T) + row_bytes;
+  const int64_t span_v = ((nh - 1) * prm.v_stride[2]) * (int64_t)sizeof(T) + row_bytes;
 
   for (int64_t tb = pc.t0; tb < pc.t1; tb += kTokBlock) {
     const int nt = (int)((pc.t1 - tb) < kTokBlock ? (pc.t1 - tb) : kTokBlock);
-    // Row pointers: one code path for dense and paged caches.
-    for (int t = 0; t < nt; ++t) row_ptrs(prm, pc, kbase, vbase, tb + t, &kp[t], &vp[t]);
-    // Software prefetch of a later block: the rows of one kv-head are 256-512 B out of every
-    // Hkv*D*elt bytes, so few fall in one 4 KiB page and the hardware prefetchers lose the stream.
+    for (int t = 0; t < nt; ++t) row_ptrs(prm, pc, kbase, vbase, tb + t, &kp0[t], &vp0[t]);
+    // Software prefetch of a later block (the hardware prefetchers lose strided streams).
     {
       const int64_t pb = tb + kPrefetchTokens, pe = pb + kTokBlock < pc.t1 ? pb + kTokBlock : pc.t1;
-      const int64_t row_bytes = D * (int64_t)sizeof(T);
       for (int64_t tok = pb; tok < pe; ++tok) {
         const T *kr, *vr;
         row_ptrs(prm, pc, kbase, vbase, tok, &kr, &vr);
-        for (int64_t off = 0; off < row_bytes; off += 64) {
-          __builtin_prefetch(reinterpret_cast<const char*>(kr) + off, 0, 0);
-          __builtin_prefetch(reinterpret_cast<const char*>(vr) + off, 0, 0);
-        }
+        for (int64_t off = 0; off < span_k; off += 64) __builtin_prefetch(reinterpret_cast<const char*>(kr) + off, 0, 0);
+        for (int64_t off = 0; off < span_v; off += 64) __builtin_prefetch(reinterpret_cast<const char*>(vr) + off, 0, 0);
       }
     }
-    scores_block<V, T, GB>(q, D, kp, nt, s);
-    for (int g = 0; g < GB; ++g) {
-      float* sg = s + g * kTokBlock;
-      float mb = PK_NEG_INF;
-      for (int t = 0; t < nt; ++t) mb = sg[t] > mb ? sg[t] : mb;
-      alpha[g] = softmax_rescale(m[g], mb, &m[g]);
-      const typename V::F mv = V::set1(m[g]);
-      typename V::F sum = V::zero();
-      int t = 0;
-      for (; t + V::W <= nt; t += V::W) {
-        typename V::F e = V::exp(V::add(V::load(sg + t), V::mul(mv, V::set1(-1.f))));
-        V::store(sg + t, e);
-        sum = V::add(sum, e);
+    for (int64_t j = 0; j < nh; ++j) {
+      for (int t = 0; t < nt; ++t) { kp[t] = kp0[t] + j * prm.k_stride[2]; vp[t] = vp0[t] + j * prm.v_stride[2]; }
+      // Chunks of 8/4/2/1 query heads; the block's K/V rows stay in L1 between chunks.
+      for (int64_t g0 = 0; g0 < G;) {
+        const int64_t r = j * G + g0, left = G - g0;
+        const float* qr = q + r * D;
+        float* ar = o + r * D;
+        if (left >= 8) { block_step<V, T, 8>(qr, D, kp, vp, nt, m + r, l + r, ar, s); g0 += 8; }
+        else if (left >= 4) { block_step<V, T, 4>(qr, D, kp, vp, nt, m + r, l + r, ar, s); g0 += 4; }
+        else if (left >= 2) { block_step<V, T, 2>(qr, D, kp, vp, nt, m + r, l + r, ar, s); g0 += 2; }
+        else { block_step<V, T, 1>(qr, D, kp, vp, nt, m + r, l + r, ar, s); g0 += 1; }
       }
-      float ssum = V::hsum(sum);
-      for (; t < nt; ++t) { sg[t] = pk_exp(sg[t] - m[g]); ssum += sg[t]; }
-      l[g] = l[g] * alpha[g] + ssum;
     }
-    pv_block<V, T, GB>(acc, D, alpha, s, vp, nt);
   }
-  for (int g = 0; g < GB; ++g) {
-    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
-    for (int64_t d = 0; d < D; ++d) acc[g * D + d] *= inv;
-    lse[g] = softmax_lse(m[g], l[g]);
-  }
-}
-
-template <typename V, typename T>
-static void attend_piece_t(const AttnParams& prm, const Piece& pc, float* o, float* lse, float* work) {
-  // Chunks of 8/4/2/1 heads; every chunk re-reads the piece's K/V rows, so the common G <= 8
-  // reads each byte from memory once (larger G re-reads from cache, not DRAM, per block).
-  int64_t g0 = 0;
-  while (g0 < prm.G) {
-    const int64_t left = prm.G - g0;
-    float* og = o + g0 * prm.D;
-    if (left >= 8) { attend_heads<V, T, 8>(prm, pc, g0, og, lse + g0, work); g0 += 8; }
-    else if (left >= 4) { attend_heads<V, T, 4>(prm, pc, g0, og, lse + g0, work); g0 += 4; }
-    else if (left >= 2) { attend_heads<V, T, 2>(prm, pc, g0, og, lse + g0, work); g0 += 2; }
-    else { attend_heads<V, T, 1>(prm, pc, g0, og, lse + g0, work); g0 += 1; }
+  for (int64_t r = 0; r < R; ++r) {
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    for (int64_t d = 0; d < D; ++d) o[r * D + d] *= inv;
+    lse[r] = softmax_lse(m[r], l[r]);
   }
 }
 
 template <typename V>
-static void attend_piece_dispatch(const AttnParams& prm, const Piece& pc, float* o, float* lse, float* work) {
+static void attend_dispatch(const AttnParams& prm, const Piece& pc, int64_t nh, float* o, float* lse, float* work) {
   switch (prm.kv_dtype) {
-    case DType::kFloat32: attend_piece_t<V, float>(prm, pc, o, lse, work); break;
-    case DType::kFloat16: attend_piece_t<V, fp16_t>(prm, pc, o, lse, work); break;
-    case DType::kBFloat16: attend_piece_t<V, bf16_t>(prm, pc, o, lse, work); break;
+    case DType::kFloat32: attend_group<V, float>(prm, pc, nh, o, lse, work); break;
+    case DType::kFloat16: attend_group<V, fp16_t>(prm, pc, nh, o, lse, work); break;
+    case DType::kBFloat16: attend_group<V, bf16_t>(prm, pc, nh, o, lse, work); break;
   }
 }
 

@@ -21,8 +21,6 @@ namespace cpu {
 
 namespace {
 
-int64_t workspace_floats(int64_t G) { return std::min<int64_t>(G, 8) * 32 + 64; }
-
 AttendFn attend_fn() {
   switch (active_isa()) {
     case Isa::kAvx512: return avx512::attend_piece;
@@ -63,8 +61,6 @@ float load_elem(const void* p, DType dt, int64_t i) {
 std::string str(int64_t v) { return std::to_string(v); }
 
 }  // namespace
-
-int64_t attend_workspace_floats(int64_t G, int64_t D) { (void)D; return workspace_floats(G); }
 
 Schedule build_schedule(const int32_t* seqlens, int64_t B, int64_t Hkv, const std::string& method,
                         int64_t num_splits, int64_t num_workers, int64_t tile) {
@@ -228,34 +224,45 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
   Schedule sc = build_schedule(lens.data(), B, Hkv, method, num_splits, num_workers, tile);
   ThreadPool& pool = ThreadPool::instance();
   const int nthr = pool.size();
-  const int64_t ws = workspace_floats(G);
-  std::vector<float> work((size_t)nthr * (G * D + G + ws));
+  // Per thread: o [kMaxGroupHeads * G, D], lse [kMaxGroupHeads * G], kernel scratch.
+  const int64_t rows = kMaxGroupHeads * G;
+  const int64_t per_thr = rows * D + rows + attend_workspace_floats(rows);
+  std::vector<float> work((size_t)nthr * per_thr);
   std::vector<float> part_o((size_t)sc.num_slots * G * D), part_lse((size_t)sc.num_slots * G);
   void* outp = out.data();
   float* lsep = static_cast<float*>(lse.data());
   const AttendFn attend = attend_fn();
 
   pool.run((int64_t)sc.task_begin.size() - 1, [&](int64_t task, int thr) {
-    float* o = work.data() + (size_t)thr * (G * D + G + ws);
-    float* l = o + G * D;
-    float* w = l + G;
-    for (int64_t i = sc.task_begin[task]; i < sc.task_begin[task + 1]; ++i) {
+    float* o = work.data() + (size_t)thr * per_thr;
+    float* l = o + rows * D;
+    float* w = l + rows;
+    const int64_t end = sc.task_begin[task + 1];
+    for (int64_t i = sc.task_begin[task]; i < end;) {
       const Piece& p = sc.pieces[i];
-      if (p.t1 <= p.t0) continue;
-      if (p.slot < 0) {
-        attend(prm, p, o, l, w);
-        const int64_t row = p.b * Hq + p.h * G;
-        store_vec(outp, odt, row * D, o, G * D);
-        for (int64_t g = 0; g < G; ++g) lsep[row + g] = l[g];
-      } else {
-        attend(prm, p, part_o.data() + p.slot * G * D, part_lse.data() + p.slot * G, w);
+      if (p.slot >= 0) {
+        attend(prm, p, 1, part_o.data() + p.slot * G * D, part_lse.data() + p.slot * G, w);
+        ++i;
+        continue;
       }
+      // Whole segments of consecutive kv-heads of one sequence run as one group.
+      int64_t nh = 1;
+      while (nh < kMaxGroupHeads && i + nh < end) {
+        const Piece& n = sc.pieces[i + nh];
+        if (n.slot >= 0 || n.b != p.b || n.h != p.h + nh || n.t0 != p.t0 || n.t1 != p.t1) break;
+        ++nh;
+      }
+      attend(prm, p, nh, o, l, w);
+      const int64_t row = p.b * Hq + p.h * G;
+      store_vec(outp, odt, row * D, o, nh * G * D);
+      for (int64_t r = 0; r < nh * G; ++r) lsep[row + r] = l[r];
+      i += nh;
     }
   });
   // Merge the partial states of segments that were cut (few: at most 2W for lean).
   pool.run((int64_t)sc.reductions.size(), [&](int64_t ri, int thr) {
     const Reduction& r = sc.reductions[ri];
-    float* o = work.data() + (size_t)thr * (G * D + G + ws);
+    float* o = work.data() + (size_t)thr * per_thr;
     const int64_t row = r.b * Hq + r.h * G;
     for (int64_t g = 0; g < G; ++g) {
       float acc_lse = PK_NEG_INF;
