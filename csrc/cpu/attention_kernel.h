@@ -12,45 +12,58 @@ namespace PK_ISA_NS {
 
 constexpr int kTokBlock = 32;  // tokens per online-softmax step; K/V rows of a block stay in L1
 
+// Scores of one token against GB query heads, one horizontal sum per head.
+template <typename V, typename T, int GB>
+static inline void score_token(const float* q, int64_t D, const T* k, float* s, int t) {
+  const int64_t nv = D / V::W, tail = D % V::W;
+  typename V::F a[GB];
+  for (int g = 0; g < GB; ++g) a[g] = V::zero();
+  for (int64_t i = 0; i < nv; ++i) {
+    typename V::F kv = V::load(k + i * V::W);
+    for (int g = 0; g < GB; ++g) a[g] = V::fma(V::load(q + g * D + i * V::W), kv, a[g]);
+  }
+  if (tail) {
+    typename V::F kv = V::load_n(k + nv * V::W, (int)tail);
+    for (int g = 0; g < GB; ++g) a[g] = V::fma(V::load_n(q + g * D + nv * V::W, (int)tail), kv, a[g]);
+  }
+  for (int g = 0; g < GB; ++g) s[g * kTokBlock + t] = V::hsum(a[g]);
+}
+
+// s[g][t] = q_g . k_t for the nt tokens of a block. q: [GB, D], s: [GB, kTokBlock].
+// TOK = kRed / GB tokens at a time give kRed independent accumulators (FMA latency hidden) and
+// one transposing reduction (V::reduce_many) instead of kRed separate horizontal sums.
 template <typename V, typename T, int GB>
 static inline void scores_block(const float* q, int64_t D, const T* const* kp, int nt, float* s) {
-  // q: [GB, D] (rows of the G heads), s: [GB, kTokBlock]; two tokens at a time for ILP.
-  const int64_t nv = D / V::W, tail = D % V::W;
   int t = 0;
-  for (; t + 2 <= nt; t += 2) {
-    typename V::F a0[GB], a1[GB];
-    for (int g = 0; g < GB; ++g) { a0[g] = V::zero(); a1[g] = V::zero(); }
-    for (int64_t i = 0; i < nv; ++i) {
-      typename V::F k0 = V::load(kp[t] + i * V::W), k1 = V::load(kp[t + 1] + i * V::W);
-      for (int g = 0; g < GB; ++g) {
-        typename V::F qg = V::load(q + g * D + i * V::W);
-        a0[g] = V::fma(qg, k0, a0[g]);
-        a1[g] = V::fma(qg, k1, a1[g]);
+  if constexpr (V::kRed > 1 && V::kRed >= GB) {
+    constexpr int TOK = V::kRed / GB;
+    const int64_t nv = D / V::W, tail = D % V::W;
+    for (; t + TOK <= nt; t += TOK) {
+      typename V::F a[TOK * GB];
+      for (int i = 0; i < TOK * GB; ++i) a[i] = V::zero();
+      for (int64_t i = 0; i < nv; ++i) {
+        typename V::F qv[GB];
+        for (int g = 0; g < GB; ++g) qv[g] = V::load(q + g * D + i * V::W);
+        for (int u = 0; u < TOK; ++u) {
+          typename V::F kv = V::load(kp[t + u] + i * V::W);
+          for (int g = 0; g < GB; ++g) a[u * GB + g] = V::fma(qv[g], kv, a[u * GB + g]);
+        }
       }
-    }
-    if (tail) {
-      typename V::F k0 = V::load_n(kp[t] + nv * V::W, (int)tail), k1 = V::load_n(kp[t + 1] + nv * V::W, (int)tail);
-      for (int g = 0; g < GB; ++g) {
-        typename V::F qg = V::load_n(q + g * D + nv * V::W, (int)tail);
-        a0[g] = V::fma(qg, k0, a0[g]);
-        a1[g] = V::fma(qg, k1, a1[g]);
+      if (tail) {
+        typename V::F qv[GB];
+        for (int g = 0; g < GB; ++g) qv[g] = V::load_n(q + g * D + nv * V::W, (int)tail);
+        for (int u = 0; u < TOK; ++u) {
+          typename V::F kv = V::load_n(kp[t + u] + nv * V::W, (int)tail);
+          for (int g = 0; g < GB; ++g) a[u * GB + g] = V::fma(qv[g], kv, a[u * GB + g]);
+        }
       }
+      float r[V::kRed];
+      V::reduce_many(a, r);
+      for (int u = 0; u < TOK; ++u)
+        for (int g = 0; g < GB; ++g) s[g * kTokBlock + t + u] = r[u * GB + g];
     }
-    for (int g = 0; g < GB; ++g) { s[g * kTokBlock + t] = V::hsum(a0[g]); s[g * kTokBlock + t + 1] = V::hsum(a1[g]); }
   }
-  for (; t < nt; ++t) {
-    typename V::F a0[GB];
-    for (int g = 0; g < GB; ++g) a0[g] = V::zero();
-    for (int64_t i = 0; i < nv; ++i) {
-      typename V::F k0 = V::load(kp[t] + i * V::W);
-      for (int g = 0; g < GB; ++g) a0[g] = V::fma(V::load(q + g * D + i * V::W), k0, a0[g]);
-    }
-    if (tail) {
-      typename V::F k0 = V::load_n(kp[t] + nv * V::W, (int)tail);
-      for (int g = 0; g < GB; ++g) a0[g] = V::fma(V::load_n(q + g * D + nv * V::W, (int)tail), k0, a0[g]);
-    }
-    for (int g = 0; g < GB; ++g) s[g * kTokBlock + t] = V::hsum(a0[g]);
-  }
+  for (; t < nt; ++t) score_token<V, T, GB>(q, D, kp[t], s, t);
 }
 
 // acc[g] = alpha[g] * acc[g] + sum_t p[g][t] * v_t   for a chunk of CH vectors of D.

@@ -39,6 +39,9 @@ struct ScalarV {
   static inline float hsum(F a) { return a; }
   static inline float hmax(F a) { return a; }
   static inline F exp(F x) { return expf(x); }
+  // Horizontal sums of kRed accumulators at once: out[i] = hsum(acc[i]).
+  static constexpr int kRed = 1;
+  static inline void reduce_many(const F* acc, float* out) { out[0] = acc[0]; }
 };
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -98,6 +101,15 @@ struct Avx2V {
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   }
+  static constexpr int kRed = 8;
+  static inline void reduce_many(const F* a, float* out) {
+    // hadd tree: after two levels each 128-bit half holds 4 partial sums of a0..a3 / a4..a7.
+    F ab = _mm256_hadd_ps(a[0], a[1]), cd = _mm256_hadd_ps(a[2], a[3]);
+    F ef = _mm256_hadd_ps(a[4], a[5]), gh = _mm256_hadd_ps(a[6], a[7]);
+    F abcd = _mm256_hadd_ps(ab, cd), efgh = _mm256_hadd_ps(ef, gh);
+    F lo = _mm256_permute2f128_ps(abcd, efgh, 0x20), hi = _mm256_permute2f128_ps(abcd, efgh, 0x31);
+    _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
+  }
 };
 #endif
 
@@ -143,6 +155,31 @@ struct Avx512V {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
+  }
+  // 16 horizontal sums for ~45 instructions instead of 16 x 8: a transposing reduction tree.
+  static constexpr int kRed = 16;
+  static inline void reduce_many(const F* a, float* out) {
+    // Level 1 (pairs): 256-bit halves of x and y interleaved and added -> 8 partial sums each.
+    F p[8];
+    for (int i = 0; i < 8; ++i) {
+      F lo = _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44);  // x.q0 x.q1 y.q0 y.q1
+      F hi = _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE);  // x.q2 x.q3 y.q2 y.q3
+      p[i] = _mm512_add_ps(lo, hi);                               // [x.h0 x.h1 y.h0 y.h1]
+    }
+    // Level 2: 128-bit lane j of r[i] = 4 partial sums of input 4i + j.
+    F r[4];
+    for (int i = 0; i < 4; ++i) {
+      F lo = _mm512_shuffle_f32x4(p[2 * i], p[2 * i + 1], 0x88);
+      F hi = _mm512_shuffle_f32x4(p[2 * i], p[2 * i + 1], 0xDD);
+      r[i] = _mm512_add_ps(lo, hi);
+    }
+    // Level 3: 4x4 transposes inside each 128-bit lane.
+    F s1 = _mm512_add_ps(_mm512_unpacklo_ps(r[0], r[1]), _mm512_unpackhi_ps(r[0], r[1]));
+    F s2 = _mm512_add_ps(_mm512_unpacklo_ps(r[2], r[3]), _mm512_unpackhi_ps(r[2], r[3]));
+    F t = _mm512_add_ps(_mm512_shuffle_ps(s1, s2, 0x44), _mm512_shuffle_ps(s1, s2, 0xEE));
+    // Lane j of t holds [in(j), in(4+j), in(8+j), in(12+j)]: permute to natural order.
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(idx, t));
   }
 };
 #endif
