@@ -14,6 +14,7 @@ import sys
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = [os.path.join("csrc", "include"), "csrc"]
@@ -53,6 +54,17 @@ def find_nvcc():
             "the CUDA kernels at run time when a GPU is present)")
         return None
     return os.path.realpath(nvcc)
+
+
+def cuda_root(nvcc):
+    """The toolkit root: nvcc on PATH may be a wrapper script outside the toolkit."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             os.path.dirname(os.path.dirname(nvcc)), "/usr/local/cuda"]
+    for c in cands:
+        if c and os.path.exists(os.path.join(c, "include", "cuda_runtime.h")):
+            return c
+    sys.exit(f"nvcc found at {nvcc} but no CUDA toolkit root with include/cuda_runtime.h among {cands}; "
+             "set CUDA_HOME (or PYKERNELS_CUDA=0 to skip the CUDA extension)")
 
 
 def cuda_archs():
@@ -107,7 +119,7 @@ def extensions():
     ]
     nvcc = find_nvcc()
     if nvcc is not None:
-        cuda_home = os.path.dirname(os.path.dirname(nvcc))
+        cuda_home = cuda_root(nvcc)
         lib = os.path.join(cuda_home, "lib64")
         if not os.path.isdir(lib):
             lib = os.path.join(cuda_home, "targets", "x86_64-linux", "lib")
@@ -135,4 +147,19 @@ class _BuildExtWithNvcc(BuildExt):
         super().run()
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": _BuildExtWithNvcc})
+class _BuildPyWithCudaSources(build_py):
+    """Ships the CUDA kernel sources inside the package (pykernels/_csrc/...) so the cupy JIT
+    path can compile them on a machine where pykernels._cuda was not built."""
+
+    def run(self):
+        super().run()
+        if self.dry_run:
+            return
+        for pattern, sub in (("csrc/include/pykernels/*.h", "include/pykernels"), ("csrc/cuda/*.cuh", "cuda")):
+            dst = os.path.join(self.build_lib, "pykernels", "_csrc", sub)
+            self.mkpath(dst)
+            for src in sorted(glob.glob(os.path.join(ROOT, pattern))):
+                self.copy_file(src, os.path.join(dst, os.path.basename(src)))
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": _BuildExtWithNvcc, "build_py": _BuildPyWithCudaSources})

@@ -13,21 +13,7 @@
 
 #include "tensor_arg.h"
 
-// softmax.h spells -inf as -__int_as_float(...) under nvcc, a __device__-only intrinsic used
-// inside __host__ __device__ functions, which nvcc rejects (NVRTC accepts it: everything is
-// device code there). Give that name a host-device definition while softmax.h is parsed.
-// Harmless once softmax.h uses -INFINITY under nvcc; see the report on issue 2.
-#include <math.h>
-namespace pykernels {
-__host__ __device__ __forceinline__ float pk_hd_int_as_float(int i) {
-  union { int i; float f; } c;
-  c.i = i;
-  return c.f;
-}
-}  // namespace pykernels
-#define __int_as_float(x) ::pykernels::pk_hd_int_as_float(x)
 #include "pykernels/softmax.h"
-#undef __int_as_float
 
 #include "cuda/decode_attention.cuh"
 
@@ -292,6 +278,8 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
   const int64_t W = std::max<int64_t>(1, std::min(num_workers, total));
   const int64_t num_slots = lean_mode ? 2 * W : split_slots;
   const int64_t grid = lean_mode ? W : nseg * num_splits;
+  if (nseg > 0x7fffffffLL)
+    throw py::value_error("q: batch x num_kv_heads = " + str(nseg) + " exceeds the CUDA grid limit");
   if (grid > 0x7fffffffLL)
     throw py::value_error("num_splits: " + str(num_splits) + " splits x " + str(nseg) + " (sequence, kv-head) pairs exceeds the CUDA grid limit");
 

@@ -18,7 +18,12 @@
 //
 // Inside a CTA: 4 warps take turns over tokens (U consecutive tokens per warp step), the 32
 // lanes of a warp hold EPL consecutive elements of D each, and the GB query heads of one kv-head
-// share every K/V row loaded (GQA: each KV byte is read once for all its query heads).
+// share every K/V row loaded (GQA: each KV byte is read once for all its query heads). With
+// G > 8 the heads are taken in passes of 8 and each pass re-reads the piece's K/V.
+// Per warp step: U tokens' K and V slices are loaded together (memory-level parallelism), the
+// U * GB partial dot products are summed across lanes by a reduce-scatter (lane j ends up with
+// score j), each lane does the online-softmax update for its own (token, head) score, and the
+// probabilities go through shared memory to all lanes for the P.V accumulation.
 #pragma once
 
 #include "pykernels/common.h"

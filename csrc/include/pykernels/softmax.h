@@ -15,10 +15,14 @@ namespace pykernels {
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 PK_HOST_DEVICE PK_INLINE float pk_exp(float x) { return expf(x); }
 PK_HOST_DEVICE PK_INLINE float pk_log(float x) { return logf(x); }
-#define PK_NEG_INF (-__int_as_float(0x7f800000))
 #else
 PK_INLINE float pk_exp(float x) { return expf(x); }
 PK_INLINE float pk_log(float x) { return logf(x); }
+#endif
+// -inf usable in host and device code (NVRTC has no math.h INFINITY).
+#if defined(__CUDACC_RTC__)
+#define PK_NEG_INF (-__int_as_float(0x7f800000))
+#else
 #define PK_NEG_INF (-INFINITY)
 #endif
 
