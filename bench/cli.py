@@ -1,0 +1,180 @@
+"""``pykernels-bench``: microbenchmarks with every figure shown next to its roofline.
+
+Examples
+--------
+    pykernels-bench probe
+    pykernels-bench attention --heads-q 32 --heads-kv 8 --head-dim 128 --seqlens 16384
+    pykernels-bench attention --seqlens 32768,1024,512 --heads-q 8 --heads-kv 1 --method lean,unsplit,split
+    pykernels-bench attention --sweep            # the issue's suites 1-3
+    pykernels-bench attention --sweep 2 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _set_threads(n: int | None):
+    """Make torch and the pykernels pool use n threads (before pykernels starts its pool)."""
+    if n is None:
+        return
+    import torch
+    os.environ["PYKERNELS_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    try:
+        from pykernels import _C
+        _C.set_num_threads(n)
+    except Exception:
+        pass  # reported per row (isa/threads fields) by the bench itself
+
+
+def _probe(args) -> dict:
+    from roofline import probe_memory_bandwidth
+    from .attention import wait_for_quiet
+    wait_for_quiet(getattr(args, "wait_quiet", 0.0))
+    size = int(args.probe_size_mib * (1 << 20)) if getattr(args, "probe_size_mib", None) else None
+    return probe_memory_bandwidth(size_bytes=size)
+
+
+def _print_probe(p: dict):
+    m = p["machine"]
+    print(f"machine: {m['cpu_model']}, {m['usable_cpus']} cpus, LLC {m['llc_bytes'] >> 20} MiB, "
+          f"{(m['mem_total_bytes'] or 0) / 2**30:.1f} GiB RAM, simd {','.join(m['simd']) or '-'}")
+    print(f"probe ({p['threads']} threads, {p['size_bytes'] >> 20} MiB per array): "
+          f"read {p['read_GB_s']:.1f} GB/s (p10..p90 {p['read']['GB_s_p10']:.1f}..{p['read']['GB_s_p90']:.1f}), "
+          f"triad {p['triad_GB_s']:.1f} GB/s (3 arrays; {p['triad_wa_GB_s']:.1f} counting write-allocate); "
+          f"1 thread reads {p['read_1thread_GB_s']:.1f} GB/s")
+    for w in p["warnings"]:
+        print(f"  warning: {w}")
+
+
+def cmd_probe(args) -> int:
+    _set_threads(args.threads)
+    from roofline import probe_memory_bandwidth
+    size = int(args.size_mib * (1 << 20)) if args.size_mib else None
+    p = probe_memory_bandwidth(size_bytes=size, repeats=args.repeats)
+    _print_probe(p)
+    if args.json:
+        _write_json(args.json, {"probe": p})
+    return 0
+
+
+def _write_json(path, obj):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=1, default=str)
+    print(f"wrote {path}")
+
+
+def _parse_seqlens(text: str, batch: int | None) -> list[int]:
+    try:
+        lens = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--seqlens: expected a comma-separated list of ints, got {text!r}")
+    if not lens:
+        raise SystemExit("--seqlens: expected at least one length")
+    if batch is None:
+        return lens
+    if len(lens) == 1:
+        return lens * batch
+    if len(lens) != batch:
+        raise SystemExit(f"--seqlens: expected 1 or --batch={batch} lengths, got {len(lens)}")
+    return lens
+
+
+def cmd_attention(args) -> int:
+    _set_threads(args.threads)
+    from . import attention as A
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    bad = [m for m in methods if m not in A.ALL_METHODS]
+    if bad:
+        raise SystemExit(f"--method: unknown {bad}; expected a comma list of {', '.join(A.ALL_METHODS)}")
+    if args.bandwidth:
+        bw, probe = args.bandwidth, None
+        print(f"bandwidth given: {bw:.1f} GB/s (probe skipped)")
+    else:
+        probe = _probe(args)
+        _print_probe(probe)
+        bw = probe["bandwidth_GB_s"]
+
+    out = {"probe": probe, "rows": [], "targets": []}
+    if args.sweep:
+        wanted = {s.strip() for s in args.sweep.split(",")}
+        ctx = A.BenchContext(bandwidth_GB_s=bw, backend=args.backend, device=args.device,
+                             repeats=args.repeats, quick=args.quick, wait_quiet_s=args.wait_quiet,
+                             probe=probe)
+        for name, title, fn in A.SUITES:
+            if name.split("-")[-1] not in wanted and name not in wanted:
+                continue
+            print(f"\n== {name}: {title}")
+            res = fn(ctx)
+            out["rows"] += res["rows"]
+            out["targets"] += [dict(t, suite=name) for t in res["targets"]]
+            if res["targets"]:
+                print(A.format_targets(res["targets"]))
+            for n in res.get("notes", []):
+                print(f"note: {n}")
+    else:
+        lens = _parse_seqlens(args.seqlens, args.batch)
+        cfg = A.AttnConfig(len(lens), args.heads_q, args.heads_kv, args.head_dim, lens, args.dtype)
+        rows = A.bench_attention(cfg, methods, backend=args.backend, device=args.device,
+                                 repeats=args.repeats, bandwidth_GB_s=bw, num_splits=args.num_splits,
+                                 wait_quiet_s=args.wait_quiet)
+        print(A.format_rows(rows))
+        out["rows"] = rows
+    if args.json:
+        _write_json(args.json, out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pykernels-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pp = sub.add_parser("probe", help="STREAM-style memory bandwidth of this machine")
+    pp.add_argument("--size-mib", type=float, default=None, help="bytes per array (default max(8x LLC, 256 MiB))")
+    pp.add_argument("--repeats", type=int, default=11)
+    pp.add_argument("--threads", type=int, default=None)
+    pp.add_argument("--json", default=None, help="also write the probe as JSON here")
+    pp.set_defaults(func=cmd_probe)
+
+    pa = sub.add_parser("attention", help="decode attention vs baselines, cold caches")
+    pa.add_argument("--batch", type=int, default=None, help="default: number of --seqlens")
+    pa.add_argument("--heads-q", type=int, default=32)
+    pa.add_argument("--heads-kv", type=int, default=8)
+    pa.add_argument("--head-dim", type=int, default=128)
+    pa.add_argument("--seqlens", default="16384", help="comma list, one per sequence, or one for all")
+    pa.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32 (q, cache and out)")
+    pa.add_argument("--method", default="lean,split,unsplit,sdpa,reference",
+                    help="comma list of lean, split, unsplit, auto, sdpa, sdpa_grouped, reference")
+    pa.add_argument("--num-splits", type=int, default=None, help="for 'split' (default: heuristic)")
+    pa.add_argument("--backend", default="cpu", help="pykernels backend: auto | cpu | triton | cuda | reference")
+    pa.add_argument("--device", default="cpu")
+    pa.add_argument("--repeats", type=int, default=15)
+    pa.add_argument("--threads", type=int, default=None, help="default: torch.get_num_threads()")
+    pa.add_argument("--bandwidth", type=float, default=None, help="GB/s for '%% bw' (skips the probe)")
+    pa.add_argument("--probe-size-mib", type=float, default=None)
+    pa.add_argument("--sweep", nargs="?", const="1,2,3", default=None,
+                    help="run the issue's suites instead of one config (default all: 1,2,3)")
+    pa.add_argument("--quick", action="store_true", help="smaller sweeps (with --sweep)")
+    pa.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                    help="per configuration, wait up to this long for other processes to go idle")
+    pa.add_argument("--json", default=None, help="write rows (and probe) as JSON here")
+    pa.set_defaults(func=cmd_attention)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""``python -m bench.report``: probe the machine, run every suite, write the report.
+
+Writes ``reports/<hostname>/report.json`` (probe, machine, every row, targets, what ran where)
+and ``reports/<hostname>/report.md`` (tables and PASS/MISS per target with its figure).
+Bounded to a few minutes on a 2-core machine. Suites are the list ``bench.attention.SUITES``
+(name, title, fn(ctx) -> {"rows", "targets", "notes"}); later issues append to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+
+import torch
+
+
+def _gpu_statement() -> dict:
+    if torch.cuda.is_available():
+        return {"cuda_available": True, "gpu": torch.cuda.get_device_name(0),
+                "statement": (f"A GPU ({torch.cuda.get_device_name(0)}) is present, but this report "
+                              "version times CPU suites only: CUDA and Triton kernels were not benchmarked.")}
+    return {"cuda_available": False, "gpu": None,
+            "statement": ("No GPU on this machine (torch.cuda.is_available() is False): CUDA and Triton "
+                          "kernels were NOT run on a GPU. Every figure here is the CPU backend or a CPU "
+                          "torch baseline.")}
+
+
+def _md_table(rows: list[dict]) -> list[str]:
+    out = ["| config | method | median ms | p10..p90 ms | GB/s | % bw | speedups (t_baseline / t) | check |",
+           "|---|---|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        if "median_ms" not in r:
+            out.append(f"| {r['label']} | {r['method']} | not run | | | | {r.get('error', '')} | |")
+            continue
+        sp = ", ".join(f"{k[3:]} {v:.2f}x" for k, v in r.get("speedup", {}).items())
+        pct = "-" if r.get("pct_bw") is None else f"{r['pct_bw']:.1f}"
+        chk = r.get("check", "-") + (f" ({r['max_abs_err']:.2g})" if "max_abs_err" in r else "")
+        out.append(f"| {r['label']} | {r['method']} | {r['median_ms']:.3f} | "
+                   f"{r['p10_ms']:.3f}..{r['p90_ms']:.3f} | {r['GB_s']:.2f} | {pct} | {sp} | {chk} |")
+    return out
+
+
+def write_markdown(path: str, rep: dict):
+    p = rep["probe"]
+    m = p["machine"]
+    L = [f"# pykernels benchmark report: {rep['hostname']}", "",
+         f"Generated {rep['timestamp']} in {rep['wall_s']:.0f} s by `python -m bench.report`.", "",
+         "## Machine and roofline", "",
+         f"- CPU: {m['cpu_model']}, {m['usable_cpus']} usable CPUs, LLC {m['llc_bytes'] >> 20} MiB, "
+         f"{(m['mem_total_bytes'] or 0) / 2**30:.1f} GiB RAM, SIMD {', '.join(m['simd']) or '-'}",
+         f"- torch {m['torch']}, pykernels {rep['facts'].get('pykernels')}, ISA {rep['facts'].get('isa')}, "
+         f"threads {rep['facts'].get('threads')} (torch {rep['facts'].get('torch_threads')})",
+         f"- GPU: {rep['gpu']['statement']}",
+         f"- **Measured read bandwidth: {p['read_GB_s']:.1f} GB/s** (p10..p90 "
+         f"{p['read']['GB_s_p10']:.1f}..{p['read']['GB_s_p90']:.1f}); triad {p['triad_GB_s']:.1f} GB/s "
+         f"(3 arrays; {p['triad_wa_GB_s']:.1f} counting write-allocate); one thread reads {p['read_1thread_GB_s']:.1f} GB/s. "
+         f"{p['size_bytes'] >> 20} MiB per array, {p['threads']} threads. \"% bw\" below is against the read figure.",
+         f"- Probe again after the suites: read {rep['probe_after']['read_GB_s']:.1f} GB/s."
+         if rep.get("probe_after") else "- (no second probe)",
+         f"- Other processes' CPU share during the first probe: {p['other_cpu_load']}"]
+    for w in p["warnings"]:
+        L.append(f"- probe warning: {w}")
+    for w in (rep.get("probe_after") or {}).get("warnings", []):
+        L.append(f"- second probe warning: {w}")
+    L += ["", "Method: bytes counted explicitly (K+V = sum(seqlens) x Hkv x D x 2 x elt, plus q and out); "
+          "KV caches cold (each call reads a different buffer from a pool >= 4x LLC); warm-up, then "
+          "repeats interleaved across methods; median and p10..p90. GB = 1e9 bytes.", ""]
+
+    all_targets = [t for s in rep["suites"] for t in s.get("targets", [])]
+    if all_targets:
+        L += ["## Targets", "", "| suite | target | figure | status | note |", "|---|---|---|---|---|"]
+        for s in rep["suites"]:
+            for t in s.get("targets", []):
+                L.append(f"| {s['name']} | {t['name']} {t['op']} {t['threshold']} | {t['text']} | "
+                         f"**{t['status']}** | {t.get('note') or ''} |")
+        L.append("")
+    for s in rep["suites"]:
+        L += [f"## {s['name']}: {s['title']}", ""]
+        if s.get("error"):
+            L += [f"Suite failed: `{s['error']}`", ""]
+        if s.get("skipped"):
+            L += [f"Not run: {s['skipped']}", ""]
+        rows = s.get("rows", [])
+        if rows:
+            L += _md_table(rows) + [""]
+        for n in s.get("notes", []):
+            L.append(f"- {n}")
+        if s.get("notes"):
+            L.append("")
+        L.append(f"_{s.get('wall_s', 0):.0f} s_")
+        L.append("")
+    with open(path, "w") as fh:
+        fh.write("\n".join(L))
+
+
+def run_report(out_dir: str | None = None, suites: list[str] | None = None, quick: bool = False,
+               repeats: int = 25, log=print, probe_size_bytes: int | None = None,
+               wait_quiet_s: float = 0.0) -> dict:
+    from roofline import probe_memory_bandwidth
+    from . import attention as A
+
+    t0 = time.perf_counter()
+    host = socket.gethostname()
+    out_dir = out_dir or os.path.join("reports", host)
+    os.makedirs(out_dir, exist_ok=True)
+
+    A.wait_for_quiet(wait_quiet_s)
+    probe = probe_memory_bandwidth(size_bytes=probe_size_bytes)
+    log(f"probe: read {probe['read_GB_s']:.1f} GB/s, triad {probe['triad_GB_s']:.1f} GB/s "
+        f"({probe['threads']} threads); warnings: {probe['warnings'] or 'none'}")
+    ctx = A.BenchContext(bandwidth_GB_s=probe["bandwidth_GB_s"], backend="cpu", device="cpu",
+                         repeats=repeats, quick=quick, log=log, wait_quiet_s=wait_quiet_s, probe=probe)
+    results = []
+    for name, title, fn in A.SUITES:
+        entry = {"name": name, "title": title}
+        if suites and name not in suites and name.split("-")[-1] not in suites:
+            entry["skipped"] = "not selected"
+            results.append(entry)
+            continue
+        log(f"\n== {name}: {title}")
+        ts = time.perf_counter()
+        try:
+            entry.update(fn(ctx))
+            if entry.get("targets"):
+                log(A.format_targets(entry["targets"]))
+        except Exception as e:  # one broken suite must not lose the others' figures
+            entry["error"] = f"{type(e).__name__}: {e}"
+            entry["traceback"] = traceback.format_exc()
+            log(entry["traceback"])
+        entry["wall_s"] = time.perf_counter() - ts
+        results.append(entry)
+    A.wait_for_quiet(wait_quiet_s)
+    probe_after = probe_memory_bandwidth(size_bytes=probe_size_bytes)
+
+    rep = {
+        "hostname": host, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "bench.report"] + sys.argv[1:]),
+        "quick": quick, "probe": probe, "probe_after": probe_after, "machine": probe["machine"],
+        "facts": A.run_facts(), "gpu": _gpu_statement(), "suites": results,
+        "rows": [r for s in results for r in s.get("rows", [])],
+        "targets": [dict(t, suite=s["name"]) for s in results for t in s.get("targets", [])],
+    }
+    rep["wall_s"] = time.perf_counter() - t0
+    jpath, mpath = os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.md")
+    with open(jpath, "w") as fh:
+        json.dump(rep, fh, indent=1, default=str)
+    write_markdown(mpath, rep)
+    log(f"\nwrote {jpath} and {mpath} ({rep['wall_s']:.0f} s)")
+    return rep
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="output folder (default reports/<hostname>)")
+    ap.add_argument("--suites", default=None, help="comma list of suite names or numbers (default all)")
+    ap.add_argument("--quick", action="store_true", help="smaller sweeps")
+    ap.add_argument("--repeats", type=int, default=25, help="timed calls per method (slow baselines fewer)")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                    help="before the probe and each configuration, wait up to this long for other "
+                         "processes to leave the CPUs idle (shared machines); 0 = do not wait")
+    args = ap.parse_args(argv)
+    suites = [s.strip() for s in args.suites.split(",")] if args.suites else None
+    rep = run_report(args.out, suites, args.quick, args.repeats, wait_quiet_s=args.wait_quiet)
+    return 0 if all(not s.get("error") for s in rep["suites"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
