@@ -18,14 +18,18 @@ from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = [os.path.join("csrc", "include"), "csrc"]
-HEADERS = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
+SHARED_HEADERS = sorted(glob.glob("csrc/include/pykernels/*.h")) + ["csrc/tensor_arg.h"]
+CPU_HEADERS = SHARED_HEADERS + sorted(glob.glob("csrc/cpu/*.h"))
+CUDA_HEADERS = SHARED_HEADERS + sorted(glob.glob("csrc/cuda/*.cuh") + glob.glob("csrc/cuda/*.h"))
 
 # Per-ISA translation units: the file suffix picks the flags. Never -march=native: the wheel
 # may run on another machine; the right variant is chosen at run time by CPUID.
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+           "-Wno-maybe-uninitialized"]  # GCC 12 false positive inside avx512fintrin.h
 ISA_FLAGS = {
     "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
-    "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
-                    "-Wno-maybe-uninitialized"],  # GCC 12 false positive inside avx512fintrin.h,
+    "_avx512.cpp": _AVX512,
+    "_avx512bf16.cpp": _AVX512 + ["-mavx512bf16"],
 }
 
 
@@ -113,7 +117,7 @@ def extensions():
             include_dirs=INCLUDE,
             extra_compile_args=common,
             extra_link_args=["-pthread"],
-            depends=HEADERS,
+            depends=CPU_HEADERS,
             cxx_std=17,
         )
     ]
@@ -134,7 +138,7 @@ def extensions():
                 # calls then fail with a clear "no CUDA device" error instead.
                 libraries=["cudart_static", "dl", "rt", "pthread"],
                 extra_compile_args=common,
-                depends=HEADERS,
+                depends=CUDA_HEADERS,
                 cxx_std=17,
             )
         )

@@ -13,8 +13,8 @@ from pykernels import backends
 from attention_ref import ATOL, RTOL, assert_close, check_attention, make_dense, make_paged, oracle
 
 _C = pytest.importorskip("pykernels._C", reason="pykernels._C not built: run `make test`")
-ISAS = [i for i in ("scalar", "avx2", "avx512") if ["scalar", "avx2", "avx512"].index(i) <=
-        ["scalar", "avx2", "avx512"].index(_C.detected_isa())]
+_ALL_ISAS = ["scalar", "avx2", "avx512", "avx512_bf16"]  # each a superset of the one before
+ISAS = _ALL_ISAS[: _ALL_ISAS.index(_C.detected_isa()) + 1]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MIXED = [1, 17, 1000, 4097]  # odd lengths, one batch
 

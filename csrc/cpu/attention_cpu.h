@@ -10,6 +10,8 @@ namespace cpu {
 
 struct AttnParams {
   const float* q;        // [B, Hq, D] fp32, contiguous, already multiplied by the softmax scale
+  const bf16_t* q_bf16;  // [B, Hq, D] contiguous unscaled copy when q is bf16 (AVX512-BF16 path), else nullptr
+  float scale;
   const void* k;         // dense [B, Lmax, Hkv, D] or paged [num_blocks, block_size, Hkv, D]
   const void* v;
   DType kv_dtype;
@@ -35,11 +37,19 @@ constexpr int64_t kMaxGroupHeads = 8;
 // `work` is scratch of attend_workspace_floats(nh * G) floats.
 typedef void (*AttendFn)(const AttnParams& prm, const Piece& p, int64_t nh, float* o, float* lse, float* work);
 
-inline int64_t attend_workspace_floats(int64_t rows) { return 8 * 32 + 2 * rows; }
+#ifndef PK_TOK_BLOCK
+#define PK_TOK_BLOCK 32
+#endif
+// Tokens per online-softmax step of the CPU kernel.
+constexpr int kTokBlock = PK_TOK_BLOCK;
+
+// Scratch: scores [8, kTokBlock], m and l [rows], a permuted copy of q [rows, D].
+inline int64_t attend_workspace_floats(int64_t rows, int64_t D) { return 8 * kTokBlock + 2 * rows + rows * D; }
 
 namespace scalar { void attend_piece(const AttnParams&, const Piece&, int64_t, float*, float*, float*); }
 namespace avx2 { void attend_piece(const AttnParams&, const Piece&, int64_t, float*, float*, float*); }
 namespace avx512 { void attend_piece(const AttnParams&, const Piece&, int64_t, float*, float*, float*); }
+namespace avx512bf16 { void attend_piece(const AttnParams&, const Piece&, int64_t, float*, float*, float*); }
 
 }  // namespace cpu
 }  // namespace pykernels

@@ -6,11 +6,47 @@
 #include "pykernels/softmax.h"
 #include "simd.h"
 
+#include <type_traits>
+
 namespace pykernels {
 namespace cpu {
 namespace PK_ISA_NS {
 
-constexpr int kTokBlock = 32;  // tokens per online-softmax step; K/V rows of a block stay in L1
+
+#ifndef PK_PF_BLOCKS
+#define PK_PF_BLOCKS 2
+#endif
+#ifndef PK_PF_HINT
+#define PK_PF_HINT 0
+#endif
+constexpr int64_t kPrefetchTokens = PK_PF_BLOCKS * kTokBlock;
+
+// Rows to prefetch while a block's scores are computed: row t of the block requests K and V
+// rows of token t + kPrefetchTokens, so the K and V streams are both in flight all the time
+// (alternating them in block-long phases starves the hardware prefetchers).
+struct Prefetch {
+  const char* k[PK_TOK_BLOCK] = {};
+  const char* v[PK_TOK_BLOCK] = {};
+  int n = 0;  // rows to prefetch (0: none)
+  int64_t span_k = 0, span_v = 0;
+  inline void row(int t) const {
+    if (t < n) {
+      for (int64_t off = 0; off < span_k; off += 64) __builtin_prefetch(k[t] + off, 0, PK_PF_HINT);
+      for (int64_t off = 0; off < span_v; off += 64) __builtin_prefetch(v[t] + off, 0, PK_PF_HINT);
+    }
+  }
+};
+
+// PERM: bf16 rows are loaded two vectors at a time in the permuted order of load_bf16_pair
+// (q and the accumulators are kept in that order); else one vector at a time, natural order.
+template <typename V, typename T, bool PERM>
+struct Rows {
+  static constexpr int U = PERM ? 2 : 1;  // vectors per load unit
+  static inline void load(const T* p, typename V::F* out) {
+    if constexpr (PERM) V::load_bf16_pair(reinterpret_cast<const bf16_t*>(p), out[0], out[1]);
+    else out[0] = V::load(p);
+  }
+};
 
 // Scores of one token against GB query heads, one horizontal sum per head.
 template <typename V, typename T, int GB>
@@ -32,50 +68,128 @@ static inline void score_token(const float* q, int64_t D, const T* k, float* s, 
 // s[g][t] = q_g . k_t for the nt tokens of a block. q: [GB, D], s: [GB, kTokBlock].
 // TOK = kRed / GB tokens at a time give kRed independent accumulators (FMA latency hidden) and
 // one transposing reduction (V::reduce_many) instead of kRed separate horizontal sums.
-template <typename V, typename T, int GB>
-static inline void scores_block(const float* q, int64_t D, const T* const* kp, int nt, float* s) {
+template <typename V, typename T, int GB, bool PERM>
+static inline void scores_block(const float* q, int64_t D, const T* const* kp, int nt, float* s, const Prefetch& pf) {
   int t = 0;
   if constexpr (V::kRed > 1 && V::kRed >= GB) {
-    constexpr int TOK = V::kRed / GB;
-    const int64_t nv = D / V::W, tail = D % V::W;
+    constexpr int TOK = V::kRed / GB, U = Rows<V, T, PERM>::U;
+    const int64_t nv = D / V::W, tail = D % V::W;  // PERM: D % (2W) == 0, so no tail
     for (; t + TOK <= nt; t += TOK) {
+      for (int tt = 0; tt < TOK; ++tt) pf.row(t + tt);
       typename V::F a[TOK * GB];
       for (int i = 0; i < TOK * GB; ++i) a[i] = V::zero();
-      for (int64_t i = 0; i < nv; ++i) {
-        typename V::F qv[GB];
-        for (int g = 0; g < GB; ++g) qv[g] = V::load(q + g * D + i * V::W);
-        for (int u = 0; u < TOK; ++u) {
-          typename V::F kv = V::load(kp[t + u] + i * V::W);
-          for (int g = 0; g < GB; ++g) a[u * GB + g] = V::fma(qv[g], kv, a[u * GB + g]);
+      for (int64_t i = 0; i < nv; i += U) {
+        typename V::F qv[U][GB];
+        for (int u = 0; u < U; ++u)
+          for (int g = 0; g < GB; ++g) qv[u][g] = V::load(q + g * D + (i + u) * V::W);
+        for (int tt = 0; tt < TOK; ++tt) {
+          typename V::F kv[U];
+          Rows<V, T, PERM>::load(kp[t + tt] + i * V::W, kv);
+          for (int u = 0; u < U; ++u)
+            for (int g = 0; g < GB; ++g) a[tt * GB + g] = V::fma(qv[u][g], kv[u], a[tt * GB + g]);
         }
       }
       if (tail) {
         typename V::F qv[GB];
         for (int g = 0; g < GB; ++g) qv[g] = V::load_n(q + g * D + nv * V::W, (int)tail);
-        for (int u = 0; u < TOK; ++u) {
-          typename V::F kv = V::load_n(kp[t + u] + nv * V::W, (int)tail);
-          for (int g = 0; g < GB; ++g) a[u * GB + g] = V::fma(qv[g], kv, a[u * GB + g]);
+        for (int tt = 0; tt < TOK; ++tt) {
+          typename V::F kv = V::load_n(kp[t + tt] + nv * V::W, (int)tail);
+          for (int g = 0; g < GB; ++g) a[tt * GB + g] = V::fma(qv[g], kv, a[tt * GB + g]);
         }
       }
       float r[V::kRed];
       V::reduce_many(a, r);
-      for (int u = 0; u < TOK; ++u)
-        for (int g = 0; g < GB; ++g) s[g * kTokBlock + t + u] = r[u * GB + g];
+      for (int tt = 0; tt < TOK; ++tt)
+        for (int g = 0; g < GB; ++g) s[g * kTokBlock + t + tt] = r[tt * GB + g];
     }
   }
-  for (; t < nt; ++t) score_token<V, T, GB>(q, D, kp[t], s, t);
+  // Leftover tokens: the natural-order path would disagree with a permuted q, so PERM loads here too.
+  for (; t < nt; ++t) {
+    pf.row(t);
+    if constexpr (PERM) {
+      typename V::F a[GB];
+      for (int g = 0; g < GB; ++g) a[g] = V::zero();
+      for (int64_t i = 0; i < D / V::W; i += 2) {
+        typename V::F kv[2];
+        Rows<V, T, PERM>::load(kp[t] + i * V::W, kv);
+        for (int g = 0; g < GB; ++g)
+          a[g] = V::fma(V::load(q + g * D + (i + 1) * V::W), kv[1], V::fma(V::load(q + g * D + i * V::W), kv[0], a[g]));
+      }
+      for (int g = 0; g < GB; ++g) s[g * kTokBlock + t] = V::hsum(a[g]);
+    } else {
+      score_token<V, T, GB>(q, D, kp[t], s, t);
+    }
+  }
 }
 
+#if defined(PK_USE_DPBF16)
+// Scores from bf16 q and bf16 K with AVX512-BF16 dot products: vdpbf16ps multiplies bf16 pairs
+// exactly into fp32 and accumulates in fp32, so the result equals the fp32 path on the same
+// (bf16) inputs up to summation order, with half the multiply-adds and no widening of K.
+// qb: [GB, D] bf16 (unscaled), s: [GB, kTokBlock] = scale * q . k.
+template <int GB>
+static inline void scores_block_dp(const bf16_t* qb, int64_t D, const bf16_t* const* kp, int nt, float scale, float* s,
+                                   const Prefetch& pf) {
+  constexpr int TOK = 16 / GB;
+  const int64_t nv = D / 32, tail = D % 32;
+  const __mmask32 tmask = (__mmask32)((1ull << tail) - 1);
+  auto ld = [](const bf16_t* p) { return (__m512bh)_mm512_loadu_si512(p); };
+  auto ldn = [tmask](const bf16_t* p) { return (__m512bh)_mm512_maskz_loadu_epi16(tmask, p); };
+  int t = 0;
+  for (; t + TOK <= nt; t += TOK) {
+    for (int tt = 0; tt < TOK; ++tt) pf.row(t + tt);
+    __m512 a[16];
+    for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nv; ++i) {
+      __m512bh qv[GB];
+      for (int g = 0; g < GB; ++g) qv[g] = ld(qb + g * D + i * 32);
+      for (int tt = 0; tt < TOK; ++tt) {
+        __m512bh kv = ld(kp[t + tt] + i * 32);
+        for (int g = 0; g < GB; ++g) a[tt * GB + g] = _mm512_dpbf16_ps(a[tt * GB + g], qv[g], kv);
+      }
+    }
+    if (tail) {
+      __m512bh qv[GB];
+      for (int g = 0; g < GB; ++g) qv[g] = ldn(qb + g * D + nv * 32);
+      for (int tt = 0; tt < TOK; ++tt) {
+        __m512bh kv = ldn(kp[t + tt] + nv * 32);
+        for (int g = 0; g < GB; ++g) a[tt * GB + g] = _mm512_dpbf16_ps(a[tt * GB + g], qv[g], kv);
+      }
+    }
+    float r[16];
+    Avx512V::reduce_many(a, r);
+    for (int tt = 0; tt < TOK; ++tt)
+      for (int g = 0; g < GB; ++g) s[g * kTokBlock + t + tt] = scale * r[tt * GB + g];
+  }
+  for (; t < nt; ++t) {
+    pf.row(t);
+    __m512 a[GB];
+    for (int g = 0; g < GB; ++g) a[g] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nv; ++i) {
+      __m512bh kv = ld(kp[t] + i * 32);
+      for (int g = 0; g < GB; ++g) a[g] = _mm512_dpbf16_ps(a[g], ld(qb + g * D + i * 32), kv);
+    }
+    if (tail) {
+      __m512bh kv = ldn(kp[t] + nv * 32);
+      for (int g = 0; g < GB; ++g) a[g] = _mm512_dpbf16_ps(a[g], ldn(qb + g * D + nv * 32), kv);
+    }
+    for (int g = 0; g < GB; ++g) s[g * kTokBlock + t] = scale * _mm512_reduce_add_ps(a[g]);
+  }
+}
+#endif
+
 // acc[g] = alpha[g] * acc[g] + sum_t p[g][t] * v_t   for a chunk of CH vectors of D.
-template <typename V, typename T, int GB, int CH>
+template <typename V, typename T, int GB, int CH, bool PERM>
 static inline void pv_chunk(float* acc, int64_t D, int64_t off, const float* alpha, const float* p,
                             const T* const* vp, int nt) {
+  constexpr int U = Rows<V, T, PERM>::U;
+  static_assert(CH % U == 0, "chunk must hold whole load units");
   typename V::F a[GB][CH];
   for (int g = 0; g < GB; ++g)
     for (int c = 0; c < CH; ++c) a[g][c] = V::mul(V::load(acc + g * D + off + c * V::W), V::set1(alpha[g]));
   for (int t = 0; t < nt; ++t) {
     typename V::F vv[CH];
-    for (int c = 0; c < CH; ++c) vv[c] = V::load(vp[t] + off + c * V::W);
+    for (int c = 0; c < CH; c += U) Rows<V, T, PERM>::load(vp[t] + off + c * V::W, vv + c);
     for (int g = 0; g < GB; ++g) {
       typename V::F pg = V::set1(p[g * kTokBlock + t]);
       for (int c = 0; c < CH; ++c) a[g][c] = V::fma(pg, vv[c], a[g][c]);
@@ -85,14 +199,19 @@ static inline void pv_chunk(float* acc, int64_t D, int64_t off, const float* alp
     for (int c = 0; c < CH; ++c) V::store(acc + g * D + off + c * V::W, a[g][c]);
 }
 
-template <typename V, typename T, int GB>
+template <typename V, typename T, int GB, bool PERM>
 static inline void pv_block(float* acc, int64_t D, const float* alpha, const float* p, const T* const* vp, int nt) {
   // Accumulators in registers: GB * CH vectors (16 of the 32 zmm / 16 ymm registers).
-  constexpr int CH = (V::W == 1) ? 4 : (GB >= 8 ? 1 : (GB >= 4 ? (V::W == 16 ? 4 : 2) : (V::W == 16 ? 8 : 4)));
+  constexpr int CH0 = (V::W == 1) ? 4 : (GB >= 8 ? 1 : (GB >= 4 ? (V::W == 16 ? 4 : 2) : (V::W == 16 ? 8 : 4)));
+  constexpr int CH = (PERM && CH0 < 2) ? 2 : CH0;
   const int64_t nv = D / V::W, tail = D % V::W;
   int64_t i = 0;
-  for (; i + CH <= nv; i += CH) pv_chunk<V, T, GB, CH>(acc, D, i * V::W, alpha, p, vp, nt);
-  for (; i < nv; ++i) pv_chunk<V, T, GB, 1>(acc, D, i * V::W, alpha, p, vp, nt);
+  for (; i + CH <= nv; i += CH) pv_chunk<V, T, GB, CH, PERM>(acc, D, i * V::W, alpha, p, vp, nt);
+  if constexpr (PERM) {
+    for (; i < nv; i += 2) pv_chunk<V, T, GB, 2, PERM>(acc, D, i * V::W, alpha, p, vp, nt);
+  } else {
+    for (; i < nv; ++i) pv_chunk<V, T, GB, 1, PERM>(acc, D, i * V::W, alpha, p, vp, nt);
+  }
   if (tail) {
     const int64_t off = nv * V::W;
     for (int g = 0; g < GB; ++g) {
@@ -105,7 +224,6 @@ static inline void pv_block(float* acc, int64_t D, const float* alpha, const flo
   }
 }
 
-constexpr int64_t kPrefetchTokens = 2 * kTokBlock;
 
 template <typename T>
 static inline void row_ptrs(const AttnParams& prm, const Piece& pc, const T* kbase, const T* vbase, int64_t tok,
@@ -124,11 +242,23 @@ static inline void row_ptrs(const AttnParams& prm, const Piece& pc, const T* kba
 
 // One online-softmax step of GB query heads over a block of nt <= kTokBlock tokens.
 // q: [GB, D] (pre-scaled), acc: [GB, D] unnormalised, m/l: [GB] running max and sum.
-template <typename V, typename T, int GB>
-static inline void block_step(const float* q, int64_t D, const T* const* kp, const T* const* vp, int nt,
-                              float* m, float* l, float* acc, float* s) {
+// qb, scale: bf16 q rows for the AVX512-BF16 score path (nullptr: use q, pre-scaled fp32).
+template <typename V, typename T, int GB, bool PERM>
+static inline void block_step(const float* q, const bf16_t* qb, float scale, int64_t D, const T* const* kp,
+                              const T* const* vp, int nt, float* m, float* l, float* acc, float* s,
+                              const Prefetch& pf) {
   float alpha[GB];
-  scores_block<V, T, GB>(q, D, kp, nt, s);
+#if defined(PK_USE_DPBF16)
+  if constexpr (std::is_same<T, bf16_t>::value) {
+    if (qb) scores_block_dp<GB>(qb, D, kp, nt, scale, s, pf);
+    else scores_block<V, T, GB, PERM>(q, D, kp, nt, s, pf);
+  } else {
+    scores_block<V, T, GB, PERM>(q, D, kp, nt, s, pf);
+  }
+#else
+  (void)qb; (void)scale;
+  scores_block<V, T, GB, PERM>(q, D, kp, nt, s, pf);
+#endif
   for (int g = 0; g < GB; ++g) {
     float* sg = s + g * kTokBlock;
     float mb = PK_NEG_INF;
@@ -146,14 +276,14 @@ static inline void block_step(const float* q, int64_t D, const T* const* kp, con
     for (; t < nt; ++t) { sg[t] = pk_exp(sg[t] - m[g]); ssum += sg[t]; }
     l[g] = l[g] * alpha[g] + ssum;
   }
-  pv_block<V, T, GB>(acc, D, alpha, s, vp, nt);
+  pv_block<V, T, GB, PERM>(acc, D, alpha, s, vp, nt);
 }
 
 // The G query heads of each of the nh consecutive kv-heads h0.. h0+nh-1 of sequence b over
 // tokens [t0, t1). Several kv-heads are walked together, token block by token block, so each
 // token's rows of those heads (contiguous in a [.., L, Hkv, D] cache) are read in one sweep:
 // one pass per 4 KiB page instead of one per head keeps TLB misses and prefetch restarts low.
-template <typename V, typename T>
+template <typename V, typename T, bool PERM>
 static void attend_group(const AttnParams& prm, const Piece& pc, int64_t nh, float* o, float* lse, float* work) {
   const int64_t D = prm.D, G = prm.G, R = nh * G;  // R output rows, [R, D] in o
   const T* kbase = static_cast<const T*>(prm.k);
@@ -162,6 +292,14 @@ static void attend_group(const AttnParams& prm, const Piece& pc, int64_t nh, flo
   float* s = work;                                          // [8, kTokBlock]
   float* m = s + 8 * kTokBlock;                             // [R]
   float* l = m + R;                                         // [R]
+  constexpr int C = 2 * V::W;                               // PERM chunk
+  if constexpr (PERM) {                                     // q rows in the permuted order
+    float* qp = l + R;                                      // [R, D]
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c0 = 0; c0 < D; c0 += C)
+        for (int p = 0; p < C; ++p) qp[r * D + c0 + p] = q[r * D + c0 + perm_index<V::W>(p)];
+    q = qp;
+  }
   const T* kp0[kTokBlock];
   const T* vp0[kTokBlock];
   const T* kp[kTokBlock];
@@ -175,33 +313,48 @@ static void attend_group(const AttnParams& prm, const Piece& pc, int64_t nh, flo
   for (int64_t tb = pc.t0; tb < pc.t1; tb += kTokBlock) {
     const int nt = (int)((pc.t1 - tb) < kTokBlock ? (pc.t1 - tb) : kTokBlock);
     for (int t = 0; t < nt; ++t) row_ptrs(prm, pc, kbase, vbase, tb + t, &kp0[t], &vp0[t]);
-    // Software prefetch of a later block (the hardware prefetchers lose strided streams).
+    // Rows of a later block, prefetched from inside the first score pass of this block.
+    Prefetch pf;
     {
       const int64_t pb = tb + kPrefetchTokens, pe = pb + kTokBlock < pc.t1 ? pb + kTokBlock : pc.t1;
-      for (int64_t tok = pb; tok < pe; ++tok) {
+      pf.n = pe > pb ? (int)(pe - pb) : 0;
+      pf.span_k = span_k;
+      pf.span_v = span_v;
+      for (int t = 0; t < pf.n; ++t) {
         const T *kr, *vr;
-        row_ptrs(prm, pc, kbase, vbase, tok, &kr, &vr);
-        for (int64_t off = 0; off < span_k; off += 64) __builtin_prefetch(reinterpret_cast<const char*>(kr) + off, 0, 0);
-        for (int64_t off = 0; off < span_v; off += 64) __builtin_prefetch(reinterpret_cast<const char*>(vr) + off, 0, 0);
+        row_ptrs(prm, pc, kbase, vbase, pb + t, &kr, &vr);
+        pf.k[t] = reinterpret_cast<const char*>(kr);
+        pf.v[t] = reinterpret_cast<const char*>(vr);
       }
     }
+    static const Prefetch no_pf{};
     for (int64_t j = 0; j < nh; ++j) {
       for (int t = 0; t < nt; ++t) { kp[t] = kp0[t] + j * prm.k_stride[2]; vp[t] = vp0[t] + j * prm.v_stride[2]; }
       // Chunks of 8/4/2/1 query heads; the block's K/V rows stay in L1 between chunks.
       for (int64_t g0 = 0; g0 < G;) {
         const int64_t r = j * G + g0, left = G - g0;
         const float* qr = q + r * D;
+        const bf16_t* qbr = prm.q_bf16 ? prm.q_bf16 + (pc.b * prm.Hq + pc.h * G + r) * D : nullptr;
         float* ar = o + r * D;
-        if (left >= 8) { block_step<V, T, 8>(qr, D, kp, vp, nt, m + r, l + r, ar, s); g0 += 8; }
-        else if (left >= 4) { block_step<V, T, 4>(qr, D, kp, vp, nt, m + r, l + r, ar, s); g0 += 4; }
-        else if (left >= 2) { block_step<V, T, 2>(qr, D, kp, vp, nt, m + r, l + r, ar, s); g0 += 2; }
-        else { block_step<V, T, 1>(qr, D, kp, vp, nt, m + r, l + r, ar, s); g0 += 1; }
+        if (left >= 8) { block_step<V, T, 8, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, r == 0 ? pf : no_pf); g0 += 8; }
+        else if (left >= 4) { block_step<V, T, 4, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, r == 0 ? pf : no_pf); g0 += 4; }
+        else if (left >= 2) { block_step<V, T, 2, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, r == 0 ? pf : no_pf); g0 += 2; }
+        else { block_step<V, T, 1, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, r == 0 ? pf : no_pf); g0 += 1; }
       }
     }
   }
   for (int64_t r = 0; r < R; ++r) {
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    for (int64_t d = 0; d < D; ++d) o[r * D + d] *= inv;
+    float* orow = o + r * D;
+    if constexpr (PERM) {  // back to natural order
+      float tmp[C];
+      for (int64_t c0 = 0; c0 < D; c0 += C) {
+        for (int p = 0; p < C; ++p) tmp[perm_index<V::W>(p)] = orow[c0 + p];
+        for (int p = 0; p < C; ++p) orow[c0 + p] = tmp[p] * inv;
+      }
+    } else {
+      for (int64_t d = 0; d < D; ++d) orow[d] *= inv;
+    }
     lse[r] = softmax_lse(m[r], l[r]);
   }
 }
@@ -209,9 +362,12 @@ static void attend_group(const AttnParams& prm, const Piece& pc, int64_t nh, flo
 template <typename V>
 static void attend_dispatch(const AttnParams& prm, const Piece& pc, int64_t nh, float* o, float* lse, float* work) {
   switch (prm.kv_dtype) {
-    case DType::kFloat32: attend_group<V, float>(prm, pc, nh, o, lse, work); break;
-    case DType::kFloat16: attend_group<V, fp16_t>(prm, pc, nh, o, lse, work); break;
-    case DType::kBFloat16: attend_group<V, bf16_t>(prm, pc, nh, o, lse, work); break;
+    case DType::kFloat32: attend_group<V, float, false>(prm, pc, nh, o, lse, work); break;
+    case DType::kFloat16: attend_group<V, fp16_t, false>(prm, pc, nh, o, lse, work); break;
+    case DType::kBFloat16:
+      if (V::kPermBf16 && prm.D % (2 * V::W) == 0) attend_group<V, bf16_t, V::kPermBf16>(prm, pc, nh, o, lse, work);
+      else attend_group<V, bf16_t, false>(prm, pc, nh, o, lse, work);
+      break;
   }
 }
 

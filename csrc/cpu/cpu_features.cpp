@@ -16,7 +16,7 @@ Isa detected_isa() {
   // __builtin_cpu_supports also checks that the OS saves the wider register state (XGETBV).
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return Isa::kAvx512;
+    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return Isa::kAvx2;
   return Isa::kScalar;
@@ -24,6 +24,7 @@ Isa detected_isa() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16: return "avx512_bf16";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
@@ -34,7 +35,8 @@ Isa parse_isa(const std::string& name) {
   if (name == "scalar") return Isa::kScalar;
   if (name == "avx2") return Isa::kAvx2;
   if (name == "avx512") return Isa::kAvx512;
-  throw std::invalid_argument("PYKERNELS_ISA / isa: expected one of scalar, avx2, avx512, got '" + name + "'");
+  if (name == "avx512_bf16") return Isa::kAvx512Bf16;
+  throw std::invalid_argument("PYKERNELS_ISA / isa: expected one of scalar, avx2, avx512, avx512_bf16, got '" + name + "'");
 }
 
 void set_isa(Isa isa) {

@@ -23,6 +23,7 @@ namespace {
 
 AttendFn attend_fn() {
   switch (active_isa()) {
+    case Isa::kAvx512Bf16: return avx512bf16::attend_piece;
     case Isa::kAvx512: return avx512::attend_piece;
     case Isa::kAvx2: return avx2::attend_piece;
     default: return scalar::attend_piece;
@@ -220,13 +221,25 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
       for (int64_t d = 0; d < D; ++d)
         q32[(b * Hq + h) * D + d] = (float)scale * load_elem(q.data(), qdt, b * q.stride(0) + h * q.stride(1) + d * q.stride(2));
   prm.q = q32.data();
+  prm.scale = (float)scale;
+  // bf16 q is exact in bf16: the AVX512-BF16 kernels take it as is (dot products, then scale).
+  std::vector<bf16_t> qb;
+  prm.q_bf16 = nullptr;
+  if (qdt == DType::kBFloat16 && active_isa() == Isa::kAvx512Bf16) {
+    qb.resize(B * Hq * D);
+    const pk_u16* src = static_cast<const pk_u16*>(q.data());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < Hq; ++h)
+        for (int64_t d = 0; d < D; ++d) qb[(b * Hq + h) * D + d].bits = src[b * q.stride(0) + h * q.stride(1) + d * q.stride(2)];
+    prm.q_bf16 = qb.data();
+  }
 
   Schedule sc = build_schedule(lens.data(), B, Hkv, method, num_splits, num_workers, tile);
   ThreadPool& pool = ThreadPool::instance();
   const int nthr = pool.size();
   // Per thread: o [kMaxGroupHeads * G, D], lse [kMaxGroupHeads * G], kernel scratch.
   const int64_t rows = kMaxGroupHeads * G;
-  const int64_t per_thr = rows * D + rows + attend_workspace_floats(rows);
+  const int64_t per_thr = rows * D + rows + attend_workspace_floats(rows, D);
   std::vector<float> work((size_t)nthr * per_thr);
   std::vector<float> part_o((size_t)sc.num_slots * G * D), part_lse((size_t)sc.num_slots * G);
   void* outp = out.data();

@@ -42,6 +42,8 @@ struct ScalarV {
   // Horizontal sums of kRed accumulators at once: out[i] = hsum(acc[i]).
   static constexpr int kRed = 1;
   static inline void reduce_many(const F* acc, float* out) { out[0] = acc[0]; }
+  static constexpr bool kPermBf16 = false;
+  static inline void load_bf16_pair(const bf16_t* p, F& lo, F& hi) { lo = load(p); hi = load(p + 1); }
 };
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -109,6 +111,14 @@ struct Avx2V {
     F abcd = _mm256_hadd_ps(ab, cd), efgh = _mm256_hadd_ps(ef, gh);
     F lo = _mm256_permute2f128_ps(abcd, efgh, 0x20), hi = _mm256_permute2f128_ps(abcd, efgh, 0x31);
     _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
+  }
+  // 2W bf16 -> two fp32 vectors with one in-lane unpack each (instead of widen + shift), in the
+  // order perm_index() gives; kernels keep q and the accumulators in that order.
+  static constexpr bool kPermBf16 = true;
+  static inline void load_bf16_pair(const bf16_t* p, F& lo, F& hi) {
+    __m256i x = _mm256_loadu_si256((const __m256i*)p);
+    lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), x));
+    hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), x));
   }
 };
 #endif
@@ -181,8 +191,23 @@ struct Avx512V {
     const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     _mm512_storeu_ps(out, _mm512_permutexvar_ps(idx, t));
   }
+  static constexpr bool kPermBf16 = true;
+  static inline void load_bf16_pair(const bf16_t* p, F& lo, F& hi) {
+    __m512i x = _mm512_loadu_si512(p);
+    lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), x));
+    hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), x));
+  }
 };
 #endif
+
+// Element order produced by load_bf16_pair over a chunk of 2W values: position p holds element
+// perm_index(p). Unpacks work per 128-bit lane of 8 bf16: the low half of every lane goes to
+// `lo`, the high half to `hi`.
+template <int W>
+static inline int perm_index(int p) {
+  const int half = p / W, q = p % W;
+  return 8 * (q / 4) + 4 * half + (q % 4);
+}
 
 }  // namespace PK_ISA_NS
 }  // namespace cpu
