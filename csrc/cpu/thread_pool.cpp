@@ -2,6 +2,8 @@
 
 #include <pthread.h>
 
+#include <chrono>
+
 #include <cstdlib>
 #include <memory>
 
@@ -9,6 +11,7 @@ namespace pykernels {
 namespace cpu {
 
 namespace {
+constexpr std::chrono::microseconds kSpin(300);
 std::mutex g_pool_mu;
 ThreadPool* g_pool = nullptr;
 int g_requested = 0;  // 0: not set yet
@@ -76,13 +79,19 @@ void ThreadPool::work_on_job(int index) {
 void ThreadPool::worker(int index) {
   uint64_t seen = 0;
   for (;;) {
-    // Spin a little: the next decode job usually follows within microseconds.
+    // Spin for up to kSpin before sleeping: decode calls one kernel per layer with a little
+    // Python in between, and waking a sleeping thread (worse: a halted vCPU) can cost more than
+    // a whole kernel. OpenMP runtimes make the same trade (GOMP_SPINCOUNT, KMP_BLOCKTIME).
     uint64_t g = generation_.load(std::memory_order_acquire);
-    for (int spin = 0; g == seen && spin < 20000; ++spin) {
+    if (g == seen) {
+      const auto until = std::chrono::steady_clock::now() + kSpin;
+      for (int spin = 0; g == seen; ++spin) {
 #if defined(__x86_64__)
-      __builtin_ia32_pause();
+        __builtin_ia32_pause();
 #endif
-      g = generation_.load(std::memory_order_acquire);
+        g = generation_.load(std::memory_order_acquire);
+        if ((spin & 255) == 255 && std::chrono::steady_clock::now() > until) break;
+      }
     }
     if (g == seen) {
       std::unique_lock<std::mutex> lk(mu_);
