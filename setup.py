@@ -19,8 +19,8 @@ from setuptools.command.build_py import build_py
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = [os.path.join("csrc", "include"), "csrc"]
 SHARED_HEADERS = sorted(glob.glob("csrc/include/pykernels/*.h")) + ["csrc/tensor_arg.h"]
-CPU_HEADERS = SHARED_HEADERS + sorted(glob.glob("csrc/cpu/*.h"))
-CUDA_HEADERS = SHARED_HEADERS + sorted(glob.glob("csrc/cuda/*.cuh") + glob.glob("csrc/cuda/*.h"))
+CPU_HEADERS = SHARED_HEADERS + ["csrc/attention_args.h"] + sorted(glob.glob("csrc/cpu/*.h"))
+CUDA_HEADERS = SHARED_HEADERS + ["csrc/attention_args.h"] + sorted(glob.glob("csrc/cuda/*.cuh") + glob.glob("csrc/cuda/*.h"))
 
 # Per-ISA translation units: the file suffix picks the flags. Never -march=native: the wheel
 # may run on another machine; the right variant is chosen at run time by CPUID.

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_args.h"
 #include "tensor_arg.h"
 
 #include "pykernels/softmax.h"
@@ -189,55 +190,13 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
     if (t->device_id() != q.device_id())
       throw py::value_error(t->name + ": on cuda:" + str(t->device_id()) + " but q is on cuda:" + str(q.device_id()));
   }
-  if (method != "lean" && method != "split")
-    throw py::value_error("method: expected 'lean' or 'split', got '" + method + "'");
-  if (tile < 1) throw py::value_error("tile: expected >= 1, got " + str(tile));
-  if (num_workers < 1) throw py::value_error("num_workers: expected >= 1, got " + str(num_workers));
-  if (num_splits < 1) throw py::value_error("num_splits: expected >= 1, got " + str(num_splits));
-  if (!std::isfinite(scale)) throw py::value_error("scale: must be finite");
-
-  q.require_ndim(3);
-  k.require_ndim(4);
-  v.require_ndim(4);
-  sl.require_ndim(1);
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t Hkv = k.size(2);
-  const DType qdt = q.float_dtype(), kdt = k.float_dtype(), vdt = v.float_dtype();
-  if (kdt != vdt) throw py::type_error("v_cache: dtype " + v.dtype_str() + " differs from k_cache dtype " + k.dtype_str());
-  for (int i = 0; i < 4; ++i)
-    if (k.size(i) != v.size(i))
-      throw py::value_error("v_cache: shape " + v.shape_str() + " differs from k_cache shape " + k.shape_str());
-  if (k.size(3) != D) throw py::value_error("k_cache: head_dim " + str(k.size(3)) + " differs from q head_dim " + str(D));
-  if (Hkv < 1 || Hq % Hkv != 0)
-    throw py::value_error("q: num_heads " + str(Hq) + " is not a multiple of k_cache num_kv_heads " + str(Hkv));
-  if (D < 1) throw py::value_error("q: head_dim must be >= 1");
+  const AttnShape shape = check_attention_args(q, k, v, sl, out, lse, bt.get(), method, num_splits, num_workers, tile, scale);
+  const int64_t B = shape.B, Hq = shape.Hq, D = shape.D, Hkv = shape.Hkv;
+  const DType qdt = shape.q_dtype, kdt = shape.kv_dtype, odt = shape.out_dtype;
+  const int64_t capacity = shape.capacity, block_size = shape.block_size, bt_stride = shape.bt_stride;
   if (D > ck::kMaxHeadDim)
     throw py::value_error("q: head_dim " + str(D) + " is not supported by the CUDA backend (at most " +
                           str(ck::kMaxHeadDim) + ")");
-  k.require_last_contiguous();
-  v.require_last_contiguous();
-  if (!sl.is_int32() || sl.size(0) != B) throw py::value_error("seqlens: expected int32 [" + str(B) + "], got " + sl.dtype_str() + " " + sl.shape_str());
-  out.require_ndim(3);
-  out.require_contiguous();
-  if (out.size(0) != B || out.size(1) != Hq || out.size(2) != D) throw py::value_error("out: expected shape [B, Hq, D], got " + out.shape_str());
-  const DType odt = out.float_dtype();
-  lse.require_ndim(2);
-  lse.require_contiguous();
-  if (!lse.is_float32() || lse.size(0) != B || lse.size(1) != Hq) throw py::value_error("lse: expected float32 [B, Hq], got " + lse.dtype_str() + " " + lse.shape_str());
-
-  int64_t capacity, block_size = 0, bt_stride = 0;
-  if (paged) {
-    bt->require_ndim(2);
-    if (!bt->is_int32() || bt->size(0) != B) throw py::value_error("block_table: expected int32 [" + str(B) + ", max_blocks], got " + bt->dtype_str() + " " + bt->shape_str());
-    block_size = k.size(1);
-    if (block_size < 1) throw py::value_error("k_cache: block_size must be >= 1");
-    capacity = bt->size(1) * block_size;
-    bt_stride = bt->stride(0);
-    if (bt->size(1) > 1 && bt->stride(1) != 1) throw py::value_error("block_table: last dimension must have stride 1");
-  } else {
-    if (k.size(0) != B) throw py::value_error("k_cache: batch " + str(k.size(0)) + " differs from q batch " + str(B));
-    capacity = k.size(1);
-  }
   if (B == 0 || Hq == 0) return;
 
   DeviceGuard guard(q.device_id());
@@ -251,19 +210,8 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
     sl_host = copy_span_to_host(sl, stream, &sl_base);
     if (paged) bt_host = copy_span_to_host(*bt, stream, &bt_base);
   }
-  for (int64_t b = 0; b < B; ++b) {
-    lens[b] = sl_host[sl_base + b * sl.stride(0)];
-    if (lens[b] < 1 || lens[b] > capacity)
-      throw py::value_error("seqlens: seqlens[" + str(b) + "] = " + str(lens[b]) + " is outside [1, " + str(capacity) + "] (cache capacity)");
-    if (paged) {
-      const int64_t nblk = pk_cdiv(lens[b], block_size);
-      for (int64_t j = 0; j < nblk; ++j) {
-        const int32_t id = bt_host[bt_base + b * bt_stride + j];
-        if (id < 0 || id >= k.size(0))
-          throw py::value_error("block_table: block_table[" + str(b) + ", " + str(j) + "] = " + str(id) + " is outside [0, " + str(k.size(0)) + ")");
-      }
-    }
-  }
+  check_lengths_and_blocks(shape, sl_host.data() + sl_base, sl.stride(0), paged ? bt_host.data() + bt_base : nullptr,
+                           lens.data());
 
   // Schedule sizes (the kernels recompute the same partition on the device from seqlens).
   const int64_t nseg = B * Hkv, G = Hq / Hkv;
