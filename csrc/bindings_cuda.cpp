@@ -7,16 +7,7 @@
 
 namespace py = pybind11;
 
-namespace pykernels {
-namespace cuda {
-struct KernelConfig { int epl, gb; };
-KernelConfig pick_config(int64_t D, int64_t G);
-int device_count();
-void decode_attention(py::object q, py::object k, py::object v, py::object seqlens, py::object block_table,
-                      py::object out, py::object lse, double scale, const std::string& method,
-                      int64_t num_splits, int64_t num_workers, int64_t tile, int64_t stream);
-}  // namespace cuda
-}  // namespace pykernels
+#include "cuda/launcher.h"
 
 using namespace pykernels::cuda;
 

@@ -17,19 +17,12 @@
 #include "pykernels/softmax.h"
 
 #include "cuda/decode_attention.cuh"
+#include "cuda/launcher.h"
 
 namespace pykernels {
 namespace cuda {
 
 namespace ck = ::pykernels::cuda_kernels;
-
-// Elements of D per lane and query heads per pass for a call (declared in bindings_cuda.cpp).
-struct KernelConfig { int epl, gb; };
-KernelConfig pick_config(int64_t D, int64_t G);
-int device_count();
-void decode_attention(py::object q, py::object k, py::object v, py::object seqlens, py::object block_table,
-                      py::object out, py::object lse, double scale, const std::string& method,
-                      int64_t num_splits, int64_t num_workers, int64_t tile, int64_t stream);
 
 namespace {
 
