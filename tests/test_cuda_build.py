@@ -18,34 +18,19 @@ import pytest
 import torch
 
 import pykernels.cuda as pkc
+from attention_ref import make_dense, make_paged
+from pykernels.reference import decode_attention_reference
 cuda_da = importlib.import_module("pykernels.cuda.decode_attention")  # the module (the package re-exports the function)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# ---- float64 reference (the oracle): reads every K/V row of every sequence once -------------
+# ---- float64 reference (the oracle): pykernels.reference in float64 on the CPU ----------------
 def reference(q, k, v, seqlens, block_table=None, scale=None):
-    """out [B, Hq, D] and lse [B, Hq] in float64. Only the first seqlens[b] tokens are read."""
-    B, Hq, D = q.shape
-    Hkv = k.shape[2]
-    G = Hq // Hkv
-    scale = D ** -0.5 if scale is None else scale
-    out = torch.empty(B, Hq, D, dtype=torch.float64)
-    lse = torch.empty(B, Hq, dtype=torch.float64)
-    q, k, v = q.cpu().double(), k.cpu(), v.cpu()
-    for b, L in enumerate(seqlens.cpu().tolist()):
-        if block_table is None:
-            kb, vb = k[b, :L], v[b, :L]
-        else:
-            bs = k.shape[1]
-            ids = block_table[b, : -(-L // bs)].cpu().long()
-            kb, vb = k[ids].reshape(-1, Hkv, D)[:L], v[ids].reshape(-1, Hkv, D)[:L]
-        kb = kb.double().repeat_interleave(G, dim=1)  # [L, Hq, D]
-        vb = vb.double().repeat_interleave(G, dim=1)
-        s = torch.einsum("lhd,hd->hl", kb, q[b]) * scale
-        lse[b] = torch.logsumexp(s, dim=1)
-        out[b] = torch.einsum("hl,lhd->hd", torch.softmax(s, dim=1), vb)
-    return out, lse
+    """out [B, Hq, D] float64 and lse [B, Hq]. Only the first seqlens[b] tokens are read."""
+    bt = None if block_table is None else block_table.cpu()
+    return decode_attention_reference(q.cpu().double(), k.cpu(), v.cpu(), seqlens.cpu(), bt, scale,
+                                      return_lse=True, compute_dtype=torch.float64)
 
 
 def _nvrtc_or_skip():
@@ -206,30 +191,10 @@ def _impls():
 def make_cache(lengths, Hkv, D, dtype, paged, block_size=16, device="cuda"):
     """(k, v, block_table or None); unused rows and blocks are NaN, so any read past seqlens
     makes the output NaN."""
-    B = len(lengths)
     if not paged:
-        Lmax = max(lengths) + 5
-        k = torch.randn(B, Lmax, Hkv, D).to(dtype)
-        v = torch.randn(B, Lmax, Hkv, D).to(dtype)
-        for b, L in enumerate(lengths):
-            k[b, L:] = float("nan")
-            v[b, L:] = float("nan")
+        k, v = make_dense(len(lengths), max(lengths) + 5, Hkv, D, dtype, lengths)
         return k.to(device), v.to(device), None
-    nblk = [-(-L // block_size) for L in lengths]
-    num_blocks = sum(nblk) + 3
-    perm = torch.randperm(num_blocks)  # non-contiguous block ids
-    k = torch.full((num_blocks, block_size, Hkv, D), float("nan")).to(dtype)
-    v = torch.full((num_blocks, block_size, Hkv, D), float("nan")).to(dtype)
-    bt = torch.full((B, max(nblk) + 1), -1, dtype=torch.int32)
-    i = 0
-    for b, L in enumerate(lengths):
-        for j in range(nblk[b]):
-            blk = int(perm[i])
-            i += 1
-            bt[b, j] = blk
-            n = min(block_size, L - j * block_size)
-            k[blk, :n] = torch.randn(n, Hkv, D).to(dtype)
-            v[blk, :n] = torch.randn(n, Hkv, D).to(dtype)
+    k, v, bt = make_paged(len(lengths), Hkv, D, dtype, lengths, block_size)
     return k.to(device), v.to(device), bt.to(device)
 
 
