@@ -22,8 +22,8 @@ namespace cpu {
 
 namespace {
 
-AttendFn attend_fn() {
-  switch (active_isa()) {
+AttendFn attend_fn(Isa isa) {
+  switch (isa) {
     case Isa::kAvx512Bf16: return avx512bf16::attend_piece;
     case Isa::kAvx512: return avx512::attend_piece;
     case Isa::kAvx2: return avx2::attend_piece;
@@ -162,10 +162,11 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
         q32[(b * Hq + h) * D + d] = (float)scale * load_elem(q.data(), qdt, b * q.stride(0) + h * q.stride(1) + d * q.stride(2));
   prm.q = q32.data();
   prm.scale = (float)scale;
+  const Isa isa = active_isa();  // read once: the kernel and its q layout must agree
   // bf16 q is exact in bf16: the AVX512-BF16 kernels take it as is (dot products, then scale).
   std::vector<bf16_t> qb;
   prm.q_bf16 = nullptr;
-  if (qdt == DType::kBFloat16 && active_isa() == Isa::kAvx512Bf16) {
+  if (qdt == DType::kBFloat16 && isa == Isa::kAvx512Bf16) {
     qb.resize(B * Hq * D);
     const pk_u16* src = static_cast<const pk_u16*>(q.data());
     for (int64_t b = 0; b < B; ++b)
@@ -184,7 +185,7 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
   std::vector<float> part_o((size_t)sc.num_slots * G * D), part_lse((size_t)sc.num_slots * G);
   void* outp = out.data();
   float* lsep = static_cast<float*>(lse.data());
-  const AttendFn attend = attend_fn();
+  const AttendFn attend = attend_fn(isa);
 
   pool.run((int64_t)sc.task_begin.size() - 1, [&](int64_t task, int thr) {
     float* o = work.data() + (size_t)thr * per_thr;

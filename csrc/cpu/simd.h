@@ -42,8 +42,7 @@ struct ScalarV {
   // Horizontal sums of kRed accumulators at once: out[i] = hsum(acc[i]).
   static constexpr int kRed = 1;
   static inline void reduce_many(const F* acc, float* out) { out[0] = acc[0]; }
-  static constexpr bool kPermBf16 = false;
-  static inline void load_bf16_pair(const bf16_t* p, F& lo, F& hi) { lo = load(p); hi = load(p + 1); }
+  static constexpr bool kPermBf16 = false;  // no load_bf16_pair: Rows<.., PERM=false> never calls it
 };
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
