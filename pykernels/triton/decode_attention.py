@@ -139,17 +139,23 @@ if triton is not None:
         return m, l, acc
 
     @triton.jit
-    def _store_final(out_ptr, lse_ptr, b, h, m, l, acc, stride_ob, stride_oh, stride_lb,
-                     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr):
-        # out: [B, Hq, D]; lse: [B, Hq] natural log
+    def _store_out(out_ptr, lse_ptr, b, h, o, lse, stride_ob, stride_oh, stride_lb,
+                   G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr):
+        # out: [B, Hq, D] rows h*G .. h*G+G-1 of sequence b; lse: [B, Hq] natural log
         offs_g = tl.arange(0, G_PAD)
         offs_d = tl.arange(0, D_PAD)
         gmask = offs_g < G
-        o = acc / l[:, None]
         hq = (h * G + offs_g).to(tl.int64)
         ptrs = out_ptr + b * stride_ob + hq[:, None] * stride_oh + offs_d[None, :]
         tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & (offs_d[None, :] < D))
-        tl.store(lse_ptr + b * stride_lb + hq, (m + tl.log2(l)) * 0.6931471805599453, mask=gmask)  # log2 -> ln
+        tl.store(lse_ptr + b * stride_lb + hq, lse, mask=gmask)
+
+    @triton.jit
+    def _store_final(out_ptr, lse_ptr, b, h, m, l, acc, stride_ob, stride_oh, stride_lb,
+                     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr):
+        # (m, l) of the attention loop are in log2 units
+        _store_out(out_ptr, lse_ptr, b, h, acc / l[:, None], (m + tl.log2(l)) * 0.6931471805599453,
+                   stride_ob, stride_oh, stride_lb, G, D, G_PAD, D_PAD)
 
     @triton.jit
     def _store_partial(po_ptr, plse_ptr, slot, m, l, acc,
@@ -188,15 +194,11 @@ if triton is not None:
     @triton.jit
     def _store_merged(out_ptr, lse_ptr, b, h, m, l, acc, stride_ob, stride_oh, stride_lb,
                       G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr):
-        offs_g = tl.arange(0, G_PAD)
-        offs_d = tl.arange(0, D_PAD)
-        gmask = offs_g < G
+        # (m, l) of the merge are in natural-log units; padded rows get l = 1 (never stored)
+        gmask = tl.arange(0, G_PAD) < G
         l_safe = tl.where(gmask, l, 1.0)
-        o = acc / l_safe[:, None]
-        hq = (h * G + offs_g).to(tl.int64)
-        ptrs = out_ptr + b * stride_ob + hq[:, None] * stride_oh + offs_d[None, :]
-        tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & (offs_d[None, :] < D))
-        tl.store(lse_ptr + b * stride_lb + hq, m + tl.log(l_safe), mask=gmask)
+        _store_out(out_ptr, lse_ptr, b, h, acc / l_safe[:, None], m + tl.log(l_safe),
+                   stride_ob, stride_oh, stride_lb, G, D, G_PAD, D_PAD)
 
     @triton.jit
     def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seqlens_ptr, out_ptr, lse_ptr, po_ptr, plse_ptr,
