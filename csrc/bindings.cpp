@@ -18,6 +18,8 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("isa"));
   m.def("set_num_threads", &ThreadPool::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &ThreadPool::num_threads);
+  m.def("threading_runtime", [] { return std::string(parallel_runtime()); },
+        "'openmp' (the process's GNU OpenMP team, e.g. torch's) or 'pool' (pykernels' own threads)");
   m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("seqlens"), py::arg("block_table"), py::arg("out"), py::arg("lse"), py::arg("scale"),
         py::arg("method"), py::arg("num_splits"), py::arg("num_workers"), py::arg("tile"));

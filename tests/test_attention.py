@@ -409,9 +409,40 @@ def test_concurrent_python_threads_and_fork():
 
     ctx = mp.get_context("fork")
     with ctx.Pool(1) as pool:
-        got = pool.apply(_child_attention, (q, k, v, lens))
+        got, runtime = pool.apply(_child_attention, (q, k, v, lens))
     assert_close(got, want, 1e-4)
+    # GNU OpenMP cannot run in a child forked after the parent used it: the child uses the pool
+    assert runtime == "pool"
 
 
 def _child_attention(q, k, v, lens):
-    return pk.decode_attention(q, k, v, torch.tensor(lens), method="lean")
+    from pykernels import _C
+    return pk.decode_attention(q, k, v, torch.tensor(lens), method="lean"), _C.threading_runtime()
+
+
+def test_threading_runtime(monkeypatch):
+    """CPU kernels run on the process's GNU OpenMP team (torch's) when one is loaded, so torch's
+    idle OpenMP workers do not spin on the cores our threads need; PYKERNELS_THREADING=pool
+    selects pykernels' own threads. Both give the same result."""
+    from pykernels import _C
+    import ctypes
+    uses_gomp = hasattr(ctypes.CDLL(None), "GOMP_parallel")  # torch's CPU wheels: True
+    lens = [1000, 17, 4097]
+    q = torch.randn(3, 8, 128)
+    k, v = make_dense(3, 4097, 2, 128, torch.bfloat16, lens)
+    want = oracle(q, k, v, lens)[0]
+    got = {}
+    for mode in ("auto", "pool", "openmp"):
+        monkeypatch.setenv("PYKERNELS_THREADING", mode)
+        if mode == "openmp" and not uses_gomp:
+            with pytest.raises(ValueError, match="PYKERNELS_THREADING"):
+                pk.decode_attention(q, k, v, torch.tensor(lens), method="lean")
+            continue
+        got[mode] = pk.decode_attention(q, k, v, torch.tensor(lens), method="lean")
+        assert _C.threading_runtime() == ("pool" if mode == "pool" or not uses_gomp else "openmp")
+        assert_close(got[mode], want, 1e-4)
+    # the schedule does not depend on which threads run it: identical bits
+    assert torch.equal(got["auto"], got["pool"])
+    monkeypatch.setenv("PYKERNELS_THREADING", "gomp")
+    with pytest.raises(ValueError, match="PYKERNELS_THREADING"):
+        pk.decode_attention(q, k, v, torch.tensor(lens), method="lean")

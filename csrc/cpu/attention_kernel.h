@@ -17,7 +17,7 @@ namespace PK_ISA_NS {
 #define PK_PF_BLOCKS 2
 #endif
 #ifndef PK_PF_HINT
-#define PK_PF_HINT 0
+#define PK_PF_HINT 2
 #endif
 constexpr int64_t kPrefetchTokens = PK_PF_BLOCKS * kTokBlock;
 
@@ -28,11 +28,12 @@ struct Prefetch {
   const char* k[PK_TOK_BLOCK] = {};
   const char* v[PK_TOK_BLOCK] = {};
   int n = 0;  // rows to prefetch (0: none)
-  int64_t span_k = 0, span_v = 0;
+  int64_t span = 0;              // bytes per row (one head)
+  int64_t off_k = 0, off_v = 0;  // byte offset of the head being walked
   inline void row(int t) const {
     if (t < n) {
-      for (int64_t off = 0; off < span_k; off += 64) __builtin_prefetch(k[t] + off, 0, PK_PF_HINT);
-      for (int64_t off = 0; off < span_v; off += 64) __builtin_prefetch(v[t] + off, 0, PK_PF_HINT);
+      for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(k[t] + off_k + off, 0, PK_PF_HINT);
+      for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(v[t] + off_v + off, 0, PK_PF_HINT);
     }
   }
 };
@@ -307,8 +308,6 @@ static void attend_group(const AttnParams& prm, const Piece& pc, int64_t nh, flo
   for (int64_t r = 0; r < R; ++r) { m[r] = PK_NEG_INF; l[r] = 0.f; }
   for (int64_t i = 0; i < R * D; ++i) o[i] = 0.f;
   const int64_t row_bytes = D * (int64_t)sizeof(T);
-  const int64_t span_k = ((nh - 1) * prm.k_stride[2]) * (int64_t)sizeof(T) + row_bytes;
-  const int64_t span_v = ((nh - 1) * prm.v_stride[2]) * (int64_t)sizeof(T) + row_bytes;
 
   for (int64_t tb = pc.t0; tb < pc.t1; tb += kTokBlock) {
     const int nt = (int)((pc.t1 - tb) < kTokBlock ? (pc.t1 - tb) : kTokBlock);
@@ -318,8 +317,7 @@ static void attend_group(const AttnParams& prm, const Piece& pc, int64_t nh, flo
     {
       const int64_t pb = tb + kPrefetchTokens, pe = pb + kTokBlock < pc.t1 ? pb + kTokBlock : pc.t1;
       pf.n = pe > pb ? (int)(pe - pb) : 0;
-      pf.span_k = span_k;
-      pf.span_v = span_v;
+      pf.span = row_bytes;
       for (int t = 0; t < pf.n; ++t) {
         const T *kr, *vr;
         row_ptrs(prm, pc, kbase, vbase, pb + t, &kr, &vr);
@@ -330,16 +328,20 @@ static void attend_group(const AttnParams& prm, const Piece& pc, int64_t nh, flo
     static const Prefetch no_pf{};
     for (int64_t j = 0; j < nh; ++j) {
       for (int t = 0; t < nt; ++t) { kp[t] = kp0[t] + j * prm.k_stride[2]; vp[t] = vp0[t] + j * prm.v_stride[2]; }
+      // Head j of the later block is prefetched while head j of this one is scored: the
+      // requests are spread evenly over the block instead of arriving in one burst.
+      pf.off_k = j * prm.k_stride[2] * (int64_t)sizeof(T);
+      pf.off_v = j * prm.v_stride[2] * (int64_t)sizeof(T);
       // Chunks of 8/4/2/1 query heads; the block's K/V rows stay in L1 between chunks.
       for (int64_t g0 = 0; g0 < G;) {
         const int64_t r = j * G + g0, left = G - g0;
         const float* qr = q + r * D;
         const bf16_t* qbr = prm.q_bf16 ? prm.q_bf16 + (pc.b * prm.Hq + pc.h * G + r) * D : nullptr;
         float* ar = o + r * D;
-        if (left >= 8) { block_step<V, T, 8, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, r == 0 ? pf : no_pf); g0 += 8; }
-        else if (left >= 4) { block_step<V, T, 4, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, r == 0 ? pf : no_pf); g0 += 4; }
-        else if (left >= 2) { block_step<V, T, 2, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, r == 0 ? pf : no_pf); g0 += 2; }
-        else { block_step<V, T, 1, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, r == 0 ? pf : no_pf); g0 += 1; }
+        if (left >= 8) { block_step<V, T, 8, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, g0 == 0 ? pf : no_pf); g0 += 8; }
+        else if (left >= 4) { block_step<V, T, 4, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, g0 == 0 ? pf : no_pf); g0 += 4; }
+        else if (left >= 2) { block_step<V, T, 2, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, g0 == 0 ? pf : no_pf); g0 += 2; }
+        else { block_step<V, T, 1, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, g0 == 0 ? pf : no_pf); g0 += 1; }
       }
     }
   }

@@ -176,8 +176,7 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
   }
 
   Schedule sc = build_schedule(lens.data(), B, Hkv, method, num_splits, num_workers, tile);
-  ThreadPool& pool = ThreadPool::instance();
-  const int nthr = pool.size();
+  const int nthr = parallel_threads();
   // Per thread: o [kMaxGroupHeads * G, D], lse [kMaxGroupHeads * G], kernel scratch.
   const int64_t rows = kMaxGroupHeads * G;
   const int64_t per_thr = rows * D + rows + attend_workspace_floats(rows, D);
@@ -187,7 +186,7 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
   float* lsep = static_cast<float*>(lse.data());
   const AttendFn attend = attend_fn(isa);
 
-  pool.run((int64_t)sc.task_begin.size() - 1, [&](int64_t task, int thr) {
+  parallel_run((int64_t)sc.task_begin.size() - 1, [&](int64_t task, int thr) {
     float* o = work.data() + (size_t)thr * per_thr;
     float* l = o + rows * D;
     float* w = l + rows;
@@ -214,7 +213,7 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
     }
   });
   // Merge the partial states of segments that were cut (few: at most 2W for lean).
-  pool.run((int64_t)sc.reductions.size(), [&](int64_t ri, int thr) {
+  parallel_run((int64_t)sc.reductions.size(), [&](int64_t ri, int thr) {
     const Reduction& r = sc.reductions[ri];
     float* o = work.data() + (size_t)thr * per_thr;
     const int64_t row = r.b * Hq + r.h * G;

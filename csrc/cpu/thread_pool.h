@@ -1,5 +1,12 @@
-// Persistent thread pool for the CPU kernels. The calling thread takes part; workers spin
-// briefly after a job (decode issues many short jobs back to back), then sleep.
+// Threads for the CPU kernels.
+//
+// parallel_run() is what kernels call. When the process already has a GNU OpenMP runtime
+// loaded (torch's CPU wheels bring libgomp and run every intra-op parallel region on it), the
+// job runs as an OpenMP parallel region on that same team of threads: two pools on the same
+// cores fight, because an idle OpenMP worker spins for milliseconds after each torch op and
+// takes the core our worker needs (measured: decode attention 1.5x slower, 2x more variable).
+// Without such a runtime (or after fork(), or with PYKERNELS_THREADING=pool) the job runs on
+// our own persistent pool, whose workers spin briefly after a job and then sleep.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -11,6 +18,13 @@
 
 namespace pykernels {
 namespace cpu {
+
+// fn(task, thread_index) for every task in [0, n_tasks), tasks claimed dynamically, on
+// parallel_threads() threads; thread_index < parallel_threads(). Returns when all have finished.
+void parallel_run(int64_t n_tasks, const std::function<void(int64_t, int)>& fn);
+int parallel_threads();
+// "openmp" or "pool": where the next parallel_run() goes (PYKERNELS_THREADING=auto|openmp|pool).
+const char* parallel_runtime();
 
 class ThreadPool {
  public:
