@@ -27,7 +27,7 @@ build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace --parallel 2
 
 test: build
-	$(PY) -m pytest -q tests
+	PYKERNELS_REQUIRE_LUT_BACKENDS=1 $(PY) -m pytest -q tests
 
 report: build
 	$(PY) -m bench.report

@@ -30,6 +30,7 @@ ISA_FLAGS = {
     "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "_avx512.cpp": _AVX512,
     "_avx512bf16.cpp": _AVX512 + ["-mavx512bf16"],
+    "_avx512vbmi.cpp": _AVX512 + ["-mavx512vbmi", "-mavx512vnni"],
 }
 
 

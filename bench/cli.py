@@ -7,6 +7,10 @@ Examples
     pykernels-bench attention --seqlens 32768,1024,512 --heads-q 8 --heads-kv 1 --method lean,unsplit,split
     pykernels-bench attention --sweep            # the issue's suites 1-3
     pykernels-bench attention --sweep 2 --json out.json
+    pykernels-bench lut                          # 4-bit g128 affine, N=4096 K=14336 M=1, vs torch bf16
+    pykernels-bench lut --bits 1,2,3,4 --M 1,8 --method lut,torch_bf16,dequant
+    pykernels-bench lut --sweep                  # the issue's LUT suites 1-4
+    pykernels-bench lut --sweep 1,3 --quick --json lut.json
 """
 
 from __future__ import annotations
@@ -132,6 +136,78 @@ def cmd_attention(args) -> int:
     return 0
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--{what}: expected a comma-separated list of ints, got {text!r}")
+    if not vals:
+        raise SystemExit(f"--{what}: expected at least one value")
+    return vals
+
+
+def cmd_lut(args) -> int:
+    _set_threads(args.threads)
+    from . import lut as L
+
+    kinds = [m.strip() for m in args.method.split(",") if m.strip()]
+    bad = [m for m in kinds if m not in L.KINDS]
+    if bad:
+        raise SystemExit(f"--method: unknown {bad}; expected a comma list of {', '.join(L.KINDS)}")
+    bits, Ms = _int_list(args.bits, "bits"), _int_list(args.M, "M")
+    if any(not 1 <= b <= 8 for b in bits):
+        raise SystemExit(f"--bits: expected values in 1..8, got {bits}")
+    if any(not 1 <= M for M in Ms):
+        raise SystemExit(f"--M: expected values >= 1, got {Ms}")
+    if args.bandwidth:
+        bw, probe = args.bandwidth, None
+        print(f"bandwidth given: {bw:.1f} GB/s (probe skipped)")
+    else:
+        probe = _probe(args)
+        _print_probe(probe)
+        bw = probe["bandwidth_GB_s"]
+
+    out = {"probe": probe, "rows": [], "targets": []}
+    if args.sweep:
+        wanted = {s.strip() for s in args.sweep.split(",")}
+        ctx = L.LutContext(bandwidth_GB_s=bw, backend=args.backend, device=args.device,
+                           repeats=args.repeats, quick=args.quick, wait_quiet_s=args.wait_quiet,
+                           probe=probe, group_size=args.group_size, scheme=args.scheme,
+                           mode=args.mode, dtype=args.dtype, time_budget_s=args.time_budget,
+                           lead_in_s=args.lead_in)
+        for name, title, fn in L.SUITES:
+            if name.split("-")[-1] not in wanted and name not in wanted:
+                continue
+            print(f"\n== {name}: {title}")
+            res = fn(ctx)
+            out["rows"] += res["rows"]
+            out["targets"] += [dict(t, suite=name) for t in res["targets"]]
+            if res["targets"]:
+                from .attention import format_targets
+                print(format_targets(res["targets"]))
+            for n in res.get("notes", []):
+                print(f"note: {n}")
+    else:
+        methods = []
+        for k in kinds:
+            if k == "torch_bf16":
+                methods.append(L.TORCH_BF16)
+            elif k == "dequant":
+                methods += [L.dequant(b, args.group_size, args.scheme) for b in bits]
+            else:
+                methods += [L.lut(b, args.group_size, args.scheme, args.mode) for b in bits]
+        cases = [(m, M) for M in Ms for m in methods]
+        rows = L.bench_lut(args.N, args.K, cases, dtype=args.dtype, backend=args.backend,
+                           device=args.device, repeats=args.repeats, time_budget_s=args.time_budget,
+                           bandwidth_GB_s=bw, wait_quiet_s=args.wait_quiet, check=not args.no_check,
+                           lead_in_s=args.lead_in)
+        print(L.format_rows(rows))
+        out["rows"] = rows
+    if args.json:
+        _write_json(args.json, out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pykernels-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -168,6 +244,38 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per configuration, wait up to this long for other processes to go idle")
     pa.add_argument("--json", default=None, help="write rows (and probe) as JSON here")
     pa.set_defaults(func=cmd_attention)
+
+    pl = sub.add_parser("lut", help="LUT-GEMV (low-bit weights) vs torch bf16, cold caches")
+    pl.add_argument("-N", "--N", type=int, default=4096, help="output features (default 4096)")
+    pl.add_argument("-K", "--K", type=int, default=14336, help="input features (default 14336)")
+    pl.add_argument("-M", "--M", default="1", help="comma list of rows of x, e.g. 1,2,4,8,16")
+    pl.add_argument("--bits", default="4", help="comma list of weight bits (1..8), e.g. 1,2,3,4")
+    pl.add_argument("--group-size", type=int, default=128, help="scale group along K; -1 = per-channel")
+    pl.add_argument("--scheme", default="affine", choices=("affine", "symmetric", "codebook"))
+    pl.add_argument("--mode", default="int8", choices=("int8", "exact"), help="lut_gemv table mode")
+    pl.add_argument("--dtype", default="bf16", help="activation dtype: bf16 | fp16 | fp32")
+    pl.add_argument("--method", default="lut,torch_bf16",
+                    help="comma list of lut, torch_bf16, dequant (dequantize-then-matmul)")
+    pl.add_argument("--backend", default="cpu", help="pykernels backend: auto | cpu | triton | cuda | reference")
+    pl.add_argument("--device", default="cpu")
+    pl.add_argument("--repeats", type=int, default=15)
+    pl.add_argument("--time-budget", type=float, default=2.0, metavar="SECONDS",
+                    help="per method: slow methods get fewer repeats (never < 3)")
+    pl.add_argument("--threads", type=int, default=None, help="default: torch.get_num_threads()")
+    pl.add_argument("--bandwidth", type=float, default=None, help="GB/s for '%% bw' (skips the probe)")
+    pl.add_argument("--probe-size-mib", type=float, default=None)
+    pl.add_argument("--no-check", action="store_true", help="skip the one-off correctness check")
+    pl.add_argument("--lead-in", type=float, default=0.05, metavar="SECONDS",
+                    help="methods faster than this make one untimed call (on other weights) before "
+                         "each timed one, so their threads are awake; 0 = off")
+    pl.add_argument("--sweep", nargs="?", const="1,2,3,4", default=None,
+                    help="run the issue's LUT suites (default all: 1,2,3,4); shapes, bits and M "
+                         "are the issue's, --group-size/--scheme/--mode/--dtype/--backend apply")
+    pl.add_argument("--quick", action="store_true", help="smaller sweeps (with --sweep)")
+    pl.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                    help="per configuration, wait up to this long for other processes to go idle")
+    pl.add_argument("--json", default=None, help="write rows (and probe) as JSON here")
+    pl.set_defaults(func=cmd_lut)
     return p
 
 

@@ -2,8 +2,10 @@
 
 Writes ``reports/<hostname>/report.json`` (probe, machine, every row, targets, what ran where)
 and ``reports/<hostname>/report.md`` (tables and PASS/MISS per target with its figure).
-Bounded to a few minutes on a 2-core machine. Suites are the list ``bench.attention.SUITES``
-(name, title, fn(ctx) -> {"rows", "targets", "notes"}); later issues append to it.
+Bounded to a few minutes on a 2-core machine. Suites are ``bench.attention.SUITES`` then
+``bench.lut.SUITES`` (name, title, fn(ctx) -> {"rows", "targets", "notes"}); later issues append
+their own lists. ``--suites`` takes names (``lut-2``), numbers (``2``: that suite of every
+family) or families (``attention``, ``lut``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,32 @@ def _md_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _md_table_lut(rows: list[dict]) -> list[str]:
+    out = ["| config | method | median ms | p10..p90 ms | GB/s | weight GB/s | % bw | bits/weight | "
+           "speedups (t_baseline / t) | check (rel err) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        if "median_ms" not in r:
+            out.append(f"| {r['label']} | {r['method']} | not run | | | | | | {r.get('error', '')} | |")
+            continue
+        sp = ", ".join(f"{k[3:]} {v:.2f}x" for k, v in r.get("speedup", {}).items())
+        pct = "-" if r.get("pct_bw") is None else f"{r['pct_bw']:.1f}"
+        chk = r.get("check", "-") + (f" ({r['rel_err']:.2g})" if "rel_err" in r else "")
+        out.append(f"| {r['label']} | {r['method']} | {r['median_ms']:.3f} | "
+                   f"{r['p10_ms']:.3f}..{r['p90_ms']:.3f} | {r['GB_s']:.2f} | {r['weight_GB_s']:.2f} | "
+                   f"{pct} | {r['bits_per_weight']:.3f} | {sp} | {chk} |")
+    return out
+
+
+_LUT_METHOD = ("LUT-GEMV (suites lut-*): bytes = LUTWeight.nbytes (bit planes + fp16 scales + fp16 "
+               "zeros) or N x K x 2 for torch bf16, plus x read and y written; \"weight GB/s\" counts "
+               "the weights alone. Weight sets are random codes (never quantized in the benchmark), "
+               "rotated through a pool >= 4x LLC so every call reads cold weights; x stays hot. "
+               "Threads: torch.get_num_threads() for torch and pykernels alike. llama.cpp figures "
+               "are quoted from the issue (measured outside the project), never measured here; "
+               "\"ms-equivalent\" = our time x llama.cpp bytes / our weight bytes (equal weight GB/s).")
+
+
 def write_markdown(path: str, rep: dict):
     p = rep["probe"]
     m = p["machine"]
@@ -67,9 +95,11 @@ def write_markdown(path: str, rep: dict):
         L.append(f"- probe warning: {w}")
     for w in (rep.get("probe_after") or {}).get("warnings", []):
         L.append(f"- second probe warning: {w}")
-    L += ["", "Method: bytes counted explicitly (K+V = sum(seqlens) x Hkv x D x 2 x elt, plus q and out); "
+    L += ["", "Method, decode attention (suites attention-*): bytes counted explicitly (K+V = sum(seqlens) x Hkv x D x 2 x elt, plus q and out); "
           "KV caches cold (each call reads a different buffer from a pool >= 4x LLC); warm-up, then "
           "repeats interleaved across methods; median and p10..p90. GB = 1e9 bytes.", ""]
+    if any("kind" in r for r in rep.get("rows", [])):
+        L += [_LUT_METHOD, ""]
 
     all_targets = [t for s in rep["suites"] for t in s.get("targets", [])]
     if all_targets:
@@ -87,7 +117,8 @@ def write_markdown(path: str, rep: dict):
             L += [f"Not run: {s['skipped']}", ""]
         rows = s.get("rows", [])
         if rows:
-            L += _md_table(rows) + [""]
+            lut_rows = any("kind" in r for r in rows)  # bench.lut rows
+            L += (_md_table_lut(rows) if lut_rows else _md_table(rows)) + [""]
         for n in s.get("notes", []):
             L.append(f"- {n}")
         if s.get("notes"):
@@ -103,6 +134,7 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
                wait_quiet_s: float = 0.0) -> dict:
     from roofline import probe_memory_bandwidth
     from . import attention as A
+    from . import lut as LU
 
     t0 = time.perf_counter()
     host = socket.gethostname()
@@ -113,12 +145,13 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
     probe = probe_memory_bandwidth(size_bytes=probe_size_bytes)
     log(f"probe: read {probe['read_GB_s']:.1f} GB/s, triad {probe['triad_GB_s']:.1f} GB/s "
         f"({probe['threads']} threads); warnings: {probe['warnings'] or 'none'}")
-    ctx = A.BenchContext(bandwidth_GB_s=probe["bandwidth_GB_s"], backend="cpu", device="cpu",
-                         repeats=repeats, quick=quick, log=log, wait_quiet_s=wait_quiet_s, probe=probe)
+    # LutContext is a BenchContext plus the LUT format fields, so it serves every family
+    ctx = LU.LutContext(bandwidth_GB_s=probe["bandwidth_GB_s"], backend="cpu", device="cpu",
+                        repeats=repeats, quick=quick, log=log, wait_quiet_s=wait_quiet_s, probe=probe)
     results = []
-    for name, title, fn in A.SUITES:
+    for name, title, fn in list(A.SUITES) + list(LU.SUITES):
         entry = {"name": name, "title": title}
-        if suites and name not in suites and name.split("-")[-1] not in suites:
+        if suites and not {name, name.split("-")[-1], name.split("-")[0]} & set(suites):
             entry["skipped"] = "not selected"
             results.append(entry)
             continue

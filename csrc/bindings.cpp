@@ -4,6 +4,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/decode_attention.h"
+#include "cpu/lut_gemv.h"
 #include "cpu/thread_pool.h"
 
 namespace py = pybind11;
@@ -23,6 +24,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("seqlens"), py::arg("block_table"), py::arg("out"), py::arg("lse"), py::arg("scale"),
         py::arg("method"), py::arg("num_splits"), py::arg("num_workers"), py::arg("tile"));
+  m.def("lut_gemv", &lut_gemv, py::arg("x"), py::arg("planes"), py::arg("scales"), py::arg("zeros"),
+        py::arg("codebook"), py::arg("out"), py::arg("N"), py::arg("K_pad"), py::arg("bits"), py::arg("gs"),
+        py::arg("mode"),
+        "out[M, N] = x[M, K_pad] @ W^T for bit-plane weights (pykernels.lut_format); scales/zeros/codebook may be None");
   // The schedule the kernel runs, for tests to compare with pykernels.plan_decode.
   m.def("decode_schedule", [](std::vector<int32_t> seqlens, int64_t Hkv, const std::string& method,
                               int64_t num_splits, int64_t num_workers, int64_t tile) {

@@ -1,4 +1,5 @@
-// pykernels._cuda: declarations only; the launcher lives in csrc/cuda/decode_attention.cu.
+// pykernels._cuda: declarations only; the launchers live in csrc/cuda/decode_attention.cu and
+// csrc/cuda/lut_gemv.cu.
 // Importing this module never touches the GPU: it must import on machines without one.
 #include <pybind11/pybind11.h>
 
@@ -24,4 +25,11 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("method"), py::arg("num_splits"), py::arg("num_workers"), py::arg("tile"),
         py::arg("stream") = 0,
         "Decode attention on CUDA tensors (DLPack), enqueued on `stream` (a cudaStream_t as int).");
+  m.def("lut_rows", &pick_lut_rows, py::arg("M"),
+        "Rows of x a LUT-GEMV kernel processes together for M rows (the next power of two).");
+  m.def("lut_gemv", &lut_gemv, py::arg("x"), py::arg("planes"), py::arg("scales"), py::arg("zeros"),
+        py::arg("codebook"), py::arg("out"), py::arg("N"), py::arg("K_pad"), py::arg("bits"), py::arg("gs"),
+        py::arg("mode") = "int8", py::arg("stream") = 0,
+        "LUT-GEMV on CUDA tensors (DLPack): out[M, N] = x[M, K_pad] @ W^T for bit-plane weights "
+        "(pykernels.lut_format), enqueued on `stream` (a cudaStream_t as int).");
 }

@@ -6,7 +6,6 @@ boundary (the native launchers check again); the backend is chosen by ``backends
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 

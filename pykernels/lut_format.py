@@ -107,11 +107,11 @@ def unpack_codes(planes: torch.Tensor, bits: int) -> torch.Tensor:
     if planes.dim() != 4 or planes.shape[2] != bits or planes.shape[3] != TILE_N:
         raise ValueError(f"planes: expected [N_pad/32, K_pad/8, {bits}, 32], got {tuple(planes.shape)}")
     T, KK = planes.shape[0], planes.shape[1]
-    p = planes.to(torch.int32).permute(0, 3, 1, 2)           # [T, 32, KK, bits]
-    lo, hi = p & 0xF, (p >> 4) & 0xF
-    nib = torch.stack([lo, hi], dim=3)                       # [T, 32, KK, 2, bits]
-    j = torch.arange(4, dtype=torch.int32, device=p.device)
-    bitsel = (nib.unsqueeze(-1) >> j) & 1                    # [T, 32, KK, 2, bits, 4]
-    w = (1 << torch.arange(bits, dtype=torch.int32, device=p.device)).view(bits, 1)
-    q = (bitsel * w).sum(-2)                                 # [T, 32, KK, 2, 4]
-    return q.reshape(T * TILE_N, KK * K_SLICE).to(torch.uint8)
+    # byte -> its 8 bits (bit j is the plane bit of k = 8 kk + j), via a 256 x 8 table
+    table = ((torch.arange(256, dtype=torch.int32).unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1)
+    table = table.to(torch.uint8).to(planes.device)
+    q = torch.zeros(T, TILE_N, KK, K_SLICE, dtype=torch.uint8, device=planes.device)
+    for i in range(bits):
+        b = table[planes[:, :, i, :].long()]                 # [T, KK, 32, 8]
+        q |= b.permute(0, 2, 1, 3) << i                      # [T, 32, KK, 8]
+    return q.reshape(T * TILE_N, KK * K_SLICE)

@@ -40,3 +40,24 @@ def merge_states_op(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
 @merge_states_op.register_fake
 def _(o_a, lse_a, o_b, lse_b):
     return torch.empty_like(o_a), torch.empty(lse_a.shape, dtype=torch.float32, device=lse_a.device)
+
+
+@torch.library.custom_op("pykernels::lut_gemv", mutates_args=())
+def lut_gemv_op(x: torch.Tensor, planes: torch.Tensor, scales: Optional[torch.Tensor],
+                zeros: Optional[torch.Tensor], codebook: Optional[torch.Tensor], perm: Optional[torch.Tensor],
+                N: int, K: int, bits: int, group_size: int, scheme: str, mode: str,
+                backend: str) -> torch.Tensor:
+    """y [M, N] (x's dtype) = x [M, K] @ W^T for the LUTWeight made of these tensors."""
+    from .lut import LUTWeight, _lut_gemv_2d, _validate_call
+
+    qw = LUTWeight(planes, scales, zeros, codebook, shape=(N, K), bits=bits, group_size=group_size,
+                   scheme=scheme, perm=perm)
+    x = _validate_call(x, qw, None, mode, backend)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected [M, K], got shape {tuple(x.shape)}")
+    return _lut_gemv_2d(x, qw, backend, mode)
+
+
+@lut_gemv_op.register_fake
+def _(x, planes, scales, zeros, codebook, perm, N, K, bits, group_size, scheme, mode, backend):
+    return x.new_empty((x.shape[0], N))

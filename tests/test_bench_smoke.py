@@ -11,6 +11,7 @@ import torch
 
 from bench import attention as A
 from bench import cli, report
+from bench import lut as LU
 from roofline import llc_bytes, machine_info, probe_memory_bandwidth
 
 ROW_KEYS = {"suite", "config", "label", "method", "backend", "median_ms", "p10_ms", "p90_ms",
@@ -160,6 +161,7 @@ def test_report_writes_json_and_markdown(tmp_path, monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(A, "SUITES", [("tiny-1", "tiny", tiny_suite), ("broken-2", "broken", broken_suite)])
+    monkeypatch.setattr(LU, "SUITES", [])  # the LUT suites have their own test below
     rep = report.run_report(str(tmp_path), probe_size_bytes=1 << 20, log=lambda *a: None)
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["gpu"]["cuda_available"] == torch.cuda.is_available()
@@ -190,3 +192,175 @@ def test_unsplit_bound_and_noise_label():
     assert A._target("x", 0.99, ">=", 1.0, "{value}", noise=0.03)["status"] == "MISS (within noise)"
     assert A._target("x", 0.90, ">=", 1.0, "{value}", noise=0.03)["status"] == "MISS"
     assert b["compute_bound_ratio"] == pytest.approx(2 * 32768 / (32768 + 1024 + 512))
+
+
+# --------------------------------------------------------------------------------------------
+# LUT-GEMV benchmark (bench/lut.py) on tiny shapes
+
+def _lut_backend():
+    """The CPU kernel when built, else the pure-torch reference; skip without pykernels.lut."""
+    lut_mod = pytest.importorskip("pykernels.lut")
+    if not hasattr(lut_mod, "lut_gemv"):
+        pytest.skip("pykernels.lut.lut_gemv not available yet")
+    try:
+        from pykernels import _C
+        if hasattr(_C, "lut_gemv"):
+            return "cpu"
+    except ImportError:
+        pass
+    return "reference"
+
+
+def _lut_bytes(N, K, bits, gs, M, x_elt, y_elt):
+    """The stated formula: planes [N_pad/32, K/8, bits, 32] + fp16 scales and zeros [N, K/gs],
+    plus x [M, K] read and y [M, N] written."""
+    N_pad = -(-N // 32) * 32
+    w = N_pad * K // 8 * bits + 2 * (N * (K // gs) * 2)
+    return w, w + M * K * x_elt + M * N * y_elt
+
+
+def test_random_lut_weights_are_packed_uniform_codes():
+    pytest.importorskip("pykernels.lut")
+    from pykernels.lut_format import pack_codes
+    ws = LU.random_lut_weights(70, 64, 3, group_size=32, n=2, seed=1)
+    for w in ws:
+        q = w.codes()                                    # [N, K_pad] in [0, 8)
+        assert q.shape == (70, 64) and int(q.max()) <= 7
+        full = torch.zeros(96, 64, dtype=torch.uint8)
+        full[:70] = q
+        assert torch.equal(pack_codes(full, 3), w.planes)  # padding rows 70..95 hold code 0
+        assert w.scales.dtype == w.zeros.dtype == torch.float16 and w.scales.shape == (70, 2)
+        assert float(w.zeros.min()) >= 0 and float(w.zeros.max()) <= 7
+    assert not torch.equal(ws[0].planes, ws[1].planes)  # distinct sets for cold caches
+    assert all(len(set(q.codes().flatten().tolist())) == 8 for q in ws)
+
+
+def test_bench_lut_rows_bytes_and_check():
+    be = _lut_backend()
+    N, K, gs = 100, 256, 128  # N not a multiple of 32: padded rows are read and counted
+    cases = [(LU.lut(b, gs), 1) for b in (1, 2, 3, 4)] + [(LU.TORCH_BF16, 1), (LU.dequant(4, gs), 1),
+                                                           (LU.lut(4, gs), 3), (LU.TORCH_BF16, 3)]
+    rows = LU.bench_lut(N, K, cases, dtype="bf16", backend=be, repeats=3, warmup=1, min_repeats=2,
+                        target_bytes=1 << 16, max_buffers=4, bandwidth_GB_s=10.0, suite="smoke")
+    assert [(r["method"], r["M"]) for r in rows] == [("lut1", 1), ("lut2", 1), ("lut3", 1), ("lut4", 1),
+                                                     ("torch_bf16", 1), ("dequant4", 1), ("lut4", 3),
+                                                     ("torch_bf16", 3)]
+    for r, (m, M) in zip(rows, cases):
+        assert "error" not in r, r.get("error")
+        assert r["check"] == "ok", (r["method"], r["M"], r.get("rel_err"))
+        assert _finite_pos(r["GB_s"]) and _finite_pos(r["weight_GB_s"]) and _finite_pos(r["median_ms"])
+        assert r["pct_bw"] == pytest.approx(100 * r["GB_s"] / 10.0)
+        assert r["GB_s"] == pytest.approx(r["bytes"] / (r["median_ms"] / 1e3) / 1e9)
+        assert r["min_ms"] <= r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] <= r["max_ms"]
+        assert 2 <= r["repeats"] <= 3 and r["pool"]["buffers"] >= 2
+        assert r["x_bytes"] == M * K * 2
+        if m.quantized:
+            wb, total = _lut_bytes(N, K, m.bits, gs, M, 2, r["y_bytes"] // (M * N))
+            assert r["weight_bytes"] == wb and r["bytes"] == total
+        else:
+            assert r["weight_bytes"] == N * K * 2 and r["bits_per_weight"] == 16.0
+        if m.kind == "lut":
+            assert r["backend"] == be and "vs_torch_bf16" in r["speedup"]
+    assert rows[3]["bits_per_weight"] == pytest.approx(8 * _lut_bytes(N, K, 4, gs, 1, 2, 4)[0] / (N * K))
+    assert rows[3]["speedup"]["vs_dequant"] == pytest.approx(rows[5]["median_ms"] / rows[3]["median_ms"])
+    assert rows[6]["speedup"]["vs_torch_bf16"] == pytest.approx(rows[7]["median_ms"] / rows[6]["median_ms"])
+    assert "lut4" in LU.format_rows(rows)
+    json.dumps(rows)
+
+
+def test_lut_suites_on_tiny_shapes(monkeypatch):
+    be = _lut_backend()
+    monkeypatch.setattr(LU, "DOWN_PROJ", (64, 256))
+    monkeypatch.setattr(LU, "LLAMA3_8B_LINEARS", (("q_proj", 64, 128), ("k_proj", 32, 128),
+                                                  ("o_proj", 64, 128)))
+    ctx = LU.LutContext(bandwidth_GB_s=10.0, backend=be, repeats=2, quick=True, target_bytes=1 << 15,
+                        time_budget_s=0.5, log=lambda *a: None)
+    res = {name: fn(ctx) for name, _, fn in LU.SUITES}
+    for name, r in res.items():
+        assert r["rows"] and all("median_ms" in row for row in r["rows"]), name
+        assert all(row.get("check", "ok") == "ok" for row in r["rows"]), name
+    t1 = res["lut-1"]["targets"]
+    assert [t["threshold"] for t in t1] == [85.0, 1.1, 0.8, 10.0, 16.0]
+    assert all(t["status"] in ("PASS", "MISS", "MISS (within noise)") for t in t1)
+    r4 = next(r for r in res["lut-1"]["rows"] if r["method"] == "lut4")
+    # ms-equivalent: our time to read llama.cpp Q4_K's bytes of this shape at our weight rate
+    assert t1[1]["value"] == pytest.approx(r4["median_ms"] * 64 * 256 * 4.5 / 8 / r4["weight_bytes"])
+    assert "QUOTED" in " ".join(res["lut-1"]["notes"])
+    assert sorted({r["method"] for r in res["lut-2"]["rows"]}) == ["lut1", "lut2", "lut3", "lut4", "torch_bf16"]
+    assert res["lut-3"]["targets"][0]["threshold"] == 2.5
+    assert {r["M"] for r in res["lut-3"]["rows"]} >= {1, 8}
+    assert len(res["lut-4"]["rows"]) == 4  # 2 distinct shapes x (lut4, torch_bf16)
+
+
+def test_llamacpp_quoted_rates():
+    # the issue's figure: Q4_K moves 4096 * 14336 * 4.5 / 8 bytes in 1.1 ms
+    assert LU.llamacpp_GB_s("Q4_K") == pytest.approx(4096 * 14336 * 4.5 / 8 / 1.1e-3 / 1e9)
+    row = {"config": {"N": 4096, "K": 14336}, "median_ms": 1.0, "weight_bytes": LU.llamacpp_bytes("Q4_K") / 2}
+    assert LU.ms_equivalent(row, "Q4_K") == pytest.approx(2.0)
+
+
+def test_cli_lut_writes_json(tmp_path, capsys):
+    be = _lut_backend()
+    out = tmp_path / "lut.json"
+    rc = cli.main(["lut", "-N", "64", "-K", "128", "--bits", "2,4", "-M", "1,2", "--group-size", "64",
+                   "--method", "lut,torch_bf16,dequant", "--backend", be, "--bandwidth", "10",
+                   "--repeats", "2", "--time-budget", "0.2", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    names = [(r["method"], r["M"]) for r in data["rows"]]
+    assert names == [(m, M) for M in (1, 2) for m in ("lut2-g64", "lut4-g64", "torch_bf16",
+                                                       "dequant2-g64", "dequant4-g64")]
+    assert all(r["check"] == "ok" and r["GB_s"] > 0 for r in data["rows"])
+    assert "GB/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["lut", "--method", "fast", "--bandwidth", "1"])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("scheme,gs,K", [("affine", 32, 96), ("symmetric", -1, 70), ("codebook", 64, 128)])
+def test_dequant_baseline_matches_library_dequantize(bits, scheme, gs, K):
+    pytest.importorskip("pykernels.lut")
+    from pykernels.lut_format import unpack_codes
+    w = LU.random_lut_weights(45, K, bits, group_size=gs, scheme=scheme, seed=bits)[0]
+    assert torch.equal(LU.unpack_codes_fast(w.planes, bits), unpack_codes(w.planes, bits))
+    ref = w.dequantize()
+    assert torch.equal(LU.dequantize_fast(w, torch.float32)[:, :K], ref)  # fp32: exact
+    x = torch.randn(3, K)
+    y = LU.dequant_matmul(x, w)
+    torch.testing.assert_close(y, x @ ref.T, rtol=1e-5, atol=1e-6)
+
+
+def test_check_rows_spread_covers_first_and_last_tile():
+    tiles, rows = LU.check_rows(4096, max_tiles=4)
+    assert tiles == [0, 42, 85, 127] and len(rows) == 128 and int(rows[-1]) == 4095
+    tiles, rows = LU.check_rows(100, max_tiles=4)  # 4 tiles, the last partial: every row
+    assert tiles == [0, 1, 2, 3] and torch.equal(rows, torch.arange(100))
+    tiles, rows = LU.check_rows(1000, max_tiles=2)
+    assert tiles == [0, 31] and rows.tolist() == list(range(32)) + list(range(992, 1000))
+
+
+def test_bench_lut_row_subset_check_on_padded_rows():
+    be = _lut_backend()
+    # N=1000: 32 tiles, the last one partial; force the subset check with check_all_weights=0
+    rows = LU.bench_lut(1000, 64, [(LU.lut(2, 32), 2), (LU.TORCH_BF16, 2)], backend=be, repeats=2,
+                        warmup=1, target_bytes=1 << 14, max_buffers=2, check_all_weights=0,
+                        check_tiles=3)
+    assert all(r["check"] == "ok" and r["check_rows"] == 2 * 32 + 8 for r in rows), rows
+
+
+def test_report_renders_lut_rows(tmp_path, monkeypatch):
+    be = _lut_backend()
+
+    def tiny_lut(ctx):
+        rows = LU.bench_lut(64, 128, [(LU.lut(4), 1), (LU.TORCH_BF16, 1)], backend=be, repeats=2,
+                            warmup=1, target_bytes=1 << 14, max_buffers=2,
+                            bandwidth_GB_s=ctx.bandwidth_GB_s, suite="lut-tiny")
+        return {"rows": rows, "notes": [LU.llamacpp_note()], "targets": []}
+
+    monkeypatch.setattr(A, "SUITES", [])
+    monkeypatch.setattr(LU, "SUITES", [("lut-1", "tiny lut", tiny_lut)])
+    report.run_report(str(tmp_path), probe_size_bytes=1 << 20, log=lambda *a: None)
+    md = (tmp_path / "report.md").read_text()
+    assert "weight GB/s" in md and "| lut4 |" in md and "QUOTED" in md and "LUTWeight.nbytes" in md
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert [r["method"] for r in data["rows"]] == ["lut4", "torch_bf16"]

@@ -228,22 +228,30 @@ def compile_nvrtc(arch: str = "sm_80") -> dict[str, int]:
     ImportError
         When NVRTC (cupy_backends) is not importable.
     """
+    return nvrtc_entry_sizes(kernel_source(), "decode_attention.cu", kernel_names(), arch)
+
+
+def nvrtc_entry_sizes(src: str, filename: str, names: list[str], arch: str, *,
+                      optimize: bool = True) -> dict[str, int]:
+    """Compile ``src`` with NVRTC for ``arch`` (no GPU needed), instantiating the kernels named
+    by the C++ name expressions ``names``; -> name -> bytes of PTX of its ``.entry``.
+    ``optimize=False`` adds ``-G``."""
     from cupy_backends.cuda.libs import nvrtc
 
     num = re.sub(r"\D", "", arch)
     if not num:
         raise ValueError(f"arch: expected like 'sm_80', got {arch!r}")
-    names = kernel_names()
-    src = kernel_source()
     opts = [f"-arch=compute_{num}", "-std=c++17"] + [f"-I{d}" for d in _cuda_include_dirs()]
-    prog = nvrtc.createProgram(src, "decode_attention.cu", [], [])
+    if not optimize:
+        opts.append("-G")
+    prog = nvrtc.createProgram(src, filename, [], [])
     try:
         for n in names:
             nvrtc.addNameExpression(prog, n)
         try:
             nvrtc.compileProgram(prog, opts)
         except nvrtc.NVRTCError as e:
-            raise RuntimeError(f"NVRTC failed to compile decode_attention.cuh for {arch} ({e}):\n"
+            raise RuntimeError(f"NVRTC failed to compile {filename} for {arch} ({e}):\n"
                                f"{nvrtc.getProgramLog(prog)}") from None
         ptx = nvrtc.getPTX(prog)
         if isinstance(ptx, bytes):

@@ -26,50 +26,13 @@ buffer that torch rounds correctly. On a GPU neither workaround is used.
 
 from __future__ import annotations
 
-import os
-
-try:  # never fail at import: a missing triton is a recorded reason, reported by available()
-    import triton
-    import triton.language as tl
-
-    _IMPORT_ERROR: Exception | None = None
-except Exception as exc:  # ImportError, or a broken install raising something else
-    triton = None
-    tl = None
-    _IMPORT_ERROR = exc
-
-
-def _interpret_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-# triton decides interpreter vs compiler when a kernel is decorated, i.e. when this module is
-# imported; remember which one we got.
-_INTERPRET = False
-if triton is not None:
-    try:
-        _INTERPRET = bool(triton.knobs.runtime.interpret)
-    except Exception:
-        _INTERPRET = _interpret_requested()
+from ._runtime import IMPORT_ERROR as _IMPORT_ERROR, INTERPRET as _INTERPRET, tl, triton  # noqa: F401
+from ._runtime import available as _available
 
 
 def available() -> tuple[bool, str]:
     """(True, how) if these kernels can run here, else (False, reason). Never raises."""
-    try:
-        if triton is None:
-            return False, f"triton cannot be imported ({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR})"
-        if _INTERPRET:
-            return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1)"
-        if _interpret_requested():
-            return False, ("TRITON_INTERPRET=1 was set after pykernels.triton.decode_attention was "
-                           "imported; set it before the first import of triton/pykernels")
-        import torch
-
-        if torch.cuda.is_available():
-            return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
-        return False, "no CUDA device and TRITON_INTERPRET is not set to 1"
-    except Exception as exc:  # defensive: available() must never raise
-        return False, f"triton availability check failed: {type(exc).__name__}: {exc}"
+    return _available("pykernels.triton.decode_attention")
 
 
 if triton is not None:

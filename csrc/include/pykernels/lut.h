@@ -12,7 +12,7 @@ constexpr int kLutTileN = 32;   // rows per plane run
 constexpr int kLutKSlice = 8;   // k per byte column (two activation groups of 4)
 
 // Byte offset of plane i of byte column kk of row tile t.
-PK_HOST_DEVICE PK_INLINE int64_t lut_plane_offset(int64_t t, int64_t kk, int i, int64_t KK, int bits) {
+PK_HOST_DEVICE PK_INLINE pk_i64 lut_plane_offset(pk_i64 t, pk_i64 kk, int i, pk_i64 KK, int bits) {
   return ((t * KK + kk) * bits + i) * kLutTileN;
 }
 

@@ -1,0 +1,3 @@
+// LUT-GEMV kernel, avx512 variant (flags from the file suffix, see setup.py).
+#define PK_ISA_NS avx512
+#include "lut_kernel.h"
