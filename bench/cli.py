@@ -55,6 +55,16 @@ def _print_probe(p: dict):
         print(f"  warning: {w}")
 
 
+
+def _bandwidth(args):
+    """-> (GB/s for '% bw', probe dict or None when --bandwidth was given)."""
+    if args.bandwidth:
+        print(f"bandwidth given: {args.bandwidth:.1f} GB/s (probe skipped)")
+        return args.bandwidth, None
+    probe = _probe(args)
+    _print_probe(probe)
+    return probe["bandwidth_GB_s"], probe
+
 def cmd_probe(args) -> int:
     _set_threads(args.threads)
     from roofline import probe_memory_bandwidth
@@ -98,13 +108,7 @@ def cmd_attention(args) -> int:
     bad = [m for m in methods if m not in A.ALL_METHODS]
     if bad:
         raise SystemExit(f"--method: unknown {bad}; expected a comma list of {', '.join(A.ALL_METHODS)}")
-    if args.bandwidth:
-        bw, probe = args.bandwidth, None
-        print(f"bandwidth given: {bw:.1f} GB/s (probe skipped)")
-    else:
-        probe = _probe(args)
-        _print_probe(probe)
-        bw = probe["bandwidth_GB_s"]
+    bw, probe = _bandwidth(args)
 
     out = {"probe": probe, "rows": [], "targets": []}
     if args.sweep:
@@ -159,13 +163,7 @@ def cmd_lut(args) -> int:
         raise SystemExit(f"--bits: expected values in 1..8, got {bits}")
     if any(not 1 <= M for M in Ms):
         raise SystemExit(f"--M: expected values >= 1, got {Ms}")
-    if args.bandwidth:
-        bw, probe = args.bandwidth, None
-        print(f"bandwidth given: {bw:.1f} GB/s (probe skipped)")
-    else:
-        probe = _probe(args)
-        _print_probe(probe)
-        bw = probe["bandwidth_GB_s"]
+    bw, probe = _bandwidth(args)
 
     out = {"probe": probe, "rows": [], "targets": []}
     if args.sweep:

@@ -19,6 +19,7 @@ import torch
 
 import pykernels.cuda as pkc
 from attention_ref import make_dense, make_paged
+from nvrtc_helpers import nvrtc_or_skip
 from pykernels.reference import decode_attention_reference
 cuda_da = importlib.import_module("pykernels.cuda.decode_attention")  # the module (the package re-exports the function)
 
@@ -33,21 +34,11 @@ def reference(q, k, v, seqlens, block_table=None, scale=None):
                                       return_lse=True, compute_dtype=torch.float64)
 
 
-def _nvrtc_or_skip():
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-    except Exception as e:  # the only reason to skip: no NVRTC here
-        pytest.skip(f"NVRTC not importable (pip install 'pykernels[jit]'): {type(e).__name__}: {e}")
-    try:
-        nvrtc.getVersion()
-    except Exception as e:
-        pytest.skip(f"libnvrtc not loadable (pip install nvidia-cuda-nvrtc): {type(e).__name__}: {e}")
-    return nvrtc
 
 
 # ---- (a) NVRTC, no GPU needed ---------------------------------------------------------------
 def test_every_kernel_compiles_with_nvrtc():
-    _nvrtc_or_skip()
+    nvrtc_or_skip()
     sizes = pkc.compile_nvrtc("sm_80")
     assert sorted(sizes) == sorted(pkc.kernel_names())
     assert len(sizes) == 3 * 3 * 4 + 2  # cache dtypes x lanes-per-D x heads-per-pass, + plan, reduce
@@ -67,7 +58,7 @@ def test_kernel_source_inlines_the_pykernels_headers():
 
 
 def test_compile_error_reports_the_nvrtc_log(monkeypatch):
-    _nvrtc_or_skip()
+    nvrtc_or_skip()
     monkeypatch.setattr(cuda_da, "kernel_source", lambda: "this is not C++;\n")
     with pytest.raises(RuntimeError, match="NVRTC failed"):
         pkc.compile_nvrtc("sm_80")

@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 
+from nvrtc_helpers import nvrtc_or_skip
 from pykernels.lut_format import pack_codes, padded_shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,19 +203,10 @@ def test_triton_kernel_compiles_for_gpu_without_a_gpu():
 cuda_lut = importlib.import_module("pykernels.cuda.lut_gemv")
 
 
-def _nvrtc_or_skip():
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-    except Exception as e:  # the only reason to skip: no NVRTC here
-        pytest.skip(f"NVRTC not importable (pip install 'pykernels[jit]'): {type(e).__name__}: {e}")
-    try:
-        nvrtc.getVersion()
-    except Exception as e:
-        pytest.skip(f"libnvrtc not loadable (pip install nvidia-cuda-nvrtc): {type(e).__name__}: {e}")
 
 
 def test_every_cuda_kernel_compiles_with_nvrtc():
-    _nvrtc_or_skip()
+    nvrtc_or_skip()
     names = cuda_lut.kernel_names()
     assert len(names) == 8 * 2 * 5  # bits 1..8 x {linear, codebook} x rows per pass {1, 2, 4, 8, 16}
     for arch in ("sm_80", "sm_90"):  # -G: the full front end and PTX generation, unoptimised (fast)
@@ -226,14 +218,14 @@ def test_every_cuda_kernel_compiles_with_nvrtc():
 def test_cuda_kernels_compile_optimised_with_nvrtc():
     # what the JIT path runs: optimised PTX of the largest instantiations (the nvcc build in
     # setup.py compiles all of them optimised)
-    _nvrtc_or_skip()
+    nvrtc_or_skip()
     names = [cuda_lut._kernel_name(b, k, mt) for b in (1, 4, 8) for k in (0, 1) for mt in (1, 16)]
     sizes = cuda_lut.compile_nvrtc("sm_80", names)
     assert sorted(sizes) == sorted(names)
 
 
 def test_cuda_compile_error_reports_the_nvrtc_log(monkeypatch):
-    _nvrtc_or_skip()
+    nvrtc_or_skip()
     monkeypatch.setattr(cuda_lut, "kernel_source", lambda: "this is not C++;\n")
     with pytest.raises(RuntimeError, match="NVRTC failed"):
         cuda_lut.compile_nvrtc("sm_80", optimize=False)
