@@ -446,3 +446,40 @@ def test_threading_runtime(monkeypatch):
     monkeypatch.setenv("PYKERNELS_THREADING", "gomp")
     with pytest.raises(ValueError, match="PYKERNELS_THREADING"):
         pk.decode_attention(q, k, v, torch.tensor(lens), method="lean")
+
+
+@pytest.mark.parametrize("runtime", ["auto", "pool"])
+def test_set_num_threads_during_calls(monkeypatch, runtime):
+    """Another Python thread changing the thread count while kernels run (GIL released) must not
+    let a kernel use more threads than it sized its scratch for (it used to corrupt the heap)."""
+    import threading
+    import time
+
+    from pykernels import _C
+
+    monkeypatch.setenv("PYKERNELS_THREADING", runtime)
+    before = _C.get_num_threads()
+    lens = [700, 300, 64, 1]
+    q = torch.randn(4, 8, 64)
+    k, v = make_dense(4, 700, 2, 64, torch.float32, lens)
+    want = oracle(q, k, v, lens)[0]
+    stop = threading.Event()
+
+    def toggle():
+        while not stop.is_set():
+            _C.set_num_threads(16)
+            time.sleep(2e-4)
+            _C.set_num_threads(1)
+            time.sleep(2e-4)
+
+    t = threading.Thread(target=toggle)
+    t.start()
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            got = pk.decode_attention(q, k, v, torch.tensor(lens), method="split", num_splits=4, backend="cpu")
+            assert_close(got, want, 1e-4)
+    finally:
+        stop.set()
+        t.join()
+        _C.set_num_threads(before)

@@ -186,7 +186,7 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
   float* lsep = static_cast<float*>(lse.data());
   const AttendFn attend = attend_fn(isa);
 
-  parallel_run((int64_t)sc.task_begin.size() - 1, [&](int64_t task, int thr) {
+  parallel_run((int64_t)sc.task_begin.size() - 1, nthr, [&](int64_t task, int thr) {
     float* o = work.data() + (size_t)thr * per_thr;
     float* l = o + rows * D;
     float* w = l + rows;
@@ -213,7 +213,7 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
     }
   });
   // Merge the partial states of segments that were cut (few: at most 2W for lean).
-  parallel_run((int64_t)sc.reductions.size(), [&](int64_t ri, int thr) {
+  parallel_run((int64_t)sc.reductions.size(), nthr, [&](int64_t ri, int thr) {
     const Reduction& r = sc.reductions[ri];
     float* o = work.data() + (size_t)thr * per_thr;
     const int64_t row = r.b * Hq + r.h * G;

@@ -175,6 +175,8 @@ void lut_gemv(py::object x_o, py::object planes_o, py::object scales_o, py::obje
     p.x = x32;
   }
   p.tstride = K_pad / 4 * 16 + kLutTablePad;
+  // Read once: thread indices below must stay under the count the scratch was sized for.
+  const int nthr = parallel_threads();
   if (scheme != LutScheme::kCodebook) {
     if (p.mode == LutMode::kInt8) p.tq = scratch(S.tq, (size_t)(M * p.tstride));
     else p.tf = scratch(S.tf, (size_t)(M * p.tstride));
@@ -183,7 +185,7 @@ void lut_gemv(py::object x_o, py::object planes_o, py::object scales_o, py::obje
     // Tables: M * K_pad * 4 (int8) or 16 (fp32) bytes written, x read once.
     constexpr int64_t kChunk = 32;  // blocks per task
     const int64_t nchunk = pk_cdiv(p.nblk, kChunk);
-    parallel_run(M * nchunk, [&](int64_t task, int) {
+    parallel_run(M * nchunk, nthr, [&](int64_t task, int) {
       const int64_t m = task / nchunk, b0 = (task % nchunk) * kChunk;
       fns.prepare(p, m, b0, b0 + kChunk < p.nblk ? b0 + kChunk : p.nblk);
     });
@@ -191,13 +193,12 @@ void lut_gemv(py::object x_o, py::object planes_o, py::object scales_o, py::obje
   // Tiles: each reads its planes (32 * K_pad * bits / 8 bytes) and scales once for all M rows.
   // Groups of up to kLutTileGroup tiles share the tables of a K chunk; at least 4 groups per
   // thread keep the dynamic claiming balanced.
-  const int nthr = parallel_threads();
   const int64_t ntiles = N_pad / kLutTileN;
   int64_t tg = ntiles / (4 * nthr);
   tg = tg < 1 ? 1 : (tg > kLutTileGroup ? kLutTileGroup : tg);
   const int64_t per_thr = lut_workspace_floats((int)M);
   float* work = scratch(S.work, (size_t)(nthr * per_thr));
-  parallel_run(pk_cdiv(ntiles, tg), [&](int64_t task, int thr) {
+  parallel_run(pk_cdiv(ntiles, tg), nthr, [&](int64_t task, int thr) {
     const int64_t t0 = task * tg, t1 = t0 + tg < ntiles ? t0 + tg : ntiles;
     fns.tile(p, t0, t1, work + thr * per_thr);
   });

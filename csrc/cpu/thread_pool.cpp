@@ -16,7 +16,7 @@ namespace cpu {
 namespace {
 constexpr std::chrono::microseconds kSpin(300);
 std::mutex g_pool_mu;
-ThreadPool* g_pool = nullptr;
+std::shared_ptr<ThreadPool> g_pool;
 int g_requested = 0;  // 0: not set yet
 
 // Set in a forked child: GNU OpenMP cannot be used there once the parent has used it (the
@@ -24,8 +24,9 @@ int g_requested = 0;  // 0: not set yet
 std::atomic<bool> g_forked{false};
 
 void atfork_child() {
-  // The worker threads do not exist in the child: drop the pool without joining them.
-  g_pool = nullptr;
+  // The worker threads do not exist in the child: drop the pool without joining them (its
+  // memory is leaked on purpose: destroying it would join threads that are not there).
+  new (&g_pool) std::shared_ptr<ThreadPool>();
   new (&g_pool_mu) std::mutex();
   g_forked.store(true);
 }
@@ -109,9 +110,9 @@ int parallel_threads() { return ThreadPool::num_threads(); }
 
 const char* parallel_runtime() { return openmp_for_job() ? "openmp" : "pool"; }
 
-void parallel_run(int64_t n_tasks, const std::function<void(int64_t, int)>& fn) {
+void parallel_run(int64_t n_tasks, int nthreads, const std::function<void(int64_t, int)>& fn) {
   if (n_tasks <= 0) return;
-  const int n = parallel_threads();
+  const int n = nthreads < 1 ? 1 : nthreads;
   if (n == 1 || n_tasks == 1) {
     for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
     return;
@@ -122,17 +123,13 @@ void parallel_run(int64_t n_tasks, const std::function<void(int64_t, int)>& fn) 
     g->parallel(omp_body, &job, (unsigned)(n_tasks < n ? n_tasks : n), 0);
     return;
   }
-  ThreadPool::instance().run(n_tasks, fn);
+  ThreadPool::acquire(n)->run(n_tasks, fn);
 }
 
-ThreadPool& ThreadPool::instance() {
+std::shared_ptr<ThreadPool> ThreadPool::acquire(int n) {
   std::lock_guard<std::mutex> lk(g_pool_mu);
-  int want = g_requested > 0 ? g_requested : default_threads();
-  if (g_pool == nullptr || g_pool->size() != want) {
-    delete g_pool;
-    g_pool = new ThreadPool(want);
-  }
-  return *g_pool;
+  if (!g_pool || g_pool->size() != n) g_pool = std::make_shared<ThreadPool>(n);
+  return g_pool;
 }
 
 void ThreadPool::set_num_threads(int n) {

@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -19,17 +20,21 @@
 namespace pykernels {
 namespace cpu {
 
-// fn(task, thread_index) for every task in [0, n_tasks), tasks claimed dynamically, on
-// parallel_threads() threads; thread_index < parallel_threads(). Returns when all have finished.
-void parallel_run(int64_t n_tasks, const std::function<void(int64_t, int)>& fn);
+// fn(task, thread_index) for every task in [0, n_tasks), tasks claimed dynamically, on at most
+// nthreads threads; thread_index < nthreads always (callers size per-thread scratch with it, so
+// read parallel_threads() once per call and pass that value: another Python thread may call
+// set_num_threads meanwhile). Returns when all tasks have finished.
+void parallel_run(int64_t n_tasks, int nthreads, const std::function<void(int64_t, int)>& fn);
 int parallel_threads();
 // "openmp" or "pool": where the next parallel_run() goes (PYKERNELS_THREADING=auto|openmp|pool).
 const char* parallel_runtime();
 
 class ThreadPool {
  public:
-  // The process-wide pool. Rebuilt lazily after fork() (threads do not survive it).
-  static ThreadPool& instance();
+  // The process-wide pool with exactly n threads (rebuilt when n changes; a caller's reference
+  // keeps the pool it got alive until its job is done). Dropped after fork() (threads do not
+  // survive it).
+  static std::shared_ptr<ThreadPool> acquire(int n);
   static void set_num_threads(int n);
   static int num_threads();
 
