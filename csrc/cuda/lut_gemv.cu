@@ -135,7 +135,8 @@ void lut_gemv(py::object x_o, py::object planes_o, py::object scales_o, py::obje
   if (!zeros_o.is_none()) zeros.reset(new TensorArg("zeros", zeros_o));
   if (!codebook_o.is_none()) codebook.reset(new TensorArg("codebook", codebook_o));
   const int kind = codebook ? ck::kLutCodebook : ck::kLutLinear;
-  if (kind == ck::kLutCodebook) zeros.reset();  // the codebook scheme has no zero points
+  if (kind == ck::kLutCodebook && zeros)
+    throw py::value_error("zeros: must be None for a codebook (the codebook holds the levels)");
 
   std::vector<TensorArg*> all = {&x, &planes, &out};
   for (TensorArg* t : {scales.get(), zeros.get(), codebook.get()})

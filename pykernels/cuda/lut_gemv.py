@@ -178,8 +178,8 @@ def _check_inputs(x, planes, scales, zeros, codebook, out, N, K_pad, bits, gs, m
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     kind = KIND_CODEBOOK if codebook is not None else KIND_LINEAR
-    if kind == KIND_CODEBOOK:
-        zeros = None  # the codebook scheme has no zero points
+    if kind == KIND_CODEBOOK and zeros is not None:
+        raise ValueError("zeros: must be None for a codebook (the codebook holds the levels)")
     if x.dtype not in _DTYPE_CODE:
         raise TypeError(f"x: expected float32, float16 or bfloat16, got {_dt(x.dtype)}")
     if x.dim() != 2:
