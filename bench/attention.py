@@ -271,6 +271,14 @@ def _make_call(method: str, cfg: AttnConfig, q, seqlens, backend: str, num_split
     raise ValueError(f"method: expected one of {ALL_METHODS}, got {method!r}")
 
 
+def timing_stats(ts) -> dict:
+    """Median, p10, p90, min and max (ms) and the repeat count of a list of seconds."""
+    t = np.asarray(ts)
+    return {"median_ms": float(np.median(t)) * 1e3, "p10_ms": float(np.percentile(t, 10)) * 1e3,
+            "p90_ms": float(np.percentile(t, 90)) * 1e3, "min_ms": float(t.min()) * 1e3,
+            "max_ms": float(t.max()) * 1e3, "repeats": len(ts)}
+
+
 def wait_for_quiet(max_wait_s: float, threshold: float = 0.10, sample_s: float = 0.5) -> float | None:
     """Wait (up to max_wait_s) until other processes use < threshold of the CPUs; returns the
     last sampled share. For shared development machines; 0 disables it."""
@@ -393,13 +401,10 @@ def bench_attention(cfg: AttnConfig, methods=("lean", "split", "sdpa", "referenc
         gc.collect()
 
     for m, ts in times.items():
-        t = np.asarray(ts)
-        med = float(np.median(t))
         row = rows[m]
+        row.update(timing_stats(ts))
+        med = row["median_ms"] / 1e3
         row.update({
-            "median_ms": med * 1e3, "p10_ms": float(np.percentile(t, 10)) * 1e3,
-            "p90_ms": float(np.percentile(t, 90)) * 1e3, "min_ms": float(t.min()) * 1e3,
-            "max_ms": float(t.max()) * 1e3, "repeats": len(ts),
             "GB_s": counts["bytes"] / med / 1e9, "GFLOP_s": flop_count(cfg) / med / 1e9,
             "other_cpu_load": other_load,
         })

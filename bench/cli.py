@@ -100,6 +100,24 @@ def _parse_seqlens(text: str, batch: int | None) -> list[int]:
     return lens
 
 
+def _run_suites(suites, ctx, wanted: set, out: dict) -> None:
+    """Run the suites named in ``wanted`` ("2" or "attention-2"), printing their tables, targets
+    and notes; rows and targets are appended to ``out``."""
+    from .attention import format_targets
+
+    for name, title, fn in suites:
+        if name.split("-")[-1] not in wanted and name not in wanted:
+            continue
+        print(f"\n== {name}: {title}")
+        res = fn(ctx)
+        out["rows"] += res["rows"]
+        out["targets"] += [dict(t, suite=name) for t in res["targets"]]
+        if res["targets"]:
+            print(format_targets(res["targets"]))
+        for n in res.get("notes", []):
+            print(f"note: {n}")
+
+
 def cmd_attention(args) -> int:
     _set_threads(args.threads)
     from . import attention as A
@@ -116,17 +134,7 @@ def cmd_attention(args) -> int:
         ctx = A.BenchContext(bandwidth_GB_s=bw, backend=args.backend, device=args.device,
                              repeats=args.repeats, quick=args.quick, wait_quiet_s=args.wait_quiet,
                              probe=probe)
-        for name, title, fn in A.SUITES:
-            if name.split("-")[-1] not in wanted and name not in wanted:
-                continue
-            print(f"\n== {name}: {title}")
-            res = fn(ctx)
-            out["rows"] += res["rows"]
-            out["targets"] += [dict(t, suite=name) for t in res["targets"]]
-            if res["targets"]:
-                print(A.format_targets(res["targets"]))
-            for n in res.get("notes", []):
-                print(f"note: {n}")
+        _run_suites(A.SUITES, ctx, wanted, out)
     else:
         lens = _parse_seqlens(args.seqlens, args.batch)
         cfg = A.AttnConfig(len(lens), args.heads_q, args.heads_kv, args.head_dim, lens, args.dtype)
@@ -173,18 +181,7 @@ def cmd_lut(args) -> int:
                            probe=probe, group_size=args.group_size, scheme=args.scheme,
                            mode=args.mode, dtype=args.dtype, time_budget_s=args.time_budget,
                            lead_in_s=args.lead_in)
-        for name, title, fn in L.SUITES:
-            if name.split("-")[-1] not in wanted and name not in wanted:
-                continue
-            print(f"\n== {name}: {title}")
-            res = fn(ctx)
-            out["rows"] += res["rows"]
-            out["targets"] += [dict(t, suite=name) for t in res["targets"]]
-            if res["targets"]:
-                from .attention import format_targets
-                print(format_targets(res["targets"]))
-            for n in res.get("notes", []):
-                print(f"note: {n}")
+        _run_suites(L.SUITES, ctx, wanted, out)
     else:
         methods = []
         for k in kinds:

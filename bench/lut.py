@@ -53,14 +53,13 @@ import math
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from roofline.probe import CpuLoadMeter
 
 from .attention import (BenchContext, _fmt, _join, _target, busy_note, cold_target_bytes,
-                        dtype_name, parse_dtype, run_facts, wait_for_quiet)
+                        dtype_name, parse_dtype, run_facts, timing_stats, wait_for_quiet)
 
 _MiB = 1 << 20
 
@@ -525,13 +524,10 @@ def bench_lut(N: int, K: int, cases, *, dtype="bf16", backend: str = "cpu", devi
         row = rows[i]
         wb = row["weight_bytes"]
         xb, yb = M * K * xs[M].element_size(), M * N * out_elt[i]
-        t = np.asarray(ts)
-        med = float(np.median(t))
+        row.update(timing_stats(ts))
+        med = row["median_ms"] / 1e3
         row.update({
             "x_bytes": xb, "y_bytes": yb, "bytes": wb + xb + yb,
-            "median_ms": med * 1e3, "p10_ms": float(np.percentile(t, 10)) * 1e3,
-            "p90_ms": float(np.percentile(t, 90)) * 1e3, "min_ms": float(t.min()) * 1e3,
-            "max_ms": float(t.max()) * 1e3, "repeats": len(ts),
             "GB_s": (wb + xb + yb) / med / 1e9, "weight_GB_s": wb / med / 1e9,
             "GFLOP_s": 2 * M * N * K / med / 1e9, "other_cpu_load": other_load,
             "lead_in": lead[i],

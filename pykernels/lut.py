@@ -221,12 +221,7 @@ class LUTWeight:
             raise ValueError(f"qweight: {rows} rows of int32 do not hold a whole number of {bits}-bit "
                              "codes (expected K * bits / 32 rows)")
         K = rows * 32 // bits
-        gsz = K if group_size == -1 else group_size
-        if gsz < 1 or K % gsz:
-            raise ValueError(f"group_size: K={K} (from qweight) is not a multiple of group_size={group_size}")
-        G = K // gsz
-        if tuple(scales.shape) != (G, N):
-            raise ValueError(f"scales: expected [{G}, {N}] (groups, N), got {tuple(scales.shape)}")
+        gsz, G = _checkpoint_groups(K, N, group_size, scales)
         zcols = -(-N * bits // 32)
         if tuple(qzeros.shape) != (G, zcols):
             raise ValueError(f"qzeros: expected [{G}, {zcols}] (groups, N * bits / 32), got {tuple(qzeros.shape)}")
@@ -279,12 +274,7 @@ class LUTWeight:
         scales = _float_tensor(scales, "scales", 2)
         K, cols = qweight.shape
         N = cols * 8
-        gsz = K if group_size == -1 else group_size
-        if gsz < 1 or K % gsz:
-            raise ValueError(f"group_size: K={K} (from qweight) is not a multiple of group_size={group_size}")
-        G = K // gsz
-        if tuple(scales.shape) != (G, N):
-            raise ValueError(f"scales: expected [{G}, {N}] (groups, N), got {tuple(scales.shape)}")
+        _, G = _checkpoint_groups(K, N, group_size, scales)
         if tuple(qzeros.shape) != (G, cols):
             raise ValueError(f"qzeros: expected [{G}, {cols}] (groups, N / 8), got {tuple(qzeros.shape)}")
         for name, t in (("qzeros", qzeros), ("scales", scales)):
@@ -394,6 +384,17 @@ class LUTWeight:
             extra += ", act-order perm"
         return (f"LUTWeight(shape=({N}, {K}), bits={self.bits}, scheme={self.scheme!r}, {g}{extra}, "
                 f"{self.bits_per_weight:.3f} bits/weight, {self.nbytes} bytes, device={self.device})")
+
+
+def _checkpoint_groups(K: int, N: int, group_size: int, scales: torch.Tensor) -> tuple[int, int]:
+    """GPTQ/AWQ import: -> (group size, number of groups G) for K columns; scales must be [G, N]."""
+    gsz = K if group_size == -1 else group_size
+    if gsz < 1 or K % gsz:
+        raise ValueError(f"group_size: K={K} (from qweight) is not a multiple of group_size={group_size}")
+    G = K // gsz
+    if tuple(scales.shape) != (G, N):
+        raise ValueError(f"scales: expected [{G}, {N}] (groups, N), got {tuple(scales.shape)}")
+    return gsz, G
 
 
 def _int32_tensor(t, name, ndim):
