@@ -11,6 +11,10 @@ Examples
     pykernels-bench lut --bits 1,2,3,4 --M 1,8 --method lut,torch_bf16,dequant
     pykernels-bench lut --sweep                  # the issue's LUT suites 1-4
     pykernels-bench lut --sweep 1,3 --quick --json lut.json
+    pykernels-bench kv                           # int8/int4/int2/fp8 fused vs bf16 and HF, L=16384
+    pykernels-bench kv --seqlens 32768 --formats int4,int2 --group-size 64 --sink 1
+    pykernels-bench kv --accuracy                # synthetic outlier set: KIVI vs per-token RTN
+    pykernels-bench kv --sweep                   # the issue's KV suites 1-3 (speed, memory, accuracy)
 """
 
 from __future__ import annotations
@@ -203,6 +207,72 @@ def cmd_lut(args) -> int:
     return 0
 
 
+def cmd_kv(args) -> int:
+    _set_threads(args.threads)
+    from . import kvquant as KV
+
+    kinds = [m.strip() for m in args.method.split(",") if m.strip()]
+    bad = [m for m in kinds if m not in KV.KINDS]
+    if bad:
+        raise SystemExit(f"--method: unknown {bad}; expected a comma list of {', '.join(KV.KINDS)}")
+    try:
+        formats = tuple(KV.parse_format(f) for f in args.formats.split(",") if f.strip())
+    except ValueError as e:
+        raise SystemExit(f"--formats: {e}")
+    if not formats:
+        raise SystemExit("--formats: expected at least one of int8, int4, int2, fp8")
+    if args.group_size not in (32, 64, 128):
+        raise SystemExit(f"--group-size: expected 32, 64 or 128, got {args.group_size}")
+    if args.residual < args.group_size or args.residual % args.group_size:
+        raise SystemExit(f"--residual: expected a positive multiple of --group-size={args.group_size}, "
+                         f"got {args.residual}")
+    if args.sink < 0:
+        raise SystemExit(f"--sink: expected >= 0, got {args.sink}")
+    lens = _int_list(args.seqlens, "seqlens")
+    if any(L < 1 for L in lens):
+        raise SystemExit(f"--seqlens: expected lengths >= 1, got {lens}")
+    if args.heads_q % args.heads_kv:
+        raise SystemExit(f"--heads-q: {args.heads_q} is not a multiple of --heads-kv {args.heads_kv}")
+
+    ctx_kw = dict(backend=args.backend, repeats=args.repeats, quick=args.quick, wait_quiet_s=args.wait_quiet,
+                  group_size=args.group_size, residual=args.residual, sink=args.sink, method=args.kv_method,
+                  formats=formats, lengths=tuple(lens), kinds=tuple(kinds), heads_q=args.heads_q,
+                  heads_kv=args.heads_kv, head_dim=args.head_dim, time_budget_s=args.time_budget,
+                  acc_len=args.acc_len, acc_queries=args.acc_queries)
+    out = {"probe": None, "rows": [], "targets": []}
+    if args.accuracy:  # no timing: no probe
+        ctx = KV.KVContext(bandwidth_GB_s=None, **ctx_kw)
+        _run_suites([s for s in KV.SUITES if s[0] == "kv-3"], ctx, {"3"}, out)
+    else:
+        bw, probe = _bandwidth(args)
+        out["probe"] = probe
+        if args.sweep:
+            ctx = KV.KVContext(bandwidth_GB_s=bw, probe=probe, **ctx_kw)
+            if not args.seqlens_given:
+                ctx.lengths = (16384, 32768)
+            _run_suites(KV.SUITES, ctx, {s.strip() for s in args.sweep.split(",")}, out)
+        else:
+            for L in lens:
+                rows = KV.bench_kv(L, formats, batch=args.batch, heads_q=args.heads_q, heads_kv=args.heads_kv,
+                                   head_dim=args.head_dim, group_size=args.group_size, residual=args.residual,
+                                   sink=args.sink, kinds=kinds, method=args.kv_method, backend=args.backend,
+                                   repeats=args.repeats, time_budget_s=args.time_budget, bandwidth_GB_s=bw,
+                                   wait_quiet_s=args.wait_quiet, check=not args.no_check)
+                print(KV.format_speed(rows))
+                out["rows"] += rows
+    if args.json:
+        _write_json(args.json, out)
+    return 0
+
+
+class _Given(argparse.Action):
+    """Store the value and remember that the option was given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest + "_given", True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pykernels-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -271,6 +341,43 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per configuration, wait up to this long for other processes to go idle")
     pl.add_argument("--json", default=None, help="write rows (and probe) as JSON here")
     pl.set_defaults(func=cmd_lut)
+
+    pk_ = sub.add_parser("kv", help="quantized KV cache: fused decode attention vs bf16 and HF; accuracy")
+    pk_.add_argument("--seqlens", default="16384", action=_Given,
+                     help="comma list of cache lengths L, one configuration each (default 16384; "
+                          "with --sweep default 16384,32768)")
+    pk_.add_argument("--batch", type=int, default=1)
+    pk_.add_argument("--heads-q", type=int, default=32)
+    pk_.add_argument("--heads-kv", type=int, default=8)
+    pk_.add_argument("--head-dim", type=int, default=128)
+    pk_.add_argument("--formats", default="int8,int4,int2,fp8", help="comma list of int8, int4, int2, fp8")
+    pk_.add_argument("--group-size", type=int, default=32, help="KIVI group size: 32, 64 or 128")
+    pk_.add_argument("--residual", type=int, default=128, help="full-precision window (multiple of group size)")
+    pk_.add_argument("--sink", type=int, default=0, help="first tokens kept in full precision")
+    pk_.add_argument("--method", default="fused,bf16,hf,dequant_sdpa",
+                     help="comma list of fused (pk kernel), bf16 (pk on a bf16 cache), hf (transformers "
+                          "QuantizedCache), dequant_sdpa (dequantize then torch SDPA)")
+    pk_.add_argument("--kv-method", default="auto", choices=("auto", "lean", "split"),
+                     help="decode-attention schedule for the fused and bf16 kernels")
+    pk_.add_argument("--backend", default="cpu", help="pykernels backend: auto | cpu | triton | cuda | reference")
+    pk_.add_argument("--repeats", type=int, default=15)
+    pk_.add_argument("--time-budget", type=float, default=3.0, metavar="SECONDS",
+                     help="per method: slow baselines get fewer repeats (never < 3)")
+    pk_.add_argument("--threads", type=int, default=None, help="default: torch.get_num_threads()")
+    pk_.add_argument("--bandwidth", type=float, default=None, help="GB/s for '%% bw' (skips the probe)")
+    pk_.add_argument("--probe-size-mib", type=float, default=None)
+    pk_.add_argument("--no-check", action="store_true", help="skip the one-off correctness check")
+    pk_.add_argument("--accuracy", action="store_true",
+                     help="only the accuracy table on the synthetic outlier set (no timing, no probe)")
+    pk_.add_argument("--acc-len", type=int, default=4096, help="tokens of the synthetic set (accuracy)")
+    pk_.add_argument("--acc-queries", type=int, default=4, help="queries per head of the synthetic set")
+    pk_.add_argument("--sweep", nargs="?", const="1,2,3", default=None,
+                     help="run the issue's KV suites (default all: 1 speed, 2 memory, 3 accuracy)")
+    pk_.add_argument("--quick", action="store_true", help="smaller sweeps (with --sweep)")
+    pk_.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                     help="per configuration, wait up to this long for other processes to go idle")
+    pk_.add_argument("--json", default=None, help="write rows (and probe) as JSON here")
+    pk_.set_defaults(func=cmd_kv, seqlens_given=False)
     return p
 
 

@@ -2,10 +2,10 @@
 
 Writes ``reports/<hostname>/report.json`` (probe, machine, every row, targets, what ran where)
 and ``reports/<hostname>/report.md`` (tables and PASS/MISS per target with its figure).
-Bounded to a few minutes on a 2-core machine. Suites are ``bench.attention.SUITES`` then
-``bench.lut.SUITES`` (name, title, fn(ctx) -> {"rows", "targets", "notes"}); later issues append
-their own lists. ``--suites`` takes names (``lut-2``), numbers (``2``: that suite of every
-family) or families (``attention``, ``lut``).
+Bounded to a few minutes on a 2-core machine. Suites are ``bench.attention.SUITES``, then
+``bench.lut.SUITES``, then ``bench.kvquant.SUITES`` (name, title, fn(ctx) -> {"rows", "targets",
+"notes"}); later issues append their own lists. ``--suites`` takes names (``lut-2``), numbers
+(``2``: that suite of every family) or families (``attention``, ``lut``, ``kv``).
 """
 
 from __future__ import annotations
@@ -64,6 +64,47 @@ def _md_table_lut(rows: list[dict]) -> list[str]:
     return out
 
 
+def _md_table_kv(rows: list[dict]) -> list[str]:
+    """bench.kvquant rows: speed, memory or accuracy tables (by the rows' ``kv_table``)."""
+    kind = rows[0]["kv_table"]
+    if kind == "memory":
+        out = ["| config | format | bytes/token/layer | store bytes/token | read bytes/token | bf16 / this |",
+               "|---|---|---:|---:|---:|---:|"]
+        for r in rows:
+            out.append(f"| {r['label']} | {r['format']} | {r['bytes_per_token']:.1f} | "
+                       f"{r['store_bytes_per_token']:.1f} | {r['read_bytes_per_token']:.1f} | {r['vs_bf16']:.2f}x |")
+        return out
+    if kind == "accuracy":
+        out = ["| format | group size | variant | cos mean | cos min | rel L2 | KL mean | KL max |",
+               "|---|---:|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            out.append(f"| {r['format']} | {r['group_size']} | {r['variant']} | {r['cos_mean']:.6f} | "
+                       f"{r['cos_min']:.6f} | {r['rel_l2']:.3g} | {r['kl_mean']:.3g} | {r['kl_max']:.3g} |")
+        return out
+    out = ["| config | method | median ms | p10..p90 ms | GB/s | % bw | bytes read | bytes/token/layer | "
+           "speedups (t_baseline / t) | check |", "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        if "median_ms" not in r:
+            out.append(f"| {r['label']} | {r['method']} | not run | | | | | | {r.get('error', '')} | |")
+            continue
+        sp = ", ".join(f"{k[3:]} {v:.2f}x" for k, v in r.get("speedup", {}).items())
+        pct = "-" if r.get("pct_bw") is None else f"{r['pct_bw']:.1f}"
+        mem = "-" if r.get("mem_bytes_per_token") is None else f"{r['mem_bytes_per_token']:.0f}"
+        chk = r.get("check", "-") + (f" ({r['max_abs_err']:.2g})" if "max_abs_err" in r else "")
+        out.append(f"| {r['label']} | {r['method']} | {r['median_ms']:.3f} | {r['p10_ms']:.3f}..{r['p90_ms']:.3f} | "
+                   f"{r['GB_s']:.2f} | {pct} | {r['bytes'] / 2**20:.2f} MiB | {mem} | {sp} | {chk} |")
+    return out
+
+
+_KV_METHOD = ("Quantized KV (suites kv-*): KIVI cache (keys per channel in groups of gs tokens, values per "
+              "token in groups of gs channels, fp16 scales and zeros; fp8 e4m3 with one fp32 scale per group "
+              "of gs tokens and head) with a bf16 residual window; bytes read = codes + scales + zeros of the "
+              "quantized tokens + the bf16 sink/residual rows, K and V, plus q and out. Caches cold, warm-up, "
+              "interleaved repeats, median; slow baselines (transformers QuantizedCache, dequantize-then-SDPA) "
+              "get fewer repeats and are credited with the same bytes (effective rate). Accuracy: synthetic "
+              "Llama-like KV (outlier key channels, RoPE, attention sink, 1% value outliers; see "
+              "bench/kvquant.py), float64 attention vs the bf16 cache.")
+
 _LUT_METHOD = ("LUT-GEMV (suites lut-*): bytes = LUTWeight.nbytes (bit planes + fp16 scales + fp16 "
                "zeros) or N x K x 2 for torch bf16, plus x read and y written; \"weight GB/s\" counts "
                "the weights alone. Weight sets are random codes (never quantized in the benchmark), "
@@ -98,8 +139,10 @@ def write_markdown(path: str, rep: dict):
     L += ["", "Method, decode attention (suites attention-*): bytes counted explicitly (K+V = sum(seqlens) x Hkv x D x 2 x elt, plus q and out); "
           "KV caches cold (each call reads a different buffer from a pool >= 4x LLC); warm-up, then "
           "repeats interleaved across methods; median and p10..p90. GB = 1e9 bytes.", ""]
-    if any("kind" in r for r in rep.get("rows", [])):
+    if any("kind" in r and "kv_table" not in r for r in rep.get("rows", [])):
         L += [_LUT_METHOD, ""]
+    if any("kv_table" in r for r in rep.get("rows", [])):
+        L += [_KV_METHOD, ""]
 
     all_targets = [t for s in rep["suites"] for t in s.get("targets", [])]
     if all_targets:
@@ -117,8 +160,15 @@ def write_markdown(path: str, rep: dict):
             L += [f"Not run: {s['skipped']}", ""]
         rows = s.get("rows", [])
         if rows:
-            lut_rows = any("kind" in r for r in rows)  # bench.lut rows
-            L += (_md_table_lut(rows) if lut_rows else _md_table(rows)) + [""]
+            if any("kv_table" in r for r in rows):     # bench.kvquant rows, one table per kind
+                for kind in ("speed", "memory", "accuracy"):
+                    part = [r for r in rows if r.get("kv_table") == kind]
+                    if part:
+                        L += _md_table_kv(part) + [""]
+            elif any("kind" in r for r in rows):       # bench.lut rows
+                L += _md_table_lut(rows) + [""]
+            else:
+                L += _md_table(rows) + [""]
         for n in s.get("notes", []):
             L.append(f"- {n}")
         if s.get("notes"):
@@ -134,6 +184,7 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
                wait_quiet_s: float = 0.0) -> dict:
     from roofline import probe_memory_bandwidth
     from . import attention as A
+    from . import kvquant as KV
     from . import lut as LU
 
     t0 = time.perf_counter()
@@ -148,8 +199,11 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
     # LutContext is a BenchContext plus the LUT format fields, so it serves every family
     ctx = LU.LutContext(bandwidth_GB_s=probe["bandwidth_GB_s"], backend="cpu", device="cpu",
                         repeats=repeats, quick=quick, log=log, wait_quiet_s=wait_quiet_s, probe=probe)
+    # the KV suites take their own context (group size 32, residual 128: the issue's cache)
+    kv_ctx = KV.KVContext(bandwidth_GB_s=probe["bandwidth_GB_s"], backend="cpu", device="cpu",
+                          repeats=repeats, quick=quick, log=log, wait_quiet_s=wait_quiet_s, probe=probe)
     results = []
-    for name, title, fn in list(A.SUITES) + list(LU.SUITES):
+    for name, title, fn in list(A.SUITES) + list(LU.SUITES) + list(KV.SUITES):
         entry = {"name": name, "title": title}
         if suites and not {name, name.split("-")[-1], name.split("-")[0]} & set(suites):
             entry["skipped"] = "not selected"
@@ -158,7 +212,7 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
         log(f"\n== {name}: {title}")
         ts = time.perf_counter()
         try:
-            entry.update(fn(ctx))
+            entry.update(fn(kv_ctx if name.startswith("kv-") else ctx))
             if entry.get("targets"):
                 log(A.format_targets(entry["targets"]))
         except Exception as e:  # one broken suite must not lose the others' figures

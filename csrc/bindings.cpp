@@ -24,6 +24,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("seqlens"), py::arg("block_table"), py::arg("out"), py::arg("lse"), py::arg("scale"),
         py::arg("method"), py::arg("num_splits"), py::arg("num_workers"), py::arg("tile"));
+  m.def("decode_attention_kv", &decode_attention_kv, py::arg("q"), py::arg("k_codes"), py::arg("k_scale"),
+        py::arg("k_zero"), py::arg("v_codes"), py::arg("v_scale"), py::arg("v_zero"), py::arg("fp_k"),
+        py::arg("fp_v"), py::arg("block_table"), py::arg("n_sink"), py::arg("n_quant"), py::arg("n_res"),
+        py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("fmt"), py::arg("group_size"), py::arg("method"),
+        py::arg("num_splits"), py::arg("num_workers"), py::arg("tile"),
+        "Decode attention over a quantized KV cache (pykernels.kv_format), dequantizing in registers");
   m.def("lut_gemv", &lut_gemv, py::arg("x"), py::arg("planes"), py::arg("scales"), py::arg("zeros"),
         py::arg("codebook"), py::arg("out"), py::arg("N"), py::arg("K_pad"), py::arg("bits"), py::arg("gs"),
         py::arg("mode"),

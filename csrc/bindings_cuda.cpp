@@ -1,5 +1,5 @@
-// pykernels._cuda: declarations only; the launchers live in csrc/cuda/decode_attention.cu and
-// csrc/cuda/lut_gemv.cu.
+// pykernels._cuda: declarations only; the launchers live in csrc/cuda/decode_attention.cu,
+// csrc/cuda/lut_gemv.cu and csrc/cuda/kv_attention.cu.
 // Importing this module never touches the GPU: it must import on machines without one.
 #include <pybind11/pybind11.h>
 
@@ -25,6 +25,14 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("method"), py::arg("num_splits"), py::arg("num_workers"), py::arg("tile"),
         py::arg("stream") = 0,
         "Decode attention on CUDA tensors (DLPack), enqueued on `stream` (a cudaStream_t as int).");
+  m.def("decode_attention_kv", &decode_attention_kv, py::arg("q"), py::arg("k_codes"), py::arg("k_scale"),
+        py::arg("k_zero"), py::arg("v_codes"), py::arg("v_scale"), py::arg("v_zero"), py::arg("fp_k"), py::arg("fp_v"),
+        py::arg("block_table"), py::arg("n_sink"), py::arg("n_quant"), py::arg("n_res"), py::arg("out"), py::arg("lse"),
+        py::arg("scale"), py::arg("fmt"), py::arg("group_size"), py::arg("method"), py::arg("num_splits"),
+        py::arg("num_workers"), py::arg("tile"), py::arg("stream") = 0,
+        "Decode attention over a quantized KV cache (pykernels.kv_format) on CUDA tensors (DLPack), "
+        "enqueued on `stream` (a cudaStream_t as int). k_zero / v_zero are None for fp8; "
+        "block_table None means page b for sequence b.");
   m.def("lut_rows", &pick_lut_rows, py::arg("M"),
         "Rows of x a LUT-GEMV kernel processes together for M rows (the next power of two).");
   m.def("lut_gemv", &lut_gemv, py::arg("x"), py::arg("planes"), py::arg("scales"), py::arg("zeros"),

@@ -1,15 +1,18 @@
-"""Decode attention: one query token per sequence against a long KV cache.
+"""Decode attention: one query token per sequence against a long KV cache (dense or paged
+tensors, or a ``pk.QuantizedKVCache``).
 
 Public entry points: ``decode_attention``, ``merge_states``. Validation happens here, at the
 boundary (the native launchers check again); the backend is chosen by ``backends.select``.
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
 
 from . import backends
+from .kv_cache import QuantizedKVCache
 from .plan import DEFAULT_TILE, choose_method, default_num_splits
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -114,8 +117,13 @@ def _validate(q, k_cache, v_cache, seqlens, block_table, scale, method, num_spli
                 raise ValueError(f"block_table: block_table[{b}, {j}] = {int(block_table[b, j])} is outside "
                                  f"[0, {k_cache.shape[0]}) (num_blocks)")
 
+    return q, k_cache, v_cache, seqlens, block_table, _check_options(q, scale, method, num_splits, out)
+
+
+def _check_options(q, scale, method, num_splits, out) -> float:
+    """Checks of the keyword arguments shared by tensor and quantized caches; returns the scale."""
     if scale is None:
-        scale = 1.0 / math.sqrt(D)
+        scale = 1.0 / math.sqrt(q.shape[-1])
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale!r}")
     if method not in ("auto", "lean", "split"):
@@ -130,7 +138,32 @@ def _validate(q, k_cache, v_cache, seqlens, block_table, scale, method, num_spli
                              f"{tuple(out.shape)} {out.dtype} on {out.device}")
         if not out.is_contiguous():
             raise ValueError("out: must be contiguous")
-    return q, k_cache, v_cache, seqlens, block_table, float(scale)
+    return float(scale)
+
+
+def _validate_kv(q, cache, v_cache, seqlens, block_table, scale, method, num_splits, out):
+    """Checks of a call on a QuantizedKVCache. Returns (q, scale)."""
+    for name, val in (("v_cache", v_cache), ("seqlens", seqlens), ("block_table", block_table)):
+        if val is not None:
+            raise ValueError(f"{name}: must be None when k_cache is a pk.QuantizedKVCache (the cache holds "
+                             f"K, V, lengths and pages), got {type(val).__name__}")
+    q = _as_tensor(q, "q")
+    if q.dim() != 3:
+        raise ValueError(f"q: expected [batch, num_heads, head_dim], got shape {tuple(q.shape)}")
+    _check_float(q, "q")
+    B, Hq, D = q.shape
+    if q.device != cache.device:
+        raise ValueError(f"q: on {q.device}, but the cache is on {cache.device}")
+    if B != cache.batch:
+        raise ValueError(f"q: batch {B} differs from the cache batch {cache.batch}")
+    if D != cache.head_dim:
+        raise ValueError(f"q: head_dim {D} differs from the cache head_dim {cache.head_dim}")
+    if Hq < 1 or Hq % cache.num_kv_heads:
+        raise ValueError(f"q: num_heads {Hq} is not a multiple of the cache num_kv_heads {cache.num_kv_heads}")
+    for b, L in enumerate(cache.lengths()):
+        if L < 1:
+            raise ValueError(f"k_cache: sequence {b} holds no tokens (append before attending)")
+    return q, _check_options(q, scale, method, num_splits, out)
 
 
 def _accepts(q, k_cache):
@@ -148,6 +181,18 @@ def _accepts(q, k_cache):
     return accepts
 
 
+def _resolve_method(method, num_splits, lens_host, num_kv_heads, W, tile):
+    """("lean" | "split", num_splits) for the kernels; ``lens_host()`` gives the lengths on the
+    host and is called only when the choice depends on them."""
+    if method == "auto" or (method == "split" and num_splits is None):
+        lens = lens_host()
+        if method == "auto":
+            method = choose_method(lens, num_kv_heads, W, tile)
+        if method == "split" and num_splits is None:
+            num_splits = default_num_splits(lens, num_kv_heads, W)
+    return method, 1 if num_splits is None else num_splits
+
+
 def _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, backend, out, lse):
     """Dispatch validated inputs; writes out [B, Hq, D] and lse [B, Hq] float32."""
     name = backends.select(backend, q.device, _accepts(q, k_cache))
@@ -160,14 +205,8 @@ def _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, b
         return
     W = _num_workers(q.device, name)
     seqlens_i32 = seqlens.to(torch.int32).contiguous()
-    if method == "auto" or (method == "split" and num_splits is None):
-        lens_host = seqlens_i32.cpu() if seqlens_i32.device.type != "cpu" else seqlens_i32
-        if method == "auto":
-            method = choose_method(lens_host, k_cache.shape[2], W, DEFAULT_TILE)
-        if method == "split" and num_splits is None:
-            num_splits = default_num_splits(lens_host, k_cache.shape[2], W)
-    if num_splits is None:
-        num_splits = 1
+    method, num_splits = _resolve_method(method, num_splits, lambda: seqlens_i32.cpu(), k_cache.shape[2], W,
+                                         DEFAULT_TILE)
     bt = block_table.to(torch.int32).contiguous() if block_table is not None else None
     if name == "cpu":
         backends.cpu_module().decode_attention(q, k_cache, v_cache, seqlens_i32, bt, out, lse, scale,
@@ -180,6 +219,60 @@ def _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, b
         from .cuda.decode_attention import decode_attention as fn
 
         fn(q, k_cache, v_cache, seqlens_i32, bt, out, lse, scale, method, num_splits, W, DEFAULT_TILE)
+
+
+def _accepts_kv(q):
+    D = q.shape[-1]
+
+    def accepts(name):
+        if name == "cpu" and not hasattr(backends.cpu_module(), "decode_attention_kv"):
+            return "pykernels._C has no decode_attention_kv (built before the quantized KV cache); rebuild it"
+        if name in ("triton", "cuda"):
+            if D > 256:
+                return f"head_dim must be <= 256 for the {name} kernel, got {D}"
+            try:
+                ok, why = importlib.import_module(f"pykernels.{name}.kv_attention").available()
+            except ImportError as e:
+                return f"pykernels.{name}.kv_attention cannot be imported: {e}"
+            return None if ok else why
+        return None
+
+    return accepts
+
+
+def _kv_tile(group_size: int) -> int:
+    """Tokens per KV tile for a quantized cache: DEFAULT_TILE rounded up to a multiple of
+    group_size, so no tile cuts a quantization group."""
+    return -(-max(DEFAULT_TILE, group_size) // group_size) * group_size
+
+
+def _run_kv(q, cache, scale, method, num_splits, backend, out, lse):
+    """Dispatch a validated call on a QuantizedKVCache; writes out [B, Hq, D] and lse [B, Hq]."""
+    name = backends.select(backend, q.device, _accepts_kv(q))
+    if name == "reference":
+        from .reference import decode_attention_kv_reference
+
+        o, l = decode_attention_kv_reference(q, cache, scale, return_lse=True)
+        out.copy_(o)
+        lse.copy_(l)
+        return
+    W = _num_workers(q.device, name)
+    tile = _kv_tile(cache.group_size)
+    method, num_splits = _resolve_method(method, num_splits, cache.lengths, cache.num_kv_heads, W, tile)
+    # kv_format's kernel contract fixes no q strides: hand over a contiguous q (a no-op for decode)
+    args = (q.contiguous(), cache.k_codes, cache.k_scale, cache.k_zero, cache.v_codes, cache.v_scale, cache.v_zero,
+            cache.fp_k, cache.fp_v, cache.block_table, cache.n_sink, cache.n_quant, cache.n_res, out, lse,
+            scale, cache.fmt, cache.group_size, method, num_splits, W, tile)
+    if name == "cpu":
+        backends.cpu_module().decode_attention_kv(*args)
+    elif name == "triton":
+        from .triton.kv_attention import decode_attention_kv
+
+        decode_attention_kv(*args)
+    else:
+        from .cuda.kv_attention import decode_attention_kv
+
+        decode_attention_kv(*args)
 
 
 def decode_attention(q, k_cache, v_cache=None, seqlens=None, *, block_table=None, scale=None,
@@ -196,6 +289,10 @@ def decode_attention(q, k_cache, v_cache=None, seqlens=None, *, block_table=None
         Dense ``[B, Lmax, Hkv, D]``, or paged ``[num_blocks, block_size, Hkv, D]`` with ``block_table``.
         Hq must be a multiple of Hkv (GQA / MQA / MHA); the G = Hq/Hkv query heads of a kv-head
         share every KV read.
+        Or ``k_cache`` is a ``pk.QuantizedKVCache`` (then ``v_cache``, ``seqlens`` and
+        ``block_table`` must be None): one kernel call attends over its sink, quantized and
+        residual tokens, dequantizing inside the kernel (KV tiles of a multiple of group_size
+        tokens, at least 64).
     seqlens : int Tensor [B] (or list), 1 <= seqlens[b] <= capacity. Only these tokens are read.
     block_table : int32 Tensor [B, max_blocks], block ids of each sequence (paged cache).
     scale : softmax scale, default 1/sqrt(D).
@@ -218,14 +315,21 @@ def decode_attention(q, k_cache, v_cache=None, seqlens=None, *, block_table=None
     >>> q = torch.randn(2, 32, 128, dtype=torch.bfloat16)
     >>> k = torch.randn(2, 4096, 8, 128, dtype=torch.bfloat16); v = torch.randn_like(k)
     >>> o = pk.decode_attention(q, k, v, torch.tensor([4096, 100]))
+    >>> cache = pk.QuantizedKVCache(2, 4096, 8, 128, bits=4); cache.append(k, v)
+    >>> o = pk.decode_attention(q, cache)
     """
-    if not isinstance(k_cache, torch.Tensor) and not hasattr(k_cache, "__dlpack__"):
-        raise TypeError(f"k_cache: expected a tensor, got {type(k_cache).__name__} "
-                        "(pk.QuantizedKVCache is not implemented yet)")
-    if v_cache is None:
-        raise ValueError("v_cache: required for a tensor k_cache")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse: expected bool, got {type(return_lse).__name__}")
+    if isinstance(k_cache, QuantizedKVCache):
+        q, scale = _validate_kv(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, out)
+        o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        _run_kv(q, k_cache, scale, method, num_splits, backend, o, lse)
+        return (o, lse) if return_lse else o
+    if not isinstance(k_cache, torch.Tensor) and not hasattr(k_cache, "__dlpack__"):
+        raise TypeError(f"k_cache: expected a tensor or a pk.QuantizedKVCache, got {type(k_cache).__name__}")
+    if v_cache is None:
+        raise ValueError("v_cache: required for a tensor k_cache")
     q, k_cache, v_cache, seqlens, block_table, scale = _validate(
         q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, out)
     if torch.compiler.is_compiling():

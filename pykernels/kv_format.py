@@ -35,10 +35,10 @@ Codes: ``k_codes``, ``v_codes`` uint8 [P, Hkv, S, D * bits // 8] (D is a multipl
 channel d of a row sits at byte ``d * bits // 8``, bit offset ``(d * bits) % 8`` (little-endian
 within the byte: 4-bit: even d in the low nibble; 2-bit: d % 4 == 0 in bits 0-1).
 
-Quantizer (both kinds of group): mn, mx = min, max of the group; ``zero = fp16(mn)``,
-``scale = fp16((mx - mn) / (2**bits - 1))``; ``c = clamp(round((x - zero) / scale), 0, 2**bits-1)``
-using those float16-rounded values (c = 0 where scale == 0), so dequantization reproduces what
-the quantizer saw.
+Quantizer (both kinds of group): mn, mx = min, max of the group; ``zero = fp16(mn)`` rounded
+toward -inf, ``scale = fp16((mx - zero) / (2**bits - 1))`` rounded toward +inf (so no code is
+clamped: |error| <= scale / 2); ``c = clamp(round((x - zero) / scale), 0, 2**bits-1)`` using those
+float16 values (c = 0 where scale == 0), so dequantization reproduces what the quantizer saw.
 
 fp8: codes are float8 e4m3fn bytes [P, Hkv, S, D]; x ~= scale * e4m3(c) with one float32 scale
 per (page, kv-head, group of gs tokens) for keys and for values (``k_scale``, ``v_scale``
@@ -109,9 +109,18 @@ def unpack_codes(p: torch.Tensor, bits: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- integer formats
 
+def _fp16_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
+    """float32 -> float16 rounded toward -inf (direction < 0) or +inf (direction > 0)."""
+    h = x.to(torch.float16)
+    off = (h.float() > x) if direction < 0 else (h.float() < x)
+    return torch.where(off, torch.nextafter(h, torch.full_like(h, direction * float("inf"))), h)
+
+
 def _affine_params(mn: torch.Tensor, mx: torch.Tensor, bits: int):
-    zero = mn.to(torch.float16)
-    scale = ((mx - mn) / (2 ** bits - 1)).to(torch.float16)
+    # zero rounded down and scale rounded up (in float16) so [mn, mx] stays inside
+    # [zero, zero + (2**bits - 1) * scale]: no code is clamped and every error is <= scale / 2.
+    zero = _fp16_toward(mn, -1)
+    scale = _fp16_toward((mx - zero.float()) / (2 ** bits - 1), +1)
     return scale, zero
 
 

@@ -49,7 +49,9 @@ def make_paged(B, Hkv, D, dtype, seqlens, block_size, extra_blocks=3, nan_fill=T
 
 
 def oracle(q, k, v, seqlens, block_table=None, scale=None):
-    return decode_attention_reference(q, k, v, seqlens, block_table, scale, return_lse=True,
+    """(out, lse) in float64, not rounded to q's dtype: a kernel's rounded output is then within
+    half an ulp (+ accumulation error) of it, whereas two roundings could differ by a whole ulp."""
+    return decode_attention_reference(q.double(), k, v, seqlens, block_table, scale, return_lse=True,
                                       compute_dtype=torch.float64)
 
 

@@ -176,15 +176,20 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
   }
 
   Schedule sc = build_schedule(lens.data(), B, Hkv, method, num_splits, num_workers, tile);
+  const AttendFn attend = attend_fn(isa);
+  run_schedule(sc, Hq, G, D, kMaxGroupHeads, attend_workspace_floats(kMaxGroupHeads * G, D), out.data(), odt,
+               static_cast<float*>(lse.data()),
+               [&](const Piece& p, int64_t nh, float* o, float* l, float* w) { attend(prm, p, nh, o, l, w); });
+}
+
+void run_schedule(const Schedule& sc, int64_t Hq, int64_t G, int64_t D, int64_t max_heads, int64_t work_floats,
+                  void* outp, DType odt, float* lsep, const PieceFn& attend) {
   const int nthr = parallel_threads();
-  // Per thread: o [kMaxGroupHeads * G, D], lse [kMaxGroupHeads * G], kernel scratch.
-  const int64_t rows = kMaxGroupHeads * G;
-  const int64_t per_thr = rows * D + rows + attend_workspace_floats(rows, D);
+  // Per thread: o [max_heads * G, D], lse [max_heads * G], kernel scratch.
+  const int64_t rows = max_heads * G;
+  const int64_t per_thr = rows * D + rows + work_floats;
   std::vector<float> work((size_t)nthr * per_thr);
   std::vector<float> part_o((size_t)sc.num_slots * G * D), part_lse((size_t)sc.num_slots * G);
-  void* outp = out.data();
-  float* lsep = static_cast<float*>(lse.data());
-  const AttendFn attend = attend_fn(isa);
 
   parallel_run((int64_t)sc.task_begin.size() - 1, nthr, [&](int64_t task, int thr) {
     float* o = work.data() + (size_t)thr * per_thr;
@@ -194,18 +199,18 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
     for (int64_t i = sc.task_begin[task]; i < end;) {
       const Piece& p = sc.pieces[i];
       if (p.slot >= 0) {
-        attend(prm, p, 1, part_o.data() + p.slot * G * D, part_lse.data() + p.slot * G, w);
+        attend(p, 1, part_o.data() + p.slot * G * D, part_lse.data() + p.slot * G, w);
         ++i;
         continue;
       }
       // Whole segments of consecutive kv-heads of one sequence run as one group.
       int64_t nh = 1;
-      while (nh < kMaxGroupHeads && i + nh < end) {
+      while (nh < max_heads && i + nh < end) {
         const Piece& n = sc.pieces[i + nh];
         if (n.slot >= 0 || n.b != p.b || n.h != p.h + nh || n.t0 != p.t0 || n.t1 != p.t1) break;
         ++nh;
       }
-      attend(prm, p, nh, o, l, w);
+      attend(p, nh, o, l, w);
       const int64_t row = p.b * Hq + p.h * G;
       store_vec(outp, odt, row * D, o, nh * G * D);
       for (int64_t r = 0; r < nh * G; ++r) lsep[row + r] = l[r];

@@ -41,6 +41,15 @@ constexpr int kModeSplit = 0;
 constexpr int kModeLean = 1;
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// The plan and reduce kernels are not templates: in an nvcc build each launcher translation
+// unit that includes this header (decode_attention.cu, kv_attention.cu) gets its own copy
+// (internal linkage) instead of a duplicate symbol; NVRTC sees ordinary kernels.
+#if defined(__CUDACC_RTC__)
+#define PK_SHARED_KERNEL __global__
+#else
+#define PK_SHARED_KERNEL static __global__
+#endif
+
 // Tokens per warp step: U * GB <= 32 scores (one per lane after the reduction) and at most 32
 // K plus 32 V values per lane held in registers.
 template <int EPL, int GB>
@@ -168,7 +177,7 @@ struct ReduceScatter {
 // One CTA: cum[s] = exclusive prefix of tiles per segment (cum[nseg] = total), and
 // split_base[s] = first partial slot of segment s for the split method (-1 when the segment is
 // a single chunk), numbered like the CPU schedule.
-__global__ void __launch_bounds__(kPlanThreads)
+PK_SHARED_KERNEL void __launch_bounds__(kPlanThreads)
 decode_attention_plan_kernel(const pk_i32* __restrict__ seqlens, pk_i64 sl_stride, pk_i64 B, pk_i64 Hkv,
                              pk_i64 tile, pk_i64 capacity, pk_i64 num_splits,
                              pk_i64* __restrict__ cum, pk_i64* __restrict__ split_base) {
@@ -212,26 +221,79 @@ decode_attention_plan_kernel(const pk_i32* __restrict__ seqlens, pk_i64 sl_strid
 }
 
 // ---- attention kernel ---------------------------------------------------------------------
-// T: cache element type (float, fp16_t, bf16_t); EPL: elements of D per lane (D <= 32 * EPL);
-// GB: query heads processed together (G is covered in ceil(G / GB) passes).
+// The kernel body (decode_attention_body) is shared with the quantized-KV kernel
+// (kv_attention.cuh): it owns the schedule (split / lean pieces), the online softmax, the
+// cross-warp merge and the output / partial writes; a source type `Src` supplies the K and V
+// values of one warp step:
+//   void begin(pk_i64 b, pk_i64 h)            called at the start of each piece (segment b, h);
+//   unsigned load<U>(b, h, base, t1, lane, kx, vx)
+//                                             fills kx[u], vx[u] (this lane's EPL elements of
+//                                             token base + u as fp32, zeros when invalid) and
+//                                             returns the mask of valid tokens (bit u).
 //
-// q: [B, Hq, D] (strides q_s*), dense k/v: [B, Lmax, Hkv, D], paged k/v: [num_blocks,
-// block_size, Hkv, D] with block_table [B, max_blocks] (strides k_s*, v_s*; D contiguous).
+// DenseOrPagedSrc: T cache element type (float, fp16_t, bf16_t); dense k/v [B, Lmax, Hkv, D],
+// paged k/v [num_blocks, block_size, Hkv, D] with block_table [B, max_blocks] (strides k_s*,
+// v_s*; D contiguous).
+template <typename T, int EPL>
+struct DenseOrPagedSrc {
+  const T* __restrict__ k;
+  const T* __restrict__ v;
+  pk_i64 k_s0, k_s1, k_s2, v_s0, v_s1, v_s2;
+  const pk_i32* __restrict__ block_table;
+  pk_i64 bt_stride, block_size, num_blocks;
+  int Di;
+  bool use_vec;
+
+  __device__ __forceinline__ void begin(pk_i64, pk_i64) {}
+
+  template <int U>
+  __device__ __forceinline__ unsigned load(pk_i64 b, pk_i64 h, pk_i64 base, pk_i64 t1, int lane,
+                                           float (&kx)[U][EPL], float (&vx)[U][EPL]) const {
+    const bool paged = block_table != nullptr;
+    unsigned valid = 0u;
+    pk_i64 blk = 0, off = 0;
+    if (paged) { blk = base / block_size; off = base - blk * block_size; }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const pk_i64 tok = base + u;
+      bool ok = tok < t1;
+      pk_i64 r0 = b, r1 = tok;
+      if (paged) {
+        if (ok) {
+          const pk_i64 id = block_table[b * bt_stride + blk];
+          ok = id >= 0 && id < num_blocks;  // the launcher rejects bad ids; never read them
+          r0 = id;
+          r1 = off;
+        }
+        if (++off == block_size) { off = 0; ++blk; }
+      }
+      if (ok) {
+        load_chunk<T, EPL>(k + r0 * k_s0 + r1 * k_s1 + h * k_s2, lane * EPL, Di, use_vec, kx[u]);
+        load_chunk<T, EPL>(v + r0 * v_s0 + r1 * v_s1 + h * v_s2, lane * EPL, Di, use_vec, vx[u]);
+        valid |= 1u << u;
+      } else {
+#pragma unroll
+        for (int i = 0; i < EPL; ++i) { kx[u][i] = 0.f; vx[u][i] = 0.f; }
+      }
+    }
+    return valid;
+  }
+};
+
+// EPL: elements of D per lane (D <= 32 * EPL); GB: query heads processed together (G is
+// covered in ceil(G / GB) passes). q: [B, Hq, D] (strides q_s*); seqlens (stride sl_stride,
+// clamped to [0, capacity]) give the tokens per sequence the schedule covers.
 // out: [B, Hq, D] contiguous (out_dtype), lse: [B, Hq] fp32 contiguous.
 // part_o: [num_slots, G, D] fp32, part_lse: [num_slots, G].
-template <typename T, int EPL, int GB>
-__global__ void __launch_bounds__(kThreads)
-decode_attention_kernel(const void* __restrict__ q, pk_i64 q_s0, pk_i64 q_s1, pk_i64 q_s2, pk_i64 q_dtype,
-                        const T* __restrict__ k, const T* __restrict__ v,
-                        pk_i64 k_s0, pk_i64 k_s1, pk_i64 k_s2, pk_i64 v_s0, pk_i64 v_s1, pk_i64 v_s2,
-                        const pk_i32* __restrict__ seqlens, pk_i64 sl_stride,
-                        const pk_i32* __restrict__ block_table, pk_i64 bt_stride, pk_i64 block_size,
-                        pk_i64 num_blocks, pk_i64 capacity,
-                        const pk_i64* __restrict__ cum, const pk_i64* __restrict__ split_base,
-                        void* __restrict__ out, pk_i64 out_dtype, float* __restrict__ lse,
-                        float* __restrict__ part_o, float* __restrict__ part_lse, pk_i64 num_slots,
-                        pk_i64 B, pk_i64 Hq, pk_i64 Hkv, pk_i64 D, pk_i64 tile,
-                        pk_i64 mode, pk_i64 num_splits, float scale, pk_i64 vec) {
+template <int EPL, int GB, class Src>
+__device__ __forceinline__ void
+decode_attention_body(Src src, const void* __restrict__ q, pk_i64 q_s0, pk_i64 q_s1, pk_i64 q_s2, pk_i64 q_dtype,
+                      const pk_i32* __restrict__ seqlens, pk_i64 sl_stride, pk_i64 capacity,
+                      const pk_i64* __restrict__ cum, const pk_i64* __restrict__ split_base,
+                      void* __restrict__ out, pk_i64 out_dtype, float* __restrict__ lse,
+                      float* __restrict__ part_o, float* __restrict__ part_lse, pk_i64 num_slots,
+                      pk_i64 B, pk_i64 Hq, pk_i64 Hkv, pk_i64 D, pk_i64 tile,
+                      pk_i64 mode, pk_i64 num_splits, float scale) {
   constexpr int DP = 32 * EPL;  // padded head dim held by one warp
   constexpr int U = StepShape<EPL, GB>::U;
   constexpr int J = StepShape<EPL, GB>::J;
@@ -246,8 +308,6 @@ decode_attention_kernel(const void* __restrict__ q, pk_i64 q_s0, pk_i64 q_s1, pk
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const pk_i64 nseg = B * Hkv, G = Hq / Hkv;
   const int Di = (int)D;
-  const bool use_vec = vec != 0;
-  const bool paged = block_table != nullptr;
   // This lane's score after the reduce-scatter: token my_u, head my_g of the step.
   const int my_j = lane % J, my_u = my_j / GB;
 
@@ -295,6 +355,7 @@ decode_attention_kernel(const void* __restrict__ q, pk_i64 q_s0, pk_i64 q_s1, pk
       slot = whole ? (pk_i64)-1 : lean_partial_slot(blockIdx.x, gb, cum[s]);
       gcur = se;
     }
+    src.begin(b, h);
     const bool drop = slot >= num_slots;  // inconsistent plan: never write out of bounds
     for (pk_i64 g0 = 0; g0 < G; g0 += GB) {
       __syncthreads();  // smem of the previous piece / head group is no longer read
@@ -316,32 +377,7 @@ decode_attention_kernel(const void* __restrict__ q, pk_i64 q_s0, pk_i64 q_s1, pk
 
       for (pk_i64 base = t0 + (pk_i64)warp * U; base < t1; base += (pk_i64)kWarps * U) {
         float kx[U][EPL], vx[U][EPL];
-        unsigned valid = 0u;
-        pk_i64 blk = 0, off = 0;
-        if (paged) { blk = base / block_size; off = base - blk * block_size; }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const pk_i64 tok = base + u;
-          bool ok = tok < t1;
-          pk_i64 r0 = b, r1 = tok;
-          if (paged) {
-            if (ok) {
-              const pk_i64 id = block_table[b * bt_stride + blk];
-              ok = id >= 0 && id < num_blocks;  // the launcher rejects bad ids; never read them
-              r0 = id;
-              r1 = off;
-            }
-            if (++off == block_size) { off = 0; ++blk; }
-          }
-          if (ok) {
-            load_chunk<T, EPL>(k + r0 * k_s0 + r1 * k_s1 + h * k_s2, lane * EPL, Di, use_vec, kx[u]);
-            load_chunk<T, EPL>(v + r0 * v_s0 + r1 * v_s1 + h * v_s2, lane * EPL, Di, use_vec, vx[u]);
-            valid |= 1u << u;
-          } else {
-#pragma unroll
-            for (int i = 0; i < EPL; ++i) { kx[u][i] = 0.f; vx[u][i] = 0.f; }
-          }
-        }
+        const unsigned valid = src.template load<U>(b, h, base, t1, lane, kx, vx);
         // Partial dot products of this lane's D slice, value j = u * GB + g.
         float sv[J];
 #pragma unroll
@@ -435,11 +471,38 @@ decode_attention_kernel(const void* __restrict__ q, pk_i64 q_s0, pk_i64 q_s1, pk
   }
 }
 
+// The plain-cache kernel. q: [B, Hq, D] (strides q_s*), dense k/v: [B, Lmax, Hkv, D], paged k/v: [num_blocks,
+// block_size, Hkv, D] with block_table [B, max_blocks] (strides k_s*, v_s*; D contiguous).
+// out: [B, Hq, D] contiguous (out_dtype), lse: [B, Hq] fp32 contiguous.
+// part_o: [num_slots, G, D] fp32, part_lse: [num_slots, G].
+template <typename T, int EPL, int GB>
+__global__ void __launch_bounds__(kThreads)
+decode_attention_kernel(const void* __restrict__ q, pk_i64 q_s0, pk_i64 q_s1, pk_i64 q_s2, pk_i64 q_dtype,
+                        const T* __restrict__ k, const T* __restrict__ v,
+                        pk_i64 k_s0, pk_i64 k_s1, pk_i64 k_s2, pk_i64 v_s0, pk_i64 v_s1, pk_i64 v_s2,
+                        const pk_i32* __restrict__ seqlens, pk_i64 sl_stride,
+                        const pk_i32* __restrict__ block_table, pk_i64 bt_stride, pk_i64 block_size,
+                        pk_i64 num_blocks, pk_i64 capacity,
+                        const pk_i64* __restrict__ cum, const pk_i64* __restrict__ split_base,
+                        void* __restrict__ out, pk_i64 out_dtype, float* __restrict__ lse,
+                        float* __restrict__ part_o, float* __restrict__ part_lse, pk_i64 num_slots,
+                        pk_i64 B, pk_i64 Hq, pk_i64 Hkv, pk_i64 D, pk_i64 tile,
+                        pk_i64 mode, pk_i64 num_splits, float scale, pk_i64 vec) {
+  DenseOrPagedSrc<T, EPL> src;
+  src.k = k; src.v = v;
+  src.k_s0 = k_s0; src.k_s1 = k_s1; src.k_s2 = k_s2; src.v_s0 = v_s0; src.v_s1 = v_s1; src.v_s2 = v_s2;
+  src.block_table = block_table; src.bt_stride = bt_stride; src.block_size = block_size;
+  src.num_blocks = num_blocks; src.Di = (int)D; src.use_vec = vec != 0;
+  decode_attention_body<EPL, GB>(src, q, q_s0, q_s1, q_s2, q_dtype, seqlens, sl_stride, capacity, cum, split_base,
+                                 out, out_dtype, lse, part_o, part_lse, num_slots, B, Hq, Hkv, D, tile, mode,
+                                 num_splits, scale);
+}
+
 // ---- reduction kernel ---------------------------------------------------------------------
 // CTA s merges the partial states of segment s if it was cut (lean: written by workers
 // lean_owner(cum[s]) .. lean_owner(cum[s+1] - 1); split: its chunks), in token order, with
 // merge_lse. Warps over heads, lanes over D.
-__global__ void __launch_bounds__(kThreads)
+PK_SHARED_KERNEL void __launch_bounds__(kThreads)
 decode_attention_reduce_kernel(const pk_i64* __restrict__ cum, const pk_i64* __restrict__ split_base,
                                const float* __restrict__ part_o, const float* __restrict__ part_lse,
                                pk_i64 num_slots, void* __restrict__ out, pk_i64 out_dtype,

@@ -1,5 +1,7 @@
-// Host entry points of the CUDA launchers (csrc/cuda/decode_attention.cu, csrc/cuda/lut_gemv.cu),
-// declared once for the launchers and the pybind11 bindings (csrc/bindings_cuda.cpp).
+// Host entry points of the CUDA launchers (csrc/cuda/decode_attention.cu, csrc/cuda/lut_gemv.cu,
+// csrc/cuda/kv_attention.cu), declared once for the launchers and the pybind11 bindings
+// (csrc/bindings_cuda.cpp). The launch helpers at the end (CUDA runtime calls) are seen only by
+// the .cu launchers (nvcc), not by the bindings.
 #pragma once
 #include <pybind11/pybind11.h>
 
@@ -24,5 +26,105 @@ void lut_gemv(py::object x, py::object planes, py::object scales, py::object zer
               py::object out, int64_t N, int64_t K_pad, int64_t bits, int64_t gs, const std::string& mode,
               int64_t stream);
 
+// Decode attention over a quantized KV cache (csrc/cuda/kv_attention.cu); the arguments of
+// pykernels.kv_format's kernel entry point (k_zero, v_zero, block_table may be None).
+void decode_attention_kv(py::object q, py::object k_codes, py::object k_scale, py::object k_zero,
+                         py::object v_codes, py::object v_scale, py::object v_zero, py::object fp_k,
+                         py::object fp_v, py::object block_table, py::object n_sink, py::object n_quant,
+                         py::object n_res, py::object out, py::object lse, double scale, const std::string& fmt,
+                         int64_t group_size, const std::string& method, int64_t num_splits, int64_t num_workers,
+                         int64_t tile, int64_t stream);
+
 }  // namespace cuda
 }  // namespace pykernels
+
+#if defined(__CUDACC__)
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <vector>
+
+#include "tensor_arg.h"
+
+namespace pykernels {
+namespace cuda {
+namespace launch_util {
+
+inline std::string str(int64_t v) { return std::to_string(v); }
+
+inline void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear a sticky-free error so later calls are not blamed for it
+    throw std::runtime_error(std::string("pykernels._cuda: ") + what + " failed: " + cudaGetErrorString(err));
+  }
+}
+#define PK_CUDA_CHECK(expr) check((expr), #expr)
+
+// Makes `dev` current for the call and restores the caller's device afterwards.
+struct DeviceGuard {
+  int prev = -1;
+  explicit DeviceGuard(int dev) {
+    PK_CUDA_CHECK(cudaGetDevice(&prev));
+    if (prev != dev) PK_CUDA_CHECK(cudaSetDevice(dev));
+  }
+  ~DeviceGuard() {
+    int cur = -1;
+    if (prev >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
+  }
+};
+
+// Stream-ordered scratch memory (cudaMallocAsync); cudaMalloc + stream sync on devices
+// without memory pools. Freed in the destructor when an error unwinds the launcher.
+struct Workspace {
+  void* ptr = nullptr;
+  cudaStream_t stream = nullptr;
+  bool async = false;
+  Workspace(size_t bytes, cudaStream_t s, int dev) : stream(s) {
+    int pools = 0;
+    cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev);
+    async = pools != 0;
+    if (async) PK_CUDA_CHECK(cudaMallocAsync(&ptr, bytes, stream));
+    else PK_CUDA_CHECK(cudaMalloc(&ptr, bytes));
+  }
+  void release() {
+    void* p = ptr;
+    ptr = nullptr;
+    if (!p) return;
+    if (async) {
+      PK_CUDA_CHECK(cudaFreeAsync(p, stream));
+    } else {
+      PK_CUDA_CHECK(cudaStreamSynchronize(stream));
+      PK_CUDA_CHECK(cudaFree(p));
+    }
+  }
+  ~Workspace() {
+    if (!ptr) return;
+    if (async) cudaFreeAsync(ptr, stream);
+    else { cudaStreamSynchronize(stream); cudaFree(ptr); }
+  }
+};
+
+// Copy the elements of a strided int32 tensor (ndim <= 2) to the host, preserving the strides
+// (index with the tensor's own strides relative to the returned base). One D2H copy of the
+// span the tensor covers, ordered on `stream` after whatever produced it.
+inline std::vector<int32_t> copy_span_to_host(const TensorArg& t, cudaStream_t stream, int64_t* base) {
+  int64_t lo = 0, hi = 0;
+  for (int i = 0; i < t.ndim(); ++i) {
+    if (t.size(i) == 0) { *base = 0; return {}; }
+    const int64_t ext = (t.size(i) - 1) * t.stride(i);
+    if (ext < 0) lo += ext; else hi += ext;
+  }
+  std::vector<int32_t> host((size_t)(hi - lo + 1));
+  const int32_t* src = static_cast<const int32_t*>(t.data()) + lo;
+  PK_CUDA_CHECK(cudaMemcpyAsync(host.data(), src, host.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+  PK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  *base = -lo;
+  return host;
+}
+
+inline size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
+
+}  // namespace launch_util
+}  // namespace cuda
+}  // namespace pykernels
+#endif  // __CUDACC__

@@ -27,6 +27,12 @@ PK_HOST_DEVICE PK_INLINE int kv_code(const unsigned char* row, pk_i64 d, int bit
   return (row[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1);
 }
 
+// Code i of a packed word: `w` holds a row's bytes from byte d0*bits/8 on (little-endian),
+// shifted right by (d0*bits)%8, so code i is channel d0 + i (the vectorised form of kv_code).
+PK_HOST_DEVICE PK_INLINE int kv_code_in_word(unsigned long long w, int i, int bits) {
+  return (int)((w >> (i * bits)) & ((1ull << bits) - 1ull));
+}
+
 // Affine dequantization of an integer code (scale and zero already converted to float).
 PK_HOST_DEVICE PK_INLINE float kv_dequant(int code, float scale, float zero) { return scale * (float)code + zero; }
 

@@ -1,0 +1,9 @@
+// Quantized-KV decode attention, avx2 variant (flags from setup.py by file-name suffix).
+#define PK_ISA_NS kv_avx2
+#include "kv_attention_kernel.h"
+
+namespace pykernels { namespace cpu { namespace kv_avx2 {
+void kv_attend_piece(const KvParams& prm, const Piece& p, float* o, float* lse, float* work) {
+  kv_attend_dispatch<Avx2V>(prm, p, o, lse, work);
+}
+}}}  // namespace pykernels::cpu::kv_avx2
