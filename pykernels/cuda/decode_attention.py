@@ -161,6 +161,36 @@ def _cupy():
     return cupy, f"cupy {cupy.__version__} importable"
 
 
+def availability(native, native_reason: str) -> tuple[bool, str]:
+    """(usable, reason) of a CUDA kernel family given its native module (or None) and why: a
+    CUDA device must be visible to torch, and the kernels must come from ``pykernels._cuda`` or
+    from the cupy/NVRTC JIT path. The reason says what is present and how to fix what is not.
+    Shared by every ``available()`` of this package."""
+    try:
+        has_gpu = bool(torch.cuda.is_available())
+    except Exception:
+        has_gpu = False
+    cuda_build = getattr(torch.version, "cuda", None)
+    torch_reason = (f"torch.cuda.is_available()={has_gpu} (torch {torch.__version__}, "
+                    f"{'CUDA ' + cuda_build if cuda_build else 'CPU-only build'})")
+    if native is None and has_gpu:
+        cupy, cupy_reason = _cupy()
+        has_cupy = cupy is not None
+    else:  # not needed now: report whether it is installed without importing it
+        has_cupy = False
+        found = importlib.util.find_spec("cupy") is not None
+        cupy_reason = f"cupy {'installed' if found else 'not installed'}"
+    reason = f"{native_reason}; {torch_reason}; {cupy_reason}"
+    if not has_gpu:
+        return False, reason + ("; fix: run on a machine with an NVIDIA GPU and a CUDA build of torch "
+                                "(pip install torch from the CUDA index)")
+    if native is None and not has_cupy:
+        return False, reason + ("; fix: reinstall pykernels with the CUDA toolkit present (nvcc on PATH "
+                                "or CUDA_HOME set; PYKERNELS_CUDA=1 makes a missing nvcc an error), or "
+                                "pip install 'pykernels[jit]' (cupy + NVRTC) to compile at run time")
+    return True, reason + ("; using pykernels._cuda" if native is not None else "; using the cupy JIT path")
+
+
 def available() -> tuple[bool, str]:
     """Whether CUDA decode attention can run here, and why (never raises).
 
@@ -174,29 +204,7 @@ def available() -> tuple[bool, str]:
                 native_reason += f", sees {native.device_count()} device(s)"
             except Exception as e:  # pragma: no cover - device_count() itself never raises
                 native_reason += f", device_count() failed: {e}"
-        try:
-            has_gpu = bool(torch.cuda.is_available())
-        except Exception:
-            has_gpu = False
-        cuda_build = getattr(torch.version, "cuda", None)
-        torch_reason = (f"torch.cuda.is_available()={has_gpu} (torch {torch.__version__}, "
-                        f"{'CUDA ' + cuda_build if cuda_build else 'CPU-only build'})")
-        if native is None and has_gpu:
-            _, cupy_reason = _cupy()
-            has_cupy = _cupy()[0] is not None
-        else:  # not needed now: report whether it is installed without importing it
-            has_cupy = False
-            found = importlib.util.find_spec("cupy") is not None
-            cupy_reason = f"cupy {'installed' if found else 'not installed'}"
-        reason = f"{native_reason}; {torch_reason}; {cupy_reason}"
-        if not has_gpu:
-            return False, reason + ("; fix: run on a machine with an NVIDIA GPU and a CUDA build of torch "
-                                    "(pip install torch from the CUDA index)")
-        if native is None and not has_cupy:
-            return False, reason + ("; fix: reinstall pykernels with the CUDA toolkit present (nvcc on PATH "
-                                    "or CUDA_HOME set; PYKERNELS_CUDA=1 makes a missing nvcc an error), or "
-                                    "pip install 'pykernels[jit]' (cupy + NVRTC) to compile at run time")
-        return True, reason + ("; using pykernels._cuda" if native is not None else "; using the cupy JIT path")
+        return availability(native, native_reason)
     except Exception as e:  # pragma: no cover - belt and braces: available() never raises
         return False, f"CUDA availability check failed: {type(e).__name__}: {e}"
 
@@ -370,6 +378,22 @@ def _check_inputs(q, k_cache, v_cache, seqlens, block_table, out, lse, method, n
     return lens, capacity, block_size
 
 
+def grid_plan(lens, Hkv: int, tile: int, method: str, num_splits: int, num_workers: int):
+    """-> (segments B*Hkv, lean workers W, partial-state slots, CTAs) of a lean or split launch
+    over host lengths ``lens`` [B]; ValueError past the CUDA grid limit."""
+    nseg = len(lens) * Hkv
+    if nseg > 0x7FFFFFFF:
+        raise ValueError(f"q: batch x num_kv_heads = {nseg} exceeds the CUDA grid limit")
+    ntiles = [-(-lens[s // Hkv] // tile) for s in range(nseg)]
+    W = max(1, min(num_workers, sum(ntiles)))
+    if method == "lean":
+        return nseg, W, 2 * W, W
+    grid = nseg * num_splits
+    if grid > 0x7FFFFFFF:
+        raise ValueError(f"num_splits: {num_splits} splits x {nseg} (sequence, kv-head) pairs exceeds the CUDA grid limit")
+    return nseg, W, sum(min(num_splits, n) for n in ntiles if min(num_splits, n) > 1), grid
+
+
 def _launch_jit(q, k_cache, v_cache, seqlens, block_table, out, lse, scale, method, num_splits, num_workers, tile):
     import numpy as np
 
@@ -380,16 +404,7 @@ def _launch_jit(q, k_cache, v_cache, seqlens, block_table, out, lse, scale, meth
     if B == 0 or Hq == 0:
         return
     G = Hq // Hkv
-    nseg = B * Hkv
-    ntiles = [-(-lens[s // Hkv] // tile) for s in range(nseg)]
-    total = sum(ntiles)
-    split_slots = sum(min(num_splits, n) for n in ntiles if min(num_splits, n) > 1)
-    lean = method == "lean"
-    W = max(1, min(num_workers, total))
-    num_slots = 2 * W if lean else split_slots
-    grid = W if lean else nseg * num_splits
-    if grid > 0x7FFFFFFF:
-        raise ValueError(f"num_splits: {num_splits} splits x {nseg} (sequence, kv-head) pairs exceeds the CUDA grid limit")
+    nseg, W, num_slots, grid = grid_plan(lens, Hkv, tile, method, num_splits, num_workers)
 
     epl, gb = kernel_config(D, G)
     esize = k_cache.element_size()

@@ -24,14 +24,13 @@ Nothing here touches cupy, the extension or the GPU at import time.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from pathlib import Path
 
 import torch
 
-from .decode_attention import (PLAN_KERNEL, REDUCE_KERNEL, _cupy, _expand, _native, default_num_workers,
-                               kernel_config, nvrtc_entry_sizes)
+from .decode_attention import (PLAN_KERNEL, REDUCE_KERNEL, _cupy, _expand, _native, availability,
+                               default_num_workers, grid_plan, kernel_config, nvrtc_entry_sizes)
 
 __all__ = ["available", "decode_attention_kv", "compile_nvrtc", "kernel_names", "kernel_config", "kernel_source",
            "FORMATS", "MAX_HEAD_DIM"]
@@ -110,28 +109,7 @@ def _native_kv():
 def available() -> tuple[bool, str]:
     """Whether the quantized-KV CUDA kernel can run here, and why (never raises)."""
     try:
-        native, reason = _native_kv()
-        try:
-            has_gpu = bool(torch.cuda.is_available())
-        except Exception:
-            has_gpu = False
-        cuda_build = getattr(torch.version, "cuda", None)
-        reason += (f"; torch.cuda.is_available()={has_gpu} (torch {torch.__version__}, "
-                   f"{'CUDA ' + cuda_build if cuda_build else 'CPU-only build'})")
-        if native is None and has_gpu:
-            cupy, cupy_reason = _cupy()
-            has_cupy = cupy is not None
-        else:  # not needed now: whether it is installed, without importing it
-            has_cupy = False
-            cupy_reason = f"cupy {'installed' if importlib.util.find_spec('cupy') is not None else 'not installed'}"
-        reason += f"; {cupy_reason}"
-        if not has_gpu:
-            return False, reason + ("; fix: run on a machine with an NVIDIA GPU and a CUDA build of torch "
-                                    "(pip install torch from the CUDA index)")
-        if native is None and not has_cupy:
-            return False, reason + ("; fix: reinstall pykernels with the CUDA toolkit present (nvcc on PATH "
-                                    "or CUDA_HOME set), or pip install 'pykernels[jit]' (cupy + NVRTC)")
-        return True, reason + ("; using pykernels._cuda" if native is not None else "; using the cupy JIT path")
+        return availability(*_native_kv())
     except Exception as e:  # pragma: no cover - available() never raises
         return False, f"CUDA availability check failed: {type(e).__name__}: {e}"
 
@@ -366,18 +344,7 @@ def _prepare(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fp_k, fp_v, 
         return None
     lens = c["lens"]
     G = Hq // Hkv
-    nseg = B * Hkv
-    ntiles = [-(-lens[s // Hkv] // tile) for s in range(nseg)]
-    total = sum(ntiles)
-    split_slots = sum(min(num_splits, n) for n in ntiles if min(num_splits, n) > 1)
-    lean = method == "lean"
-    W = max(1, min(num_workers, total))
-    num_slots = 2 * W if lean else split_slots
-    grid = W if lean else nseg * num_splits
-    if nseg > 0x7FFFFFFF:
-        raise ValueError(f"q: batch x num_kv_heads = {nseg} exceeds the CUDA grid limit")
-    if grid > 0x7FFFFFFF:
-        raise ValueError(f"num_splits: {num_splits} splits x {nseg} (sequence, kv-head) pairs exceeds the CUDA grid limit")
+    nseg, W, num_slots, grid = grid_plan(lens, Hkv, tile, method, num_splits, num_workers)
 
     epl, gb = kernel_config(D, G)
     falign = min(16, epl * fp_k.element_size())

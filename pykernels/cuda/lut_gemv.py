@@ -19,12 +19,11 @@ Nothing here touches cupy, the extension or the GPU at import time.
 from __future__ import annotations
 
 import functools
-import importlib.util
 from pathlib import Path
 
 import torch
 
-from .decode_attention import _cupy, _expand, _native, nvrtc_entry_sizes
+from .decode_attention import _cupy, _expand, _native, availability, nvrtc_entry_sizes
 
 __all__ = ["available", "lut_gemv", "compile_nvrtc", "kernel_names", "kernel_config", "kernel_source"]
 
@@ -97,33 +96,11 @@ def available() -> tuple[bool, str]:
     The reason lists what was built (``pykernels._cuda``), what is present (a CUDA device seen
     by torch, cupy) and how to fix what is missing."""
     try:
-        native, reason = _native_lut()
-        try:
-            has_gpu = bool(torch.cuda.is_available())
-        except Exception:
-            has_gpu = False
-        cuda_build = getattr(torch.version, "cuda", None)
-        reason += (f"; torch.cuda.is_available()={has_gpu} (torch {torch.__version__}, "
-                   f"{'CUDA ' + cuda_build if cuda_build else 'CPU-only build'})")
-        if native is None and has_gpu:
-            cupy, cupy_reason = _cupy()
-            has_cupy = cupy is not None
-        else:  # not needed now: whether it is installed, without importing it
-            has_cupy = False
-            cupy_reason = f"cupy {'installed' if importlib.util.find_spec('cupy') is not None else 'not installed'}"
-        reason += f"; {cupy_reason}"
-        if not has_gpu:
-            return False, reason + ("; fix: run on a machine with an NVIDIA GPU and a CUDA build of torch "
-                                    "(pip install torch from the CUDA index)")
-        if native is None and not has_cupy:
-            return False, reason + ("; fix: reinstall pykernels with the CUDA toolkit present (nvcc on PATH "
-                                    "or CUDA_HOME set), or pip install 'pykernels[jit]' (cupy + NVRTC)")
-        return True, reason + ("; using pykernels._cuda" if native is not None else "; using the cupy JIT path")
+        return availability(*_native_lut())
     except Exception as e:  # pragma: no cover - available() never raises
         return False, f"CUDA availability check failed: {type(e).__name__}: {e}"
 
 
-# ---- NVRTC without a GPU --------------------------------------------------------------------
 def compile_nvrtc(arch: str = "sm_80", names: list[str] | None = None, *, optimize: bool = True) -> dict[str, int]:
     """Compile kernel instantiations (default: all of :func:`kernel_names`) to PTX with NVRTC in
     one program; no GPU needed.
