@@ -228,6 +228,18 @@ if triton is not None:
         return lo
 
     @triton.jit
+    def _lean_segment(cum_ptr, nseg, g):
+        """lean_segment: the largest s with cum[s] <= g (binary search over the tile prefix sums)."""
+        lo = g * 0
+        hi = g * 0 + (nseg - 1)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            ok = tl.load(cum_ptr + mid) <= g
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        return lo
+
+    @triton.jit
     def _lean_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seqlens_ptr, cum_ptr, out_ptr, lse_ptr, po_ptr, plse_ptr,
                      qk_scale, nseg, num_workers,
                      stride_qb, stride_qh, stride_qd,
@@ -241,16 +253,8 @@ if triton is not None:
         total = tl.load(cum_ptr + nseg)
         gb = _lean_begin(total, w, num_workers)
         ge = _lean_begin(total, w + 1, num_workers)
-        # lean_segment: the largest s with cum[s] <= gb
-        lo = gb * 0
-        hi = gb * 0 + (nseg - 1)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            ok = tl.load(cum_ptr + mid) <= gb
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
         g = gb
-        s = lo
+        s = _lean_segment(cum_ptr, nseg, gb)
         while g < ge:
             seg_b = tl.load(cum_ptr + s)
             seg_e = tl.load(cum_ptr + s + 1)

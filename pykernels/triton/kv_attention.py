@@ -54,7 +54,7 @@ def available() -> tuple[bool, str]:
 if triton is not None:
     # shared with the bf16 decode attention: q load, final / partial stores, the lean
     # partition, and both merge kernels (they only need L per sequence and the tile cum sums)
-    from .decode_attention import (_LOG2E, _lean_begin, _lean_merge_kernel, _load_q,  # noqa: F401
+    from .decode_attention import (_LOG2E, _lean_begin, _lean_merge_kernel, _lean_segment, _load_q,  # noqa: F401
                                    _split_merge_kernel, _store_final, _store_partial)
 
     @triton.jit
@@ -246,15 +246,8 @@ if triton is not None:
         total = tl.load(cum_ptr + nseg)
         gb = _lean_begin(total, w, num_workers)
         ge = _lean_begin(total, w + 1, num_workers)
-        lo = gb * 0  # lean_segment: the largest s with cum[s] <= gb
-        hi = gb * 0 + (nseg - 1)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            ok = tl.load(cum_ptr + mid) <= gb
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
         g = gb
-        s = lo
+        s = _lean_segment(cum_ptr, nseg, gb)
         while g < ge:
             seg_b = tl.load(cum_ptr + s)
             seg_e = tl.load(cum_ptr + s + 1)
