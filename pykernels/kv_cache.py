@@ -130,28 +130,31 @@ class QuantizedKVCache:
 
         Hkv, D = num_kv_heads, head_dim
         z = dict(device=device)
-        self.k_codes = torch.zeros(P, Hkv, S, row_bytes(bits, D), dtype=torch.uint8, **z)
-        self.device = self.k_codes.device  # normalised: "cuda" -> cuda:0, so device checks compare equal
-        self.v_codes = torch.zeros_like(self.k_codes)
-        if bits == "fp8":
-            self.k_scale = torch.zeros(P, Hkv, S // gs, dtype=torch.float32, **z)
-            self.v_scale = torch.zeros_like(self.k_scale)
-            self.k_zero = self.v_zero = None
-        else:
-            self.k_scale = torch.zeros(P, Hkv, S // gs, D, dtype=torch.float16, **z)
-            self.k_zero = torch.zeros_like(self.k_scale)
-            self.v_scale = torch.zeros(P, Hkv, S, num_value_groups(D, gs), dtype=torch.float16, **z)
-            self.v_zero = torch.zeros_like(self.v_scale)
-        self.fp_k = torch.zeros(batch, sink + residual, Hkv, D, dtype=dtype, **z)
-        self.fp_v = torch.zeros_like(self.fp_k)
-        if layout == "dense":
-            self._table = [[b] for b in range(batch)]
-        else:
-            self._table = [[-1] * max_pages for _ in range(batch)]
-        self.block_table = torch.tensor(self._table, dtype=torch.int32, device=device)
-        self.n_sink = torch.zeros(batch, dtype=torch.int32, **z)
-        self.n_quant = torch.zeros_like(self.n_sink)
-        self.n_res = torch.zeros_like(self.n_sink)
+        # Ordinary tensors even when built under torch.inference_mode(): appends may then run
+        # inside or outside inference mode alike.
+        with torch.inference_mode(False):
+            self.k_codes = torch.zeros(P, Hkv, S, row_bytes(bits, D), dtype=torch.uint8, **z)
+            self.device = self.k_codes.device  # normalised: "cuda" -> cuda:0, so device checks compare equal
+            self.v_codes = torch.zeros_like(self.k_codes)
+            if bits == "fp8":
+                self.k_scale = torch.zeros(P, Hkv, S // gs, dtype=torch.float32, **z)
+                self.v_scale = torch.zeros_like(self.k_scale)
+                self.k_zero = self.v_zero = None
+            else:
+                self.k_scale = torch.zeros(P, Hkv, S // gs, D, dtype=torch.float16, **z)
+                self.k_zero = torch.zeros_like(self.k_scale)
+                self.v_scale = torch.zeros(P, Hkv, S, num_value_groups(D, gs), dtype=torch.float16, **z)
+                self.v_zero = torch.zeros_like(self.v_scale)
+            self.fp_k = torch.zeros(batch, sink + residual, Hkv, D, dtype=dtype, **z)
+            self.fp_v = torch.zeros_like(self.fp_k)
+            if layout == "dense":
+                self._table = [[b] for b in range(batch)]
+            else:
+                self._table = [[-1] * max_pages for _ in range(batch)]
+            self.block_table = torch.tensor(self._table, dtype=torch.int32, device=device)
+            self.n_sink = torch.zeros(batch, dtype=torch.int32, **z)
+            self.n_quant = torch.zeros_like(self.n_sink)
+            self.n_res = torch.zeros_like(self.n_sink)
         # Host copies: validation and scheduling never wait on the device.
         self._n_sink, self._n_quant, self._n_res = [0] * batch, [0] * batch, [0] * batch
         self._free = list(range(P)) if layout == "paged" else []
@@ -207,6 +210,7 @@ class QuantizedKVCache:
 
     # ------------------------------------------------------------------ append
 
+    @torch.no_grad()
     def append(self, k, v, lengths=None):
         """Append ``lengths[b]`` new tokens to each sequence b.
 
@@ -235,43 +239,70 @@ class QuantizedKVCache:
             raise ValueError(f"num_pages: out of pages: this append needs {sum(new_pages)} new pages of "
                              f"{self.page_size} tokens, {len(self._free)} of {self.num_pages} are free")
 
-        for b, (s, r, g) in enumerate(steps):
-            held = self._pages_held(self._n_quant[b])
-            for j in range(held, held + new_pages[b]):
-                self._table[b][j] = self._free.pop(0)
-            self._append_one(b, k[b, :s + r], v[b, :s + r], s, r, g)
-        self._sync()
+        # Compute every write first (quantization, window shifts): a failure here (e.g. out of
+        # memory) leaves the cache untouched.
+        touched = [b for b, (s, r, _) in enumerate(steps) if s + r]
+        plans = {b: self._plan_one(b, k[b, :s + r], v[b, :s + r], s, r, g)
+                 for b, (s, r, g) in enumerate(steps) if b in touched}
+        # Then commit. Should a copy still fail, the host bookkeeping and the fp rows (the only
+        # valid data that is overwritten) are restored; store slots past n_quant stay invisible.
+        saved = ([row[:] for row in self._table], self._free[:], self._n_sink[:], self._n_quant[:], self._n_res[:])
+        fp_saved = {b: (self.fp_k[b].clone(), self.fp_v[b].clone()) for b in touched}
+        try:
+            for b in touched:
+                held = self._pages_held(self._n_quant[b])
+                for j in range(held, held + new_pages[b]):
+                    self._table[b][j] = self._free.pop(0)
+                self._write_one(b, plans[b])
+            self._sync()
+        except BaseException:
+            self._table, self._free, self._n_sink, self._n_quant, self._n_res = saved
+            for b, (fk, fv) in fp_saved.items():
+                self.fp_k[b].copy_(fk)
+                self.fp_v[b].copy_(fv)
+            self._sync()
+            raise
 
     def _pages_held(self, n_quant: int) -> int:
         """Pages a sequence holds with n_quant quantized tokens (0 for dense: never allocated)."""
         return 0 if self.layout == "dense" else -(-n_quant // self.page_size)
 
-    def _append_one(self, b, k, v, s, r, g):
-        """Write the validated tokens k, v [s + r, Hkv, D] of sequence b: s sink rows, then r into
-        the window, quantizing its g oldest groups."""
-        gs, sink = self.group_size, self.sink
-        ns, nr = self._n_sink[b], self._n_res[b]
-        if s:
-            self.fp_k[b, ns:ns + s] = k[:s]
-            self.fp_v[b, ns:ns + s] = v[:s]
-            self._n_sink[b] = ns + s
+    def _plan_one(self, b, k, v, s, r, g):
+        """What appending the validated tokens k, v [s + r, Hkv, D] to sequence b writes: s sink
+        rows, then r into the window, whose g oldest groups are quantized. Computes, writes
+        nothing: -> dict(sink=(k, v), tail=(k, v) rows appended to the window when g == 0,
+        window=(k, v) the new window from its start and quant=the quantized fields when g > 0)."""
         if not g:
-            self.fp_k[b, sink + nr:sink + nr + r] = k[s:]
-            self.fp_v[b, sink + nr:sink + nr + r] = v[s:]
-            self._n_res[b] = nr + r
-            return
-        # window [nr + r, Hkv, D]: its oldest g groups go to the store, the rest stays in fp rows
-        wk = torch.cat([self.fp_k[b, sink:sink + nr], k[s:]])
+            return {"sink": (k[:s], v[:s]), "tail": (k[s:], v[s:]), "window": None, "quant": None}
+        sink, nr, nq = self.sink, self._n_res[b], g * self.group_size
+        wk = torch.cat([self.fp_k[b, sink:sink + nr], k[s:]])  # the window [nr + r, Hkv, D]
         wv = torch.cat([self.fp_v[b, sink:sink + nr], v[s:]])
-        nq = g * gs
-        f = quantize_kv(wk[:nq].transpose(0, 1), wv[:nq].transpose(0, 1), self.bits, gs)  # [Hkv, nq, ...]
-        self._write_store(b, self._n_quant[b], f)
-        keep = wk.shape[0] - nq
-        self.fp_k[b, sink:sink + keep] = wk[nq:]
-        self.fp_v[b, sink:sink + keep] = wv[nq:]
+        quant = quantize_kv(wk[:nq].transpose(0, 1), wv[:nq].transpose(0, 1), self.bits,
+                            self.group_size)  # [Hkv, nq, ...]
+        return {"sink": (k[:s], v[:s]), "tail": None, "window": (wk[nq:], wv[nq:]), "quant": quant}
+
+    def _write_one(self, b, plan):
+        """Commit a ``_plan_one`` result for sequence b (its pages already assigned)."""
+        sink, ns, nr = self.sink, self._n_sink[b], self._n_res[b]
+        sk, sv = plan["sink"]
+        if sk.shape[0]:
+            self.fp_k[b, ns:ns + sk.shape[0]] = sk
+            self.fp_v[b, ns:ns + sk.shape[0]] = sv
+            self._n_sink[b] = ns + sk.shape[0]
+        if plan["quant"] is None:
+            tk, tv = plan["tail"]
+            self.fp_k[b, sink + nr:sink + nr + tk.shape[0]] = tk
+            self.fp_v[b, sink + nr:sink + nr + tk.shape[0]] = tv
+            self._n_res[b] = nr + tk.shape[0]
+            return
+        self._write_store(b, self._n_quant[b], plan["quant"])
+        wk, wv = plan["window"]
+        keep = wk.shape[0]
+        self.fp_k[b, sink:sink + keep] = wk
+        self.fp_v[b, sink:sink + keep] = wv
         self.fp_k[b, sink + keep:] = 0
         self.fp_v[b, sink + keep:] = 0
-        self._n_quant[b] += nq
+        self._n_quant[b] += plan["quant"]["k_codes"].shape[1]
         self._n_res[b] = keep
 
     def _write_store(self, b, u0, f):
@@ -341,7 +372,7 @@ class QuantizedKVCache:
         quantized = used & (t >= sink_rows[:, None])       # rows that will (eventually) be quantized
         out = []
         for name, x in (("k", k), ("v", v)):
-            xc = x.to(self.dtype)
+            xc = x.detach().to(self.dtype)
             for src, why in ((x, "is not finite"),
                              (xc, f"overflows the cache dtype {self.dtype} (|value| too large)")):
                 bad = used & ~torch.isfinite(src).all(dim=3).all(dim=2)

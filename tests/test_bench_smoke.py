@@ -506,3 +506,16 @@ def test_report_renders_kv_rows(tmp_path, monkeypatch):
     assert "Quantized KV (suites kv-*)" in md and "kv tiny" in md
     data = json.loads((tmp_path / "report.json").read_text())
     assert {r["kv_table"] for r in data["rows"]} == {"speed", "memory", "accuracy"}
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2, "fp8"])
+def test_kv_dequantize_dense_baseline_matches_the_cache(bits):
+    """The dequantize-then-SDPA baseline dequantizes exactly what the cache holds."""
+    import pykernels as pk
+    from bench.kvquant import dequantize_dense
+
+    c = pk.QuantizedKVCache(2, 500, 2, 64, bits=bits, residual=64, sink=3)
+    c.append(torch.randn(2, 300, 2, 64), torch.randn(2, 300, 2, 64))
+    k, v = dequantize_dense(c, torch.float32)
+    rk, rv = c.dequantize()
+    assert torch.equal(k, rk.transpose(1, 2)) and torch.equal(v, rv.transpose(1, 2))

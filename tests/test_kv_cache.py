@@ -435,6 +435,60 @@ def test_out_of_pages_leaves_cache_unchanged():
     assert c.num_free_pages == 0 and c.block_table.tolist() == [[0, 2, -1, -1, -1], [1, -1, -1, -1, -1]]
 
 
+@pytest.mark.parametrize("layout", ["dense", "paged"])
+def test_failure_while_writing_restores_the_cache(layout, monkeypatch):
+    """A copy that fails after the checks (here: the store write of the second sequence, as an
+    out-of-memory error would) restores the host bookkeeping, the pages and the fp rows."""
+    kw = dict(layout="paged", page_size=32) if layout == "paged" else {}
+    c = make_cache(B=2, capacity=200, bits=4, residual=32, sink=1, **kw)
+    ref = make_cache(B=2, capacity=200, bits=4, residual=32, sink=1, **kw)
+    k1, v1 = kv(2, 50, 2, 64)
+    k2, v2 = kv(2, 40, 2, 64)
+    for cache in (c, ref):
+        cache.append(k1, v1)
+    before = snapshot(c)
+    real, calls = c._write_store, []
+
+    def failing(b, u0, f):
+        calls.append(b)
+        if b == 1:
+            raise RuntimeError("injected failure")
+        real(b, u0, f)
+
+    monkeypatch.setattr(c, "_write_store", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        c.append(k2, v2)
+    assert calls == [0, 1]                           # sequence 0 was written before the failure
+    after = snapshot(c)
+    for name in ("fp_k", "fp_v", "block_table", "n_sink", "n_quant", "n_res", "host"):
+        assert (after[name] == before[name]) if name == "host" else torch.equal(after[name], before[name]), name
+    monkeypatch.undo()
+    c.append(k2, v2)                                 # the retry lands exactly like a clean append
+    ref.append(k2, v2)
+    assert_same_state(snapshot(c), snapshot(ref))
+
+
+def test_append_ignores_autograd_and_inference_mode():
+    """Inputs that require grad are stored without their graph (the cache stays exportable to
+    the kernels); a cache built under inference_mode accepts appends outside it, and back."""
+    lin = torch.nn.Linear(64, 64)
+    x = torch.randn(2, 5, 2, 64)
+    c = make_cache(B=2, capacity=100, bits=4, residual=32)
+    for _ in range(3):
+        c.append(lin(x), lin(x))
+    assert not any(t.requires_grad for t in c.tensors().values())
+    out = pk.decode_attention(torch.randn(2, 4, 64), c, backend="cpu")
+    assert not out.requires_grad and torch.isfinite(out).all()
+    with torch.inference_mode():
+        c2 = make_cache(B=2, capacity=100, bits=4, residual=32, layout="paged", page_size=32)
+    c2.append(*kv(2, 40, 2, 64))
+    with torch.inference_mode():
+        c2.append(*kv(2, 40, 2, 64))
+    assert c2.lengths() == [80, 80]
+    k, v = c2.dequantize()
+    assert torch.isfinite(k).all() and torch.isfinite(v).all()
+
+
 def test_large_values_allowed_where_they_fit():
     """fp8 has float32 scales: no float16 range limit; integer formats accept |x| <= 65504;
     NaN in padding rows past `lengths` is never read."""

@@ -44,17 +44,4 @@ PK_HOST_DEVICE PK_INLINE pk_u16 kv_fp8_to_fp16_bits(unsigned int b) {
 }
 PK_HOST_DEVICE PK_INLINE float kv_fp8_to_float(unsigned int b) { return fp16_to_float(kv_fp8_to_fp16_bits(b)) * 256.0f; }
 
-// Where token t of a sequence lives.
-struct KvTokenLoc {
-  int region;    // 0: fp row (sink or residual), 1: quantized
-  pk_i64 row;    // fp row (region 0) or quantized token index u (region 1)
-};
-PK_HOST_DEVICE PK_INLINE KvTokenLoc kv_locate(pk_i64 t, pk_i64 n_sink, pk_i64 n_quant) {
-  KvTokenLoc l;
-  if (t < n_sink) { l.region = 0; l.row = t; }
-  else if (t < n_sink + n_quant) { l.region = 1; l.row = t - n_sink; }
-  else { l.region = 0; l.row = t - n_quant; }
-  return l;
-}
-
 }  // namespace pykernels
