@@ -156,6 +156,16 @@ def test_schedules(tile, num_splits, num_workers):
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_huge_split_and_worker_counts_are_clamped(paged):
+    """num_splits / num_workers far beyond the tile count: same result, and neither the launch
+    nor the partial-state buffers are sized by them (10**9 slots would not fit in memory)."""
+    lengths = [1, 17, 300]
+    args = make_inputs(lengths, 4, 2, 64, torch.float32, block_size=16 if paged else None, seed=3)
+    for method in METHODS:
+        run_and_check(*args, lengths, method, num_splits=10**9, num_workers=10**9, tile=16)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
 @pytest.mark.parametrize("method", METHODS)
 def test_strided_inputs(method, paged):
     lengths = [9, 130]

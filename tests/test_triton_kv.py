@@ -228,6 +228,14 @@ def test_schedules(tile, num_splits, num_workers):
         run_and_check(args, K, V, lengths, method, num_splits=num_splits, num_workers=num_workers, tile=tile)
 
 
+def test_huge_split_and_worker_counts_are_clamped():
+    """num_splits / num_workers far beyond the tile count give the same result without sizing
+    the launch or the partial-state buffers by them (10**9 slots would not fit in memory)."""
+    args, K, V, lengths = make_case("int4", 32, 64, 4, 2, [(3, 96, 4), (0, 32, 0)], page_tokens=64, seed=5)
+    for method in METHODS:
+        run_and_check(args, K, V, lengths, method, num_splits=10**9, num_workers=10**9, tile=16)
+
+
 @pytest.mark.parametrize("fp_dtype,q_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
                                               (torch.bfloat16, torch.float32)], ids=["fp16", "bf16", "bf16-q32"])
 @pytest.mark.parametrize("method", METHODS)

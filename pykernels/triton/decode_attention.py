@@ -358,8 +358,12 @@ def decode_attention(q, k_cache, v_cache, seqlens, block_table, out, lse, scale,
               stride_btb, block_size, out_k.stride(0), out_k.stride(1), lse.stride(0))
     meta = dict(HKV=Hkv, G=G, D=D, G_PAD=G_PAD, D_PAD=D_PAD)
 
+    # No segment has more than max_tiles tiles: more splits or workers than that only cost
+    # launch size and partial-state memory (bounded by the shapes, no device sync).
+    capacity = block_table.shape[1] * block_size if paged else k_cache.shape[1]
+    max_tiles = max(1, -(-capacity // tile))
     if method == "split":
-        S = int(num_splits)
+        S = min(int(num_splits), max_tiles)
         assert S >= 1
         # one slot per (b, h, chunk); chunks of short segments (S' < S) leave slots unused
         po = torch.empty((B * Hkv * S, G, D), dtype=torch.float32, device=device)
@@ -370,9 +374,9 @@ def decode_attention(q, k_cache, v_cache, seqlens, block_table, out, lse, scale,
             _split_merge_kernel[(B, Hkv)](seqlens, out_k, lse, po, plse, S,
                                           out_k.stride(0), out_k.stride(1), lse.stride(0), **meta, TILE=tile)
     else:
-        W = int(num_workers)
-        assert W >= 1
         nseg = B * Hkv
+        W = min(int(num_workers), nseg * max_tiles)
+        assert W >= 1
         # segment s = b * Hkv + h has ceil(seqlen[b] / tile) tiles; cum is their exclusive prefix sum
         ntiles = torch.repeat_interleave((seqlens.to(torch.int64) + tile - 1) // tile, Hkv)
         cum = torch.zeros(nseg + 1, dtype=torch.int64, device=device)

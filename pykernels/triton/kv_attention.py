@@ -557,8 +557,11 @@ def decode_attention_kv(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, f
     meta = dict(HKV=Hkv, G=G, D=D, G_PAD=G_PAD, D_PAD=D_PAD)
     kmeta = dict(TILE=tile, BITS=bits, GS=gs, BQ=BQ, BF=BF, num_warps=num_warps)
 
+    # No segment has more than max_tiles tiles: more splits or workers than that only cost
+    # launch size and partial-state memory.
+    max_tiles = max(1, -(-int(lengths.max()) // tile))
     if method == "split":
-        Sp = num_splits
+        Sp = min(num_splits, max_tiles)
         po = torch.empty((B * Hkv * Sp, G, D), dtype=torch.float32, device=device)
         plse = torch.empty((B * Hkv * Sp, G), dtype=torch.float32, device=device)
         _kv_split_kernel[(B, Hkv, Sp)](*tensors, out_k, lse, po, plse, qk_scale, Sp, S, *strides,
@@ -567,8 +570,8 @@ def decode_attention_kv(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, f
             _split_merge_kernel[(B, Hkv)](len32, out_k, lse, po, plse, Sp,
                                           out_k.stride(0), out_k.stride(1), lse.stride(0), **meta, TILE=tile)
     else:
-        W = num_workers
         nseg = B * Hkv
+        W = min(num_workers, nseg * max_tiles)
         ntiles = torch.repeat_interleave((lengths + tile - 1) // tile, Hkv)
         cum = torch.zeros(nseg + 1, dtype=torch.int64, device=device)
         torch.cumsum(ntiles, 0, out=cum[1:])
