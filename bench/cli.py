@@ -231,6 +231,9 @@ def cmd_kv(args) -> int:
     lens = _int_list(args.seqlens, "seqlens")
     if any(L < 1 for L in lens):
         raise SystemExit(f"--seqlens: expected lengths >= 1, got {lens}")
+    for flag, val in (("--heads-q", args.heads_q), ("--heads-kv", args.heads_kv), ("--head-dim", args.head_dim)):
+        if val < 1:
+            raise SystemExit(f"{flag}: expected >= 1, got {val}")
     if args.heads_q % args.heads_kv:
         raise SystemExit(f"--heads-q: {args.heads_q} is not a multiple of --heads-kv {args.heads_kv}")
 
