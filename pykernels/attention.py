@@ -141,6 +141,12 @@ def _check_options(q, scale, method, num_splits, out) -> float:
     return float(scale)
 
 
+def _check_nonempty(cache):
+    for b, L in enumerate(cache.lengths()):
+        if L < 1:
+            raise ValueError(f"k_cache: sequence {b} holds no tokens (append before attending)")
+
+
 def _validate_kv(q, cache, v_cache, seqlens, block_table, scale, method, num_splits, out):
     """Checks of a call on a QuantizedKVCache. Returns (q, scale)."""
     for name, val in (("v_cache", v_cache), ("seqlens", seqlens), ("block_table", block_table)):
@@ -160,9 +166,8 @@ def _validate_kv(q, cache, v_cache, seqlens, block_table, scale, method, num_spl
         raise ValueError(f"q: head_dim {D} differs from the cache head_dim {cache.head_dim}")
     if Hq < 1 or Hq % cache.num_kv_heads:
         raise ValueError(f"q: num_heads {Hq} is not a multiple of the cache num_kv_heads {cache.num_kv_heads}")
-    for b, L in enumerate(cache.lengths()):
-        if L < 1:
-            raise ValueError(f"k_cache: sequence {b} holds no tokens (append before attending)")
+    if not torch.compiler.is_compiling():  # (the torch.library op checks when compiled)
+        _check_nonempty(cache)
     return q, _check_options(q, scale, method, num_splits, out)
 
 
@@ -322,9 +327,18 @@ def decode_attention(q, k_cache, v_cache=None, seqlens=None, *, block_table=None
         raise TypeError(f"return_lse: expected bool, got {type(return_lse).__name__}")
     if isinstance(k_cache, QuantizedKVCache):
         q, scale = _validate_kv(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, out)
-        o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        _run_kv(q, k_cache, scale, method, num_splits, backend, o, lse)
+        if torch.compiler.is_compiling():
+            c = k_cache
+            o, lse = torch.ops.pykernels.decode_attention_kv(
+                q, c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero, c.fp_k, c.fp_v, c.block_table,
+                c.n_sink, c.n_quant, c.n_res, str(c.bits), c.group_size, scale, method, num_splits or 0, backend)
+            if out is not None:
+                out.copy_(o)
+                o = out
+        else:
+            o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+            _run_kv(q, k_cache, scale, method, num_splits, backend, o, lse)
         return (o, lse) if return_lse else o
     if not isinstance(k_cache, torch.Tensor) and not hasattr(k_cache, "__dlpack__"):
         raise TypeError(f"k_cache: expected a tensor or a pk.QuantizedKVCache, got {type(k_cache).__name__}")

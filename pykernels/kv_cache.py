@@ -161,6 +161,24 @@ class QuantizedKVCache:
         # Store fields whose token axis (dim 2) counts groups of gs tokens rather than tokens.
         self._per_group = {"k_scale", "k_zero"} | ({"v_scale"} if bits == "fp8" else set())
 
+    @classmethod
+    def from_tensors(cls, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fp_k, fp_v, block_table,
+                     n_sink, n_quant, n_res, *, bits, group_size):
+        """A cache over existing tensors (the fields of ``tensors()``), for reading: decode
+        attention and ``dequantize()``; what it cannot know (capacity, residual and sink sizes,
+        free pages) is left unset, so do not ``append`` to it. Used by the ``torch.library`` op,
+        which receives the tensors rather than the object."""
+        c = cls.__new__(cls)
+        c.bits, c.group_size = bits, group_size
+        c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero = k_codes, k_scale, k_zero, v_codes, v_scale, v_zero
+        c.fp_k, c.fp_v, c.block_table, c.n_sink, c.n_quant, c.n_res = fp_k, fp_v, block_table, n_sink, n_quant, n_res
+        c.batch, _, c.num_kv_heads, c.head_dim = fp_k.shape
+        c.num_pages, c.page_size = k_codes.shape[0], k_codes.shape[2]
+        c.device, c.dtype = k_codes.device, fp_k.dtype
+        c._n_sink, c._n_quant, c._n_res = n_sink.tolist(), n_quant.tolist(), n_res.tolist()
+        c._per_group = {"k_scale", "k_zero"} | ({"v_scale"} if bits == "fp8" else set())
+        return c
+
     # ------------------------------------------------------------------ introspection
 
     @property

@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 
-from .attention import _run, merge_states
+from .attention import _check_nonempty, _run, _run_kv, merge_states
+from .kv_cache import QuantizedKVCache
 
 
 @torch.library.custom_op("pykernels::decode_attention", mutates_args=())
@@ -27,6 +28,32 @@ def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 @decode_attention_op.register_fake
 def _(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, backend):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(q.shape[:2], dtype=torch.float32, device=q.device))
+
+
+@torch.library.custom_op("pykernels::decode_attention_kv", mutates_args=())
+def decode_attention_kv_op(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor,
+                           k_zero: Optional[torch.Tensor], v_codes: torch.Tensor, v_scale: torch.Tensor,
+                           v_zero: Optional[torch.Tensor], fp_k: torch.Tensor, fp_v: torch.Tensor,
+                           block_table: torch.Tensor, n_sink: torch.Tensor, n_quant: torch.Tensor,
+                           n_res: torch.Tensor, bits: str, group_size: int, scale: float, method: str,
+                           num_splits: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over the tensors of a pk.QuantizedKVCache (``cache.tensors()``);
+    bits "8" / "4" / "2" / "fp8". out [B, Hq, D] (q's dtype), lse [B, Hq] float32."""
+    cache = QuantizedKVCache.from_tensors(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fp_k, fp_v,
+                                          block_table, n_sink, n_quant, n_res,
+                                          bits="fp8" if bits == "fp8" else int(bits), group_size=group_size)
+    _check_nonempty(cache)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    _run_kv(q, cache, scale, method, num_splits or None, backend, out, lse)
+    return out, lse
+
+
+@decode_attention_kv_op.register_fake
+def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fp_k, fp_v, block_table, n_sink, n_quant, n_res,
+      bits, group_size, scale, method, num_splits, backend):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(q.shape[:2], dtype=torch.float32, device=q.device))
 

@@ -631,3 +631,25 @@ def test_attention_bad_input(case, exc, match):
     elif case == "backend": kw["backend"] = "tpu"
     with pytest.raises(exc, match=match):
         pk.decode_attention(q, c, backend=kw.pop("backend", "reference"), **kw)
+
+
+def test_torch_library_op_and_torch_compile():
+    """pk.decode_attention(q, cache) is one torch.library op under torch.compile (fullgraph: no
+    graph break), with the same result as eager; opcheck validates the op's registration."""
+    c = _filled(4, 32, 64, 2, 32, [50, 70])
+    q = torch.randn(2, 4, 64)
+    want, want_lse = pk.decode_attention(q, c, return_lse=True)
+
+    def f(q, cache):
+        o, lse = pk.decode_attention(q * 1.0, cache, return_lse=True)
+        return o + 1, lse
+
+    got, got_lse = torch.compile(f, backend="inductor", fullgraph=True)(q, c)
+    assert torch.allclose(got - 1, want, atol=1e-6, rtol=1e-6)
+    assert torch.allclose(got_lse, want_lse, atol=1e-6, rtol=1e-6)
+    args = (q, c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero, c.fp_k, c.fp_v, c.block_table,
+            c.n_sink, c.n_quant, c.n_res, str(c.bits), c.group_size, 0.125, "lean", 0, "cpu")
+    torch.library.opcheck(torch.ops.pykernels.decode_attention_kv.default, args)
+    o, lse = torch.ops.pykernels.decode_attention_kv(*args)
+    ref, ref_lse = decode_attention_kv_reference(q, c, 0.125, return_lse=True)
+    assert torch.allclose(o, ref, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)

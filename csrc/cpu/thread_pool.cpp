@@ -113,6 +113,7 @@ const char* parallel_runtime() { return openmp_for_job() ? "openmp" : "pool"; }
 void parallel_run(int64_t n_tasks, int nthreads, const std::function<void(int64_t, int)>& fn) {
   if (n_tasks <= 0) return;
   const int n = nthreads < 1 ? 1 : nthreads;
+  threading_mode();  // a bad PYKERNELS_THREADING is an error even when no thread is started
   if (n == 1 || n_tasks == 1) {
     for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
     return;
