@@ -88,8 +88,54 @@ def oracle(q, c, scale=None):
                                       compute_dtype=torch.float64)
 
 
-def check_attention(out, lse, q, c, scale=None):
-    ref, ref_lse = oracle(q, c, scale)
+def bf16_keys(backend, c):
+    """True when `backend` runs the CPU kernel's avx512_bf16 variant on int4 / int2 keys, whose
+    scores use q * key scale rounded to bf16 (see test_kv_cpu.py: bf16_key_oracle)."""
+    if backend not in ("cpu", "auto") or c.bits not in (4, 2):
+        return False
+    from pykernels import _C
+    return _C.active_isa() == "avx512_bf16"
+
+
+def bf16_key_oracle(q, c, scale=None):
+    """oracle() with the quantized key scores sum_d bf16(q_d s_d) c_d + q . z (q in float32 times
+    the softmax scale, as the launcher): the avx512_bf16 kernel's arithmetic, so the usual
+    tolerances apply. Codes, scales and zeros per token come from dequantize() of copies of the
+    cache with (scale 1, zero 0), (codes 0, zero = scale) and (codes 0)."""
+    import copy
+
+    def deq(**over):
+        c2 = copy.copy(c)
+        for n, t in over.items():
+            setattr(c2, n, t)
+        return c2.dequantize()[0].double()
+
+    z16 = torch.zeros_like(c.k_scale)
+    codes = deq(k_scale=torch.ones_like(c.k_scale), k_zero=z16)
+    s = deq(k_codes=torch.zeros_like(c.k_codes), k_zero=c.k_scale)
+    z = deq(k_codes=torch.zeros_like(c.k_codes))
+    k, v = c.dequantize()
+    B, Hq, D = q.shape
+    idx = torch.arange(Hq) // (Hq // c.num_kv_heads)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q32 = q.float() * torch.tensor(scale, dtype=torch.float32)
+    sq = ((q32[:, None] * s[:, :, idx].float()).to(torch.bfloat16).double() * codes[:, :, idx]).sum(-1) + \
+        (q32[:, None].double() * z[:, :, idx]).sum(-1)
+    sf = (q32[:, None].double() * k[:, :, idx].double()).sum(-1)  # [B, L, Hq]
+    outs, lses = [], []
+    for b, (ns, nq) in enumerate(zip(c.n_sink.tolist(), c.n_quant.tolist())):
+        L = int(c.seqlens[b])
+        sc = sf[b, :L].clone()
+        sc[ns:ns + nq] = sq[b, ns:ns + nq]
+        lse = torch.logsumexp(sc, 0)
+        outs.append(torch.einsum("lh,lhd->hd", torch.exp(sc - lse), v[b, :L].double()[:, idx]))
+        lses.append(lse)
+    return torch.stack(outs), torch.stack(lses)
+
+
+def check_attention(out, lse, q, c, scale=None, backend="reference"):
+    """backend: the one that computed out (picks the avx512_bf16 oracle, see bf16_keys)."""
+    ref, ref_lse = (bf16_key_oracle if bf16_keys(backend, c) else oracle)(q, c, scale)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     # Kernels dequantize in float32 and may order the dot products differently (FMA, per-channel
     # scale factored out of q.k): a few float32 ulps of each score; 1e-4 absolute on outputs of
@@ -284,7 +330,7 @@ def test_dense_and_paged_agree(bits, D):
         poison(dense)
         od, ld = pk.decode_attention(q, dense, backend=backend, return_lse=True)
         op, lp = pk.decode_attention(q, paged, backend=backend, return_lse=True)
-        check_attention(od, ld, q, dense)
+        check_attention(od, ld, q, dense, backend=backend)
         assert_close(op, od, 1e-6)
         assert_close(lp, ld, 1e-6, what="lse")
 
@@ -533,7 +579,7 @@ def test_attention_matrix(backend, bits, gs, D, ratio, rfac):
     assert c._n_quant[2] > 0
     q = torch.randn(len(lens), Hkv * ratio, D, dtype=torch.bfloat16)
     out, lse = pk.decode_attention(q, c, backend=backend, return_lse=True)
-    check_attention(out, lse, q, c)
+    check_attention(out, lse, q, c, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -545,7 +591,7 @@ def test_attention_methods_layouts_dtypes(backend, layout, method, num_splits, d
     c = _filled(4, 32, 64, 2, 32, lens, sink=2, layout=layout, dtype=dtype)
     q = torch.randn(len(lens), 8, 64, dtype=dtype)
     out, lse = pk.decode_attention(q, c, method=method, num_splits=num_splits, backend=backend, return_lse=True)
-    check_attention(out, lse, q, c)
+    check_attention(out, lse, q, c, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -557,7 +603,7 @@ def test_attention_out_scale_and_strided_q(backend):
     o = pk.decode_attention(q, c, scale=0.3, out=out, backend=backend)
     assert o.data_ptr() == out.data_ptr()
     _, lse = pk.decode_attention(q, c, scale=0.3, backend=backend, return_lse=True)
-    check_attention(out, lse, q, c, scale=0.3)
+    check_attention(out, lse, q, c, scale=0.3, backend=backend)
 
 
 @pytest.mark.skipif(not TRITON_KV[0], reason=f"Triton quantized-KV backend unavailable: {TRITON_KV[1]}")
@@ -586,7 +632,7 @@ def test_auto_backend_never_falls_back_to_reference(monkeypatch):
     c = _filled(4, 32, 64, 2, 32, [50, 70])
     q = torch.randn(2, 4, 64)
     out, lse = pk.decode_attention(q, c, return_lse=True)   # the CPU kernel
-    check_attention(out, lse, q, c)
+    check_attention(out, lse, q, c, backend="auto")
     # without the CPU kernel, "auto" refuses (naming why) instead of running the slow reference
     from pykernels import _C
     monkeypatch.delattr(_C, "decode_attention_kv")
@@ -651,5 +697,4 @@ def test_torch_library_op_and_torch_compile():
             c.n_sink, c.n_quant, c.n_res, str(c.bits), c.group_size, 0.125, "lean", 0, "cpu")
     torch.library.opcheck(torch.ops.pykernels.decode_attention_kv.default, args)
     o, lse = torch.ops.pykernels.decode_attention_kv(*args)
-    ref, ref_lse = decode_attention_kv_reference(q, c, 0.125, return_lse=True)
-    assert torch.allclose(o, ref, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
+    check_attention(o, lse, q, c, scale=0.125, backend="cpu")

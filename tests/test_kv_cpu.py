@@ -9,7 +9,9 @@ exact small integers or e4m3 values, scales and zeros fp16/fp32), only regrouped
 (sum_d (q_d s_d) c_d + q.z instead of q . (s c + z), p s c + p z instead of p (s c + z)) and summed
 in another order in fp32. Those differences are a few fp32 roundings per term, so float32
 outputs must agree to ~1e-5: we allow rtol 1e-4 / atol 2e-5 (out) and 1e-4 (lse). A wrong
-permutation, group, scale or region is off by O(1) and cannot pass.
+permutation, group, scale or region is off by O(1) and cannot pass. The avx512_bf16 variant rounds
+q * key scale to bf16 for int4 / int2 keys; it is checked against an oracle with that rounding
+(bf16_key_oracle) and against a derived bound (bf16_bound).
 
 Every store is poisoned where the kernel must not read: unused slots and pages have NaN scales
 and zeros (and 0xFF codes), fp rows past n_sink + n_res are NaN, block-table entries past the
@@ -76,6 +78,13 @@ def build(seqs, Hkv, D, bits, gs, *, G=4, S=None, fp_dtype=torch.float32, q_dtyp
     v = torch.randn(P, Hkv, S, D, generator=g)
     f = {n: (t.contiguous() if t is not None else None) for n, t in kf.quantize_kv(k, v, bits, gs).items()}
     kd, vd = kf.dequantize_kv(f, bits, gs, D)  # [P, Hkv, S, D] float32, before poisoning
+    # Key codes, scales and zeros per token (int4 / int2: the avx512_bf16 oracle, bf16_key_oracle)
+    kq = None
+    if bits in (4, 2):
+        zc = torch.zeros_like(f["k_zero"])
+        kq = [kf.unpack_codes(f["k_codes"], bits)[..., :D].float(),  # c
+              kf.dequantize_keys(torch.zeros_like(f["k_codes"]), zc, f["k_scale"], bits, gs, D),  # s
+              kf.dequantize_keys(torch.zeros_like(f["k_codes"]), zc, f["k_zero"], bits, gs, D)]  # z
     # Poison every slot no sequence uses.
     for p in range(P):
         b, j = used.get(p, (None, None))
@@ -99,6 +108,8 @@ def build(seqs, Hkv, D, bits, gs, *, G=4, S=None, fp_dtype=torch.float32, q_dtyp
     Lmax = max(lens)
     K = torch.zeros(B, Lmax, Hkv, D, dtype=torch.float64)
     V = torch.zeros(B, Lmax, Hkv, D, dtype=torch.float64)
+    KQ = torch.zeros(3, B, Lmax, Hkv, D, dtype=torch.float64) if kq is not None else None  # c, s, z
+    isq = torch.zeros(B, Lmax, dtype=torch.bool)  # quantized-store tokens
     for b, (ns, nq, nr) in enumerate(seqs):
         n = ns + nr
         fp_k[b, :n] = torch.randn(n, Hkv, D, generator=g).to(fp_dtype)
@@ -109,6 +120,10 @@ def build(seqs, Hkv, D, bits, gs, *, G=4, S=None, fp_dtype=torch.float32, q_dtyp
                                          fp_k[b, ns:n].double()])
         V[b, :ns + nq + nr] = torch.cat([fp_v[b, :ns].double(), qv[:, :nq].transpose(0, 1).double(),
                                          fp_v[b, ns:n].double()])
+        isq[b, ns:ns + nq] = True
+        if KQ is not None and nq:
+            for i, t in enumerate(kq):
+                KQ[i, b, ns:ns + nq] = torch.cat([t[int(bt[b, j])] for j in range(pages_per[b])], dim=1)[:, :nq].transpose(0, 1).double()
     q = torch.randn(B, Hkv * G, D, generator=g).to(q_dtype)
     i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
     args = dict(q=q, k_codes=f["k_codes"], k_scale=f["k_scale"], k_zero=f["k_zero"], v_codes=f["v_codes"],
@@ -117,7 +132,7 @@ def build(seqs, Hkv, D, bits, gs, *, G=4, S=None, fp_dtype=torch.float32, q_dtyp
                 out=torch.empty(B, Hkv * G, D, dtype=q_dtype), lse=torch.empty(B, Hkv * G),
                 scale=1.0 / math.sqrt(D), fmt=kf.format_name(bits), group_size=gs, method="lean", num_splits=1,
                 num_workers=2, tile=gs)
-    return args, (K, V, lens)
+    return args, (K, V, lens, (KQ, isq) if KQ is not None else None)
 
 
 @functools.lru_cache(maxsize=64)
@@ -134,11 +149,65 @@ def run(args, **over):
     return a["out"], a["lse"]
 
 
-def check(out, lse, args, oracle, rtol=RTOL, atol=ATOL):
-    K, V, lens = oracle
+# avx512_bf16 variant, int4 / int2 keys: the kernel rounds qs_d = q_d s_d (q already times the
+# softmax scale, fp32) to bf16 once per key group and query head (round-to-nearest-even:
+# |qs~ - qs| <= 2^-9 |qs|) and dots it with the exact codes in bf16 pairs (fp32 accumulation; the
+# bf16 code offset B = 16 / 8 is removed with B * sum qs~ of the same rounded values). So it is not
+# within the fp32 tolerances of the exact oracle. Two checks:
+#  1. bf16_key_oracle: the same float64 attention with the quantized scores computed from the
+#     rounded qs~ (the kernel's model exactly), at the fp32 tolerances RTOL / ATOL / LSE_ATOL.
+#     This is the tight one: a wrong code, scale, zero, permutation or group is off by >= 1e-3.
+#  2. bf16_bound: the derived worst-case bound against the exact oracle. Per score,
+#       |ds_t| <= 2^-9 sum_d |q_d s_d c_td| + (fp32 accumulation) <= 2^-8 sum_d |q_d s_d (c_td + 1)|
+#     (margin 2; the "+1" covers the accumulation of D / 2 pair sums of size <= (B + c) |qs~|
+#     for D <= 512). With d = max_t |ds_t| (fp rows: ds = 0): |d lse| <= d and
+#     |d out| <= (e^{2d} - 1) max_t |v_t| (each p_t moves by a factor in [e^{-2d}, e^{2d}]).
+#     It is rigorous but ~100x looser than the typical error (rounding errors do not align), so
+#     it documents the contract; check 1 is what catches a wrong kernel.
+def bf16_key_oracle(args, oracle):
+    """(out [B, Hq, D], lse [B, Hq]) float64 with the bf16-rounded q * key scale (see above)."""
+    K, V, lens, (KQ, isq) = oracle
+    B, Hq, D = args["q"].shape
+    idx = torch.arange(Hq) // (Hq // K.shape[2])
+    q32 = args["q"].float() * torch.tensor(args["scale"], dtype=torch.float32)  # as the launcher
+    c, s, z = (t[:, :, idx] for t in KQ)  # [B, L, Hq, D]
+    qs = (q32[:, None] * s.float()).to(torch.bfloat16).double()
+    sq = (qs * c).sum(-1) + (q32[:, None].double() * z).sum(-1)
+    sf = (q32[:, None].double() * K[:, :, idx]).sum(-1)
+    sc = torch.where(isq[:, :, None], sq, sf)  # [B, L, Hq]
+    outs, lses = [], []
+    for b in range(B):
+        lse = torch.logsumexp(sc[b, :lens[b]], 0)
+        p = torch.exp(sc[b, :lens[b]] - lse)
+        outs.append(torch.einsum("lh,lhd->hd", p, V[b, :lens[b]][:, idx]))
+        lses.append(lse)
+    return torch.stack(outs), torch.stack(lses)
+
+
+def bf16_bound(args, oracle):
+    """The derived bound (see above): (out bound [B, Hq, 1], lse bound [B, Hq])."""
+    K, V, lens, (KQ, isq) = oracle
+    q = args["q"].double() * args["scale"]
+    B, Hq, D = q.shape
+    idx = torch.arange(Hq) // (Hq // K.shape[2])
+    c, s = KQ[0][:, :, idx], KQ[1][:, :, idx]
+    d = (2.0 ** -8 * torch.einsum("bhd,blhd->bhl", q.abs(), s.abs() * (c + 1))).amax(dim=-1)  # [B, Hq]
+    vmax = torch.stack([V[b, :lens[b]].abs().amax(dim=(0, 2)) for b in range(B)])[:, idx]
+    return (torch.expm1(2 * d) * vmax).unsqueeze(-1), d
+
+
+def check(out, lse, args, oracle, rtol=RTOL, atol=ATOL, isa=None):
+    """isa: the variant that computed out (default: the active one)."""
+    K, V, lens, KQ = oracle
     o_ref, l_ref = decode_attention_reference(args["q"].double(), K, V, torch.tensor(lens), scale=args["scale"],
                                               return_lse=True, compute_dtype=torch.float64)
     assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
+    if (isa or _C.active_isa()) == "avx512_bf16" and KQ is not None:
+        ob, lb = bf16_bound(args, oracle)
+        err = (out.double() - o_ref.double()).abs()
+        assert (err <= atol + rtol * o_ref.double().abs() + ob).all(), "out: outside the derived bf16 bound"
+        assert ((lse.double() - l_ref.double()).abs() <= LSE_ATOL + lb).all(), "lse: outside the derived bf16 bound"
+        o_ref, l_ref = bf16_key_oracle(args, oracle)
     torch.testing.assert_close(out.double(), o_ref.double(), rtol=rtol, atol=atol)
     torch.testing.assert_close(lse.double(), l_ref.double(), rtol=0, atol=LSE_ATOL)
 
@@ -253,7 +322,33 @@ def test_long_sequence_avx512_matches_scalar():
             outs.append(run(args, num_workers=2, tile=64))
     finally:
         _C.set_isa(prev)
-    for out, lse in outs:
+    for name, (out, lse) in zip(ISAS, outs):
+        check(out, lse, args, oracle, isa=name)
+
+
+@pytest.mark.skipif("avx512_bf16" not in ISAS, reason="needs AVX512-BF16")
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("mutation", ["code", "scale", "swap"])
+def test_bf16_keys_tolerance_rejects_wrong_store(isa, bits, mutation):
+    """The avx512_bf16 checks are tight enough to fail a kernel that reads one key group wrongly:
+    run on a store with one group altered (codes c ^ 1, one channel's scale x 1.02, two channels'
+    scales swapped) and check against the oracle of the unaltered store."""
+    args, oracle = build_cached(tuple(mixed(32)), 2, 128, bits, 32, G=4)
+    out, lse = run(args)
+    check(out, lse, args, oracle)
+    p = int(args["block_table"][0, 1])
+    bad = {}
+    if mutation == "code":
+        bad["k_codes"] = args["k_codes"].clone()
+        bad["k_codes"][p, 0, 5] ^= 0x11 if bits == 4 else 0x55  # one token
+    elif mutation == "scale":
+        bad["k_scale"] = args["k_scale"].clone()
+        bad["k_scale"][p, 0, 0, 7] *= 1.02
+    else:
+        bad["k_scale"] = args["k_scale"].clone()
+        bad["k_scale"][p, 0, 0, [8, 9]] = bad["k_scale"][p, 0, 0, [9, 8]]
+    out, lse = run(args, **bad)
+    with pytest.raises(AssertionError):
         check(out, lse, args, oracle)
 
 

@@ -24,7 +24,7 @@ namespace {
 
 KvAttendFn kv_attend_fn(Isa isa) {
   switch (isa) {
-    case Isa::kAvx512Bf16:
+    case Isa::kAvx512Bf16: return kv_avx512bf16::kv_attend_piece;
     case Isa::kAvx512: return kv_avx512::kv_attend_piece;
     case Isa::kAvx2: return kv_avx2::kv_attend_piece;
     default: return kv_scalar::kv_attend_piece;

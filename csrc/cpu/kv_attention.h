@@ -15,8 +15,9 @@ namespace cpu {
 constexpr int kKvBlock = 32;
 // Query heads walked together over one block's bytes (larger G: several chunks of heads).
 constexpr int kKvMaxHeads = 8;
-// Most channels one unpacking unit covers (int2: 4 codes per byte, 16 lanes): padding bound.
-constexpr int64_t kKvMaxUnitChannels = 64;
+// Most channels one unpacking unit covers (int2: 4 codes per byte, 16 lanes: 64; the
+// AVX512-BF16 key units: 128): padding bound.
+constexpr int64_t kKvMaxUnitChannels = 128;
 
 struct KvParams {
   const float* q;                 // [B, Hq, D] fp32, contiguous, already multiplied by the softmax scale
@@ -64,6 +65,7 @@ typedef void (*KvAttendFn)(const KvParams& prm, const Piece& p, float* o, float*
 namespace kv_scalar { void kv_attend_piece(const KvParams&, const Piece&, float*, float*, float*); }
 namespace kv_avx2 { void kv_attend_piece(const KvParams&, const Piece&, float*, float*, float*); }
 namespace kv_avx512 { void kv_attend_piece(const KvParams&, const Piece&, float*, float*, float*); }
+namespace kv_avx512bf16 { void kv_attend_piece(const KvParams&, const Piece&, float*, float*, float*); }
 
 }  // namespace cpu
 }  // namespace pykernels
