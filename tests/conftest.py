@@ -11,3 +11,29 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# CPU-kernel tests: `isa` runs a test once per ISA variant this machine supports (the AVX2 and
+# scalar paths stay tested on an AVX-512 machine), `threads` sets the kernel thread count; both
+# restore the previous setting.
+try:
+    from pykernels import _C
+except ImportError:  # not built: the CPU test files skip themselves
+    _C = None
+_ALL_ISAS = ["scalar", "avx2", "avx512", "avx512_bf16"]  # each a superset of the one before
+ISAS = _ALL_ISAS[: _ALL_ISAS.index(_C.detected_isa()) + 1] if _C is not None else []
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    prev = _C.active_isa()
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa(prev)
+
+
+@pytest.fixture
+def threads():
+    prev = _C.get_num_threads()
+    yield lambda n: _C.set_num_threads(n)
+    _C.set_num_threads(prev)

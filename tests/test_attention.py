@@ -13,25 +13,8 @@ from pykernels import backends
 from attention_ref import ATOL, RTOL, assert_close, check_attention, make_dense, make_paged, oracle
 
 _C = pytest.importorskip("pykernels._C", reason="pykernels._C not built: run `make test`")
-_ALL_ISAS = ["scalar", "avx2", "avx512", "avx512_bf16"]  # each a superset of the one before
-ISAS = _ALL_ISAS[: _ALL_ISAS.index(_C.detected_isa()) + 1]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MIXED = [1, 17, 1000, 4097]  # odd lengths, one batch
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    prev = _C.active_isa()
-    _C.set_isa(request.param)
-    yield request.param
-    _C.set_isa(prev)
-
-
-@pytest.fixture
-def threads():
-    prev = _C.get_num_threads()
-    yield lambda n: _C.set_num_threads(n)
-    _C.set_num_threads(prev)
 
 
 @pytest.mark.parametrize("layout", ["dense", "paged"])

@@ -31,26 +31,11 @@ _C = pytest.importorskip("pykernels._C", reason="pykernels._C not built: run `ma
 # _C is built from this tree: a build without the kernel is stale and must fail, not skip
 assert hasattr(_C, "decode_attention_kv"), "pykernels._C has no decode_attention_kv: stale build, run `make build`"
 
-_ALL_ISAS = ["scalar", "avx2", "avx512", "avx512_bf16"]  # each a superset of the one before
-ISAS = _ALL_ISAS[: _ALL_ISAS.index(_C.detected_isa()) + 1]
+from conftest import ISAS  # noqa: E402  (the variants the `isa` fixture runs)
+
 FORMATS = [8, 4, 2, "fp8"]
 RTOL, ATOL, LSE_ATOL = 1e-4, 2e-5, 1e-4
 NAN16 = float("nan")
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    prev = _C.active_isa()
-    _C.set_isa(request.param)
-    yield request.param
-    _C.set_isa(prev)
-
-
-@pytest.fixture
-def threads():
-    prev = _C.get_num_threads()
-    yield lambda n: _C.set_num_threads(n)
-    _C.set_num_threads(prev)
 
 
 def build(seqs, Hkv, D, bits, gs, *, G=4, S=None, fp_dtype=torch.float32, q_dtype=torch.float32, seed=0,

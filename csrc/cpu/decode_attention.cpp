@@ -62,6 +62,15 @@ float load_elem(const void* p, DType dt, int64_t i) {
 
 }  // namespace
 
+std::vector<float> scaled_q_fp32(const TensorArg& q, DType qdt, double scale, int64_t B, int64_t Hq, int64_t D) {
+  std::vector<float> q32(B * Hq * D);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h)
+      for (int64_t d = 0; d < D; ++d)
+        q32[(b * Hq + h) * D + d] = (float)scale * load_elem(q.data(), qdt, b * q.stride(0) + h * q.stride(1) + d * q.stride(2));
+  return q32;
+}
+
 Schedule build_schedule(const int32_t* seqlens, int64_t B, int64_t Hkv, const std::string& method,
                         int64_t num_splits, int64_t num_workers, int64_t tile) {
   Schedule sc;
@@ -154,12 +163,7 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
   const int64_t G = prm.G;
 
   py::gil_scoped_release nogil;
-  // q -> fp32 contiguous, pre-multiplied by the softmax scale (one pass over B*Hq*D values).
-  std::vector<float> q32(B * Hq * D);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < Hq; ++h)
-      for (int64_t d = 0; d < D; ++d)
-        q32[(b * Hq + h) * D + d] = (float)scale * load_elem(q.data(), qdt, b * q.stride(0) + h * q.stride(1) + d * q.stride(2));
+  const std::vector<float> q32 = scaled_q_fp32(q, qdt, scale, B, Hq, D);
   prm.q = q32.data();
   prm.scale = (float)scale;
   const Isa isa = active_isa();  // read once: the kernel and its q layout must agree

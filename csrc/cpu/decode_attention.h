@@ -40,6 +40,10 @@ typedef std::function<void(const Piece&, int64_t, float*, float*, float*)> Piece
 void run_schedule(const Schedule& sc, int64_t Hq, int64_t G, int64_t D, int64_t max_heads, int64_t work_floats,
                   void* out, DType odt, float* lse, const PieceFn& attend);
 
+// q [B, Hq, D] (any strides, fp32/fp16/bf16) -> contiguous fp32 multiplied by the softmax scale,
+// as the kernels take it (one pass over B*Hq*D values).
+std::vector<float> scaled_q_fp32(const TensorArg& q, DType qdt, double scale, int64_t B, int64_t Hq, int64_t D);
+
 void decode_attention(py::object q, py::object k, py::object v, py::object seqlens, py::object block_table,
                       py::object out, py::object lse, double scale, const std::string& method,
                       int64_t num_splits, int64_t num_workers, int64_t tile);

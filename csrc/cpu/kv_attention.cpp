@@ -57,14 +57,6 @@ void require_shape(const TensorArg& t, const std::vector<int64_t>& shape, int in
   }
 }
 
-float load_elem(const void* p, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::kFloat32: return static_cast<const float*>(p)[i];
-    case DType::kFloat16: return fp16_to_float(static_cast<const pk_u16*>(p)[i]);
-    default: return bf16_to_float(static_cast<const pk_u16*>(p)[i]);
-  }
-}
-
 }  // namespace
 
 void decode_attention_kv(py::object q_o, py::object kc_o, py::object ks_o, py::object kz_o, py::object vc_o,
@@ -231,12 +223,7 @@ void decode_attention_kv(py::object q_o, py::object kc_o, py::object ks_o, py::o
   const int64_t G = prm.G;
 
   py::gil_scoped_release nogil;
-  // q -> fp32 contiguous, pre-multiplied by the softmax scale.
-  std::vector<float> q32(B * Hq * D);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < Hq; ++h)
-      for (int64_t d = 0; d < D; ++d)
-        q32[(b * Hq + h) * D + d] = (float)scale * load_elem(q.data(), qdt, b * q.stride(0) + h * q.stride(1) + d * q.stride(2));
+  const std::vector<float> q32 = scaled_q_fp32(q, qdt, scale, B, Hq, D);
   prm.q = q32.data();
 
   const KvAttendFn attend = kv_attend_fn(active_isa());
