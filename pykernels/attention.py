@@ -280,6 +280,22 @@ def _run_kv(q, cache, scale, method, num_splits, backend, out, lse):
         decode_attention_kv(*args)
 
 
+def _call(q, out, op, run):
+    """(out, lse) of a validated call: under torch.compile through the torch.library op
+    ``op()`` (copied into ``out`` when given), else ``run(o, lse)`` writing into fresh (or the
+    caller's) buffers directly."""
+    if torch.compiler.is_compiling():
+        o, lse = op()
+        if out is not None:
+            out.copy_(o)
+            o = out
+        return o, lse
+    o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    run(o, lse)
+    return o, lse
+
+
 def decode_attention(q, k_cache, v_cache=None, seqlens=None, *, block_table=None, scale=None,
                      method="auto", num_splits=None, return_lse=False, backend="auto", out=None):
     r"""Attention of one query token per sequence over its KV cache.
@@ -327,18 +343,11 @@ def decode_attention(q, k_cache, v_cache=None, seqlens=None, *, block_table=None
         raise TypeError(f"return_lse: expected bool, got {type(return_lse).__name__}")
     if isinstance(k_cache, QuantizedKVCache):
         q, scale = _validate_kv(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, out)
-        if torch.compiler.is_compiling():
-            c = k_cache
-            o, lse = torch.ops.pykernels.decode_attention_kv(
-                q, c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero, c.fp_k, c.fp_v, c.block_table,
-                c.n_sink, c.n_quant, c.n_res, str(c.bits), c.group_size, scale, method, num_splits or 0, backend)
-            if out is not None:
-                out.copy_(o)
-                o = out
-        else:
-            o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-            _run_kv(q, k_cache, scale, method, num_splits, backend, o, lse)
+        c = k_cache
+        o, lse = _call(q, out, lambda: torch.ops.pykernels.decode_attention_kv(
+            q, c.k_codes, c.k_scale, c.k_zero, c.v_codes, c.v_scale, c.v_zero, c.fp_k, c.fp_v, c.block_table,
+            c.n_sink, c.n_quant, c.n_res, str(c.bits), c.group_size, scale, method, num_splits or 0, backend),
+            lambda o, lse: _run_kv(q, c, scale, method, num_splits, backend, o, lse))
         return (o, lse) if return_lse else o
     if not isinstance(k_cache, torch.Tensor) and not hasattr(k_cache, "__dlpack__"):
         raise TypeError(f"k_cache: expected a tensor or a pk.QuantizedKVCache, got {type(k_cache).__name__}")
@@ -346,16 +355,9 @@ def decode_attention(q, k_cache, v_cache=None, seqlens=None, *, block_table=None
         raise ValueError("v_cache: required for a tensor k_cache")
     q, k_cache, v_cache, seqlens, block_table, scale = _validate(
         q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, out)
-    if torch.compiler.is_compiling():
-        o, lse = torch.ops.pykernels.decode_attention(q, k_cache, v_cache, seqlens, block_table, scale,
-                                                      method, num_splits or 0, backend)
-        if out is not None:
-            out.copy_(o)
-            o = out
-    else:
-        o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, backend, o, lse)
+    o, lse = _call(q, out, lambda: torch.ops.pykernels.decode_attention(
+        q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits or 0, backend),
+        lambda o, lse: _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, backend, o, lse))
     return (o, lse) if return_lse else o
 
 
