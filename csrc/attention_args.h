@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "pykernels/kv_quant.h"
 #include "tensor_arg.h"
 
 namespace pykernels {
@@ -19,17 +20,36 @@ struct AttnShape {
 
 inline std::string pk_str(int64_t v) { return std::to_string(v); }
 
-// Shapes, dtypes, strides and scalar options. `bt` is null for a dense cache.
-inline AttnShape check_attention_args(const TensorArg& q, const TensorArg& k, const TensorArg& v, const TensorArg& sl,
-                                      const TensorArg& out, const TensorArg& lse, const TensorArg* bt,
-                                      const std::string& method, int64_t num_splits, int64_t num_workers,
-                                      int64_t tile, double scale) {
+// Scalar options of a lean / split launch (decode attention on a tensor or a quantized cache).
+inline void check_schedule_options(const std::string& method, int64_t num_splits, int64_t num_workers, int64_t tile,
+                                   double scale) {
   if (method != "lean" && method != "split")
     throw py::value_error("method: expected 'lean' or 'split', got '" + method + "'");
   if (tile < 1) throw py::value_error("tile: expected >= 1, got " + pk_str(tile));
   if (num_workers < 1) throw py::value_error("num_workers: expected >= 1, got " + pk_str(num_workers));
   if (num_splits < 1) throw py::value_error("num_splits: expected >= 1, got " + pk_str(num_splits));
   if (!std::isfinite(scale)) throw py::value_error("scale: must be finite");
+}
+
+// fmt and group_size of a quantized-KV launch (pykernels/kv_format.py).
+inline KvFormat parse_kv_format(const std::string& fmt, int64_t group_size) {
+  KvFormat f;
+  if (fmt == "int8") f = KvFormat::kInt8;
+  else if (fmt == "int4") f = KvFormat::kInt4;
+  else if (fmt == "int2") f = KvFormat::kInt2;
+  else if (fmt == "fp8") f = KvFormat::kFp8;
+  else throw py::value_error("fmt: expected 'int8', 'int4', 'int2' or 'fp8', got '" + fmt + "'");
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    throw py::value_error("group_size: expected one of (32, 64, 128), got " + pk_str(group_size));
+  return f;
+}
+
+// Shapes, dtypes, strides and scalar options. `bt` is null for a dense cache.
+inline AttnShape check_attention_args(const TensorArg& q, const TensorArg& k, const TensorArg& v, const TensorArg& sl,
+                                      const TensorArg& out, const TensorArg& lse, const TensorArg* bt,
+                                      const std::string& method, int64_t num_splits, int64_t num_workers,
+                                      int64_t tile, double scale) {
+  check_schedule_options(method, num_splits, num_workers, tile, scale);
 
   q.require_ndim(3);
   k.require_ndim(4);

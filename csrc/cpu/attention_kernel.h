@@ -265,17 +265,7 @@ static inline void block_step(const float* q, const bf16_t* qb, float scale, int
     float mb = PK_NEG_INF;
     for (int t = 0; t < nt; ++t) mb = sg[t] > mb ? sg[t] : mb;
     alpha[g] = softmax_rescale(m[g], mb, &m[g]);
-    const typename V::F neg_m = V::set1(-m[g]);
-    typename V::F sum = V::zero();
-    int t = 0;
-    for (; t + V::W <= nt; t += V::W) {
-      typename V::F e = V::exp(V::add(V::load(sg + t), neg_m));
-      V::store(sg + t, e);
-      sum = V::add(sum, e);
-    }
-    float ssum = V::hsum(sum);
-    for (; t < nt; ++t) { sg[t] = pk_exp(sg[t] - m[g]); ssum += sg[t]; }
-    l[g] = l[g] * alpha[g] + ssum;
+    l[g] = l[g] * alpha[g] + exp_shift_sum<V>(sg, nt, m[g]);
   }
   pv_block<V, T, GB, PERM>(acc, D, alpha, s, vp, nt);
 }

@@ -65,21 +65,9 @@ void decode_attention_kv(py::object q_o, py::object kc_o, py::object ks_o, py::o
                          double scale, const std::string& fmt_s, int64_t gs, const std::string& method,
                          int64_t num_splits, int64_t num_workers, int64_t tile) {
   // Scalar options first.
-  KvFormat fmt;
-  if (fmt_s == "int8") fmt = KvFormat::kInt8;
-  else if (fmt_s == "int4") fmt = KvFormat::kInt4;
-  else if (fmt_s == "int2") fmt = KvFormat::kInt2;
-  else if (fmt_s == "fp8") fmt = KvFormat::kFp8;
-  else throw py::value_error("fmt: expected 'int8', 'int4', 'int2' or 'fp8', got '" + fmt_s + "'");
+  const KvFormat fmt = parse_kv_format(fmt_s, gs);
   const bool fp8 = fmt == KvFormat::kFp8;
-  if (gs != 32 && gs != 64 && gs != 128)
-    throw py::value_error("group_size: expected 32, 64 or 128, got " + pk_str(gs));
-  if (method != "lean" && method != "split")
-    throw py::value_error("method: expected 'lean' or 'split', got '" + method + "'");
-  if (tile < 1) throw py::value_error("tile: expected >= 1, got " + pk_str(tile));
-  if (num_workers < 1) throw py::value_error("num_workers: expected >= 1, got " + pk_str(num_workers));
-  if (num_splits < 1) throw py::value_error("num_splits: expected >= 1, got " + pk_str(num_splits));
-  if (!std::isfinite(scale)) throw py::value_error("scale: must be finite");
+  check_schedule_options(method, num_splits, num_workers, tile, scale);
   if (fp8) {
     if (!kz_o.is_none()) throw py::value_error("k_zero: must be None for fmt 'fp8'");
     if (!vz_o.is_none()) throw py::value_error("v_zero: must be None for fmt 'fp8'");

@@ -453,18 +453,8 @@ static inline void softmax_block(float* s, int nt, float* m, float* l, float* al
     }
     for (; t < nt; ++t) mb = sg[t] > mb ? sg[t] : mb;
     alpha[g] = softmax_rescale(m[g], mb, &m[g]);
-    const typename V::F neg_m = V::set1(-m[g]);
-    typename V::F sum = V::zero();
-    t = 0;
-    for (; t + V::W <= nt; t += V::W) {
-      typename V::F e = V::exp(V::add(V::load(sg + t), neg_m));
-      V::store(sg + t, e);
-      sum = V::add(sum, e);
-    }
-    float ssum = V::hsum(sum);
-    for (; t < nt; ++t) { sg[t] = pk_exp(sg[t] - m[g]); ssum += sg[t]; }
-    for (; t < kKvBlock; ++t) sg[t] = 0.f;
-    l[g] = l[g] * alpha[g] + ssum;
+    l[g] = l[g] * alpha[g] + exp_shift_sum<V>(sg, nt, m[g]);
+    for (t = nt; t < kKvBlock; ++t) sg[t] = 0.f;
   }
 }
 

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "pykernels/common.h"
+#include "pykernels/softmax.h"
 
 #ifndef PK_ISA_NS
 #error "define PK_ISA_NS (the per-ISA namespace) before including simd.h"
@@ -206,6 +207,23 @@ template <int W>
 static inline int perm_index(int p) {
   const int half = p / W, q = p % W;
   return 8 * (q / 4) + 4 * half + (q % 4);
+}
+
+// Softmax numerators of one row of scores: s[t] = exp(s[t] - m) in place for t < nt; returns
+// their sum (the online-softmax update of both attention kernels).
+template <typename V>
+static inline float exp_shift_sum(float* s, int nt, float m) {
+  const typename V::F neg_m = V::set1(-m);
+  typename V::F sum = V::zero();
+  int t = 0;
+  for (; t + V::W <= nt; t += V::W) {
+    typename V::F e = V::exp(V::add(V::load(s + t), neg_m));
+    V::store(s + t, e);
+    sum = V::add(sum, e);
+  }
+  float ssum = V::hsum(sum);
+  for (; t < nt; ++t) { s[t] = pk_exp(s[t] - m); ssum += s[t]; }
+  return ssum;
 }
 
 }  // namespace PK_ISA_NS

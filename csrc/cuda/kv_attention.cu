@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_args.h"
 #include "tensor_arg.h"
 
 #include "cuda/kv_attention.cuh"
@@ -131,20 +132,8 @@ void decode_attention_kv(py::object q_o, py::object kc_o, py::object ks_o, py::o
                          double scale, const std::string& fmt, int64_t group_size, const std::string& method,
                          int64_t num_splits, int64_t num_workers, int64_t tile, int64_t stream_handle) {
   // ---- scalar options
-  if (method != "lean" && method != "split")
-    throw py::value_error("method: expected 'lean' or 'split', got '" + method + "'");
-  if (tile < 1) throw py::value_error("tile: expected >= 1, got " + str(tile));
-  if (num_workers < 1) throw py::value_error("num_workers: expected >= 1, got " + str(num_workers));
-  if (num_splits < 1) throw py::value_error("num_splits: expected >= 1, got " + str(num_splits));
-  if (!std::isfinite(scale)) throw py::value_error("scale: must be finite");
-  int fmt_code;
-  if (fmt == "int8") fmt_code = 8;
-  else if (fmt == "int4") fmt_code = 4;
-  else if (fmt == "int2") fmt_code = 2;
-  else if (fmt == "fp8") fmt_code = 0;
-  else throw py::value_error("fmt: expected 'int8', 'int4', 'int2' or 'fp8', got '" + fmt + "'");
-  if (group_size != 32 && group_size != 64 && group_size != 128)
-    throw py::value_error("group_size: expected one of (32, 64, 128), got " + str(group_size));
+  check_schedule_options(method, num_splits, num_workers, tile, scale);
+  const int fmt_code = (int)parse_kv_format(fmt, group_size);
   const bool fp8 = fmt_code == 0;
   const int64_t bits = fp8 ? 8 : fmt_code, gs = group_size;
   const int64_t gs_shift = gs == 32 ? 5 : (gs == 64 ? 6 : 7);
