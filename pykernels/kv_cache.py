@@ -158,8 +158,6 @@ class QuantizedKVCache:
         # Host copies: validation and scheduling never wait on the device.
         self._n_sink, self._n_quant, self._n_res = [0] * batch, [0] * batch, [0] * batch
         self._free = list(range(P)) if layout == "paged" else []
-        # Store fields whose token axis (dim 2) counts groups of gs tokens rather than tokens.
-        self._per_group = {"k_scale", "k_zero"} | ({"v_scale"} if bits == "fp8" else set())
 
     @classmethod
     def from_tensors(cls, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fp_k, fp_v, block_table,
@@ -176,10 +174,14 @@ class QuantizedKVCache:
         c.num_pages, c.page_size = k_codes.shape[0], k_codes.shape[2]
         c.device, c.dtype = k_codes.device, fp_k.dtype
         c._n_sink, c._n_quant, c._n_res = n_sink.tolist(), n_quant.tolist(), n_res.tolist()
-        c._per_group = {"k_scale", "k_zero"} | ({"v_scale"} if bits == "fp8" else set())
         return c
 
     # ------------------------------------------------------------------ introspection
+
+    @property
+    def _per_group(self) -> set:
+        """Store fields whose token axis (dim 2) counts groups of gs tokens rather than tokens."""
+        return {"k_scale", "k_zero"} | ({"v_scale"} if self.bits == "fp8" else set())
 
     @property
     def fmt(self) -> str:
