@@ -53,25 +53,6 @@ void launch_attention(const Launch& a) {
       a.B, a.Hq, a.Hkv, a.D, a.tile, a.mode, a.num_splits, a.scale, a.vec);
 }
 
-template <typename T, int EPL>
-void dispatch_gb(const Launch& a, int gb) {
-  switch (gb) {
-    case 1: launch_attention<T, EPL, 1>(a); break;
-    case 2: launch_attention<T, EPL, 2>(a); break;
-    case 4: launch_attention<T, EPL, 4>(a); break;
-    default: launch_attention<T, EPL, 8>(a); break;
-  }
-}
-
-template <typename T>
-void dispatch_epl(const Launch& a, int epl, int gb) {
-  switch (epl) {
-    case 2: dispatch_gb<T, 2>(a, gb); break;
-    case 4: dispatch_gb<T, 4>(a, gb); break;
-    default: dispatch_gb<T, 8>(a, gb); break;
-  }
-}
-
 }  // namespace
 
 KernelConfig pick_config(int64_t D, int64_t G) {
@@ -200,9 +181,15 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
       a.seqlens, a.sl_stride, B, Hkv, tile, capacity, num_splits, a.cum, a.split_base);
   PK_CUDA_CHECK(cudaGetLastError());
   switch (kdt) {
-    case DType::kFloat32: dispatch_epl<float>(a, cfg.epl, cfg.gb); break;
-    case DType::kFloat16: dispatch_epl<fp16_t>(a, cfg.epl, cfg.gb); break;
-    case DType::kBFloat16: dispatch_epl<bf16_t>(a, cfg.epl, cfg.gb); break;
+    case DType::kFloat32: dispatch_epl_gb(cfg.epl, cfg.gb, [&](auto e, auto g) {
+      launch_attention<float, decltype(e)::value, decltype(g)::value>(a);
+    }); break;
+    case DType::kFloat16: dispatch_epl_gb(cfg.epl, cfg.gb, [&](auto e, auto g) {
+      launch_attention<fp16_t, decltype(e)::value, decltype(g)::value>(a);
+    }); break;
+    case DType::kBFloat16: dispatch_epl_gb(cfg.epl, cfg.gb, [&](auto e, auto g) {
+      launch_attention<bf16_t, decltype(e)::value, decltype(g)::value>(a);
+    }); break;
   }
   PK_CUDA_CHECK(cudaGetLastError());
   if (num_slots > 0) {

@@ -105,25 +105,6 @@ void launch_kv(const KvLaunch& a) {
       a.B, a.Hq, a.Hkv, a.D, a.tile, a.mode, a.num_splits, a.scale, a.vec);
 }
 
-template <int FMT, int EPL>
-void kv_dispatch_gb(const KvLaunch& a, int gb) {
-  switch (gb) {
-    case 1: launch_kv<FMT, EPL, 1>(a); break;
-    case 2: launch_kv<FMT, EPL, 2>(a); break;
-    case 4: launch_kv<FMT, EPL, 4>(a); break;
-    default: launch_kv<FMT, EPL, 8>(a); break;
-  }
-}
-
-template <int FMT>
-void kv_dispatch_epl(const KvLaunch& a, int epl, int gb) {
-  switch (epl) {
-    case 2: kv_dispatch_gb<FMT, 2>(a, gb); break;
-    case 4: kv_dispatch_gb<FMT, 4>(a, gb); break;
-    default: kv_dispatch_gb<FMT, 8>(a, gb); break;
-  }
-}
-
 }  // namespace
 
 void decode_attention_kv(py::object q_o, py::object kc_o, py::object ks_o, py::object kz_o, py::object vc_o,
@@ -373,10 +354,18 @@ void decode_attention_kv(py::object q_o, py::object kc_o, py::object ks_o, py::o
       a.meta, 1, B, Hkv, tile, capacity, num_splits, a.cum, a.split_base);
   PK_CUDA_CHECK(cudaGetLastError());
   switch (fmt_code) {
-    case 8: kv_dispatch_epl<8>(a, cfg.epl, cfg.gb); break;
-    case 4: kv_dispatch_epl<4>(a, cfg.epl, cfg.gb); break;
-    case 2: kv_dispatch_epl<2>(a, cfg.epl, cfg.gb); break;
-    default: kv_dispatch_epl<0>(a, cfg.epl, cfg.gb); break;
+    case 8: dispatch_epl_gb(cfg.epl, cfg.gb, [&](auto e, auto g) {
+      launch_kv<8, decltype(e)::value, decltype(g)::value>(a);
+    }); break;
+    case 4: dispatch_epl_gb(cfg.epl, cfg.gb, [&](auto e, auto g) {
+      launch_kv<4, decltype(e)::value, decltype(g)::value>(a);
+    }); break;
+    case 2: dispatch_epl_gb(cfg.epl, cfg.gb, [&](auto e, auto g) {
+      launch_kv<2, decltype(e)::value, decltype(g)::value>(a);
+    }); break;
+    default: dispatch_epl_gb(cfg.epl, cfg.gb, [&](auto e, auto g) {
+      launch_kv<0, decltype(e)::value, decltype(g)::value>(a);
+    }); break;
   }
   PK_CUDA_CHECK(cudaGetLastError());
   if (num_slots > 0) {

@@ -42,6 +42,7 @@ void decode_attention_kv(py::object q, py::object k_codes, py::object k_scale, p
 #include <cuda_runtime.h>
 
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "tensor_arg.h"
@@ -51,6 +52,26 @@ namespace cuda {
 namespace launch_util {
 
 inline std::string str(int64_t v) { return std::to_string(v); }
+
+// Runs fn(EPL, GB) with std::integral_constant arguments for a kernel instantiation: EPL
+// elements of D per lane in {2, 4, 8}, GB query heads per pass in {1, 2, 4, 8} (pick_config's
+// values; anything else takes the largest).
+template <typename Fn>
+void dispatch_epl_gb(int epl, int gb, Fn&& fn) {
+  auto with_gb = [&](auto e) {
+    switch (gb) {
+      case 1: fn(e, std::integral_constant<int, 1>{}); break;
+      case 2: fn(e, std::integral_constant<int, 2>{}); break;
+      case 4: fn(e, std::integral_constant<int, 4>{}); break;
+      default: fn(e, std::integral_constant<int, 8>{}); break;
+    }
+  };
+  switch (epl) {
+    case 2: with_gb(std::integral_constant<int, 2>{}); break;
+    case 4: with_gb(std::integral_constant<int, 4>{}); break;
+    default: with_gb(std::integral_constant<int, 8>{}); break;
+  }
+}
 
 inline void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
