@@ -32,8 +32,8 @@ struct Prefetch {
   int64_t off_k = 0, off_v = 0;  // byte offset of the head being walked
   inline void row(int t) const {
     if (t < n) {
-      for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(k[t] + off_k + off, 0, PK_PF_HINT);
-      for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(v[t] + off_v + off, 0, PK_PF_HINT);
+      for (int64_t off = 0; off < span; off += 64) prefetch<PK_PF_HINT>(k[t] + off_k + off);
+      for (int64_t off = 0; off < span; off += 64) prefetch<PK_PF_HINT>(v[t] + off_v + off);
     }
   }
 };

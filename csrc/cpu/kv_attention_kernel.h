@@ -692,15 +692,15 @@ static void kv_attend(const KvParams& prm, const Piece& pc, float* o, float* lse
           const int64_t bytes = kKvBlock * RB;
           const char* kp = reinterpret_cast<const char*>(krow0) + PK_KV_PF_DIST * bytes;
           const char* vp = reinterpret_cast<const char*>(vrow0) + PK_KV_PF_DIST * bytes;
-          for (int64_t off = 0; off < bytes; off += 64) { __builtin_prefetch(kp + off, 0, 3); __builtin_prefetch(vp + off, 0, 3); }
+          for (int64_t off = 0; off < bytes; off += 64) { prefetch<3>(kp + off); prefetch<3>(vp + off); }
           if (!fp8) {
             const int64_t jp = ps_slot / gs;
             const char* a = reinterpret_cast<const char*>(static_cast<const pk_u16*>(prm.ks) + page * prm.ks_st[0] + pc.h * prm.ks_st[1] + jp * D);
             const char* b = reinterpret_cast<const char*>(static_cast<const pk_u16*>(prm.kz) + page * prm.kz_st[0] + pc.h * prm.kz_st[1] + jp * D);
-            for (int64_t off = 0; off < 2 * D; off += 64) { __builtin_prefetch(a + off, 0, 3); __builtin_prefetch(b + off, 0, 3); }
+            for (int64_t off = 0; off < 2 * D; off += 64) { prefetch<3>(a + off); prefetch<3>(b + off); }
             const char* c = reinterpret_cast<const char*>(static_cast<const pk_u16*>(prm.vs) + page * prm.vs_st[0] + pc.h * prm.vs_st[1] + ps_slot * NG);
             const char* d = reinterpret_cast<const char*>(static_cast<const pk_u16*>(prm.vz) + page * prm.vz_st[0] + pc.h * prm.vz_st[1] + ps_slot * NG);
-            for (int64_t off = 0; off < 2 * kKvBlock * NG; off += 64) { __builtin_prefetch(c + off, 0, 3); __builtin_prefetch(d + off, 0, 3); }
+            for (int64_t off = 0; off < 2 * kKvBlock * NG; off += 64) { prefetch<3>(c + off); prefetch<3>(d + off); }
           }
         }
       }

@@ -81,7 +81,7 @@ static inline const uint8_t* plane_col(const LutParams& p, int64_t t, int64_t kk
 // request the lines PK_LUT_PF bytes ahead of the ncols columns starting at kk.
 static inline void prefetch_ahead(const LutParams& p, int64_t t, int64_t kk, int ncols) {
   const char* c = (const char*)plane_col(p, t, kk, 0) + PK_LUT_PF;
-  for (int l = 0; l < ncols * p.bits * 32; l += 64) __builtin_prefetch(c + l, 0, 3);
+  for (int l = 0; l < ncols * p.bits * 32; l += 64) prefetch<3>(c + l);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -790,15 +790,15 @@ void lut_tile(const LutParams& p, int64_t t0, int64_t t1, float* work) {
       if (t + 1 < t1) {
         const char* nx = (const char*)plane_col(p, t + 1, kc0, 0);
         const int64_t n = (kc1 - kc0) * p.bits * 32 < PK_LUT_PF ? (kc1 - kc0) * p.bits * 32 : PK_LUT_PF;
-        for (int64_t l = 0; l < n; l += 64) __builtin_prefetch(nx + l, 0, 3);
+        for (int64_t l = 0; l < n; l += 64) prefetch<3>(nx + l);
       }
       {  // scales of the next (tile, chunk): the next tile, or the group's first tile in the next chunk
         const int64_t tn = t + 1 < t1 ? t + 1 : t0, gn = t + 1 < t1 ? g0 : b1 / p.bpg;
         const int64_t r1 = (tn + 1) * kLutTileN < p.N ? (tn + 1) * kLutTileN : p.N;
         if (gn < p.G)
           for (int64_t r = tn * kLutTileN; r < r1; ++r) {
-            if (p.scales) __builtin_prefetch(p.scales + r * p.G + gn, 0, 3);
-            if (p.zeros) __builtin_prefetch(p.zeros + r * p.G + gn, 0, 3);
+            if (p.scales) prefetch<3>(p.scales + r * p.G + gn);
+            if (p.zeros) prefetch<3>(p.zeros + r * p.G + gn);
           }
       }
       load_scales(p, t, g0, ng, sc, sz);
