@@ -93,7 +93,7 @@ static inline void scores_block(const float* q, int64_t D, const T* const* kp, i
           typename V::F kv[U];
           Rows<V, T, PERM>::load(kp[t + tt] + i * V::W, kv);
           for (int u = 0; u < U; ++u)
-            for (int g = 0; g < GB; ++g) a[tt * GB + g] = V::fma(qv[u][g], kv[u], a[tt * GB + g]);
+            for (int g = 0; g < GB; ++g) a[g * TOK + tt] = V::fma(qv[u][g], kv[u], a[g * TOK + tt]);
         }
       }
       if (tail) {
@@ -101,13 +101,12 @@ static inline void scores_block(const float* q, int64_t D, const T* const* kp, i
         for (int g = 0; g < GB; ++g) qv[g] = V::load_n(q + g * D + nv * V::W, (int)tail);
         for (int tt = 0; tt < TOK; ++tt) {
           typename V::F kv = V::load_n(kp[t + tt] + nv * V::W, (int)tail);
-          for (int g = 0; g < GB; ++g) a[tt * GB + g] = V::fma(qv[g], kv, a[tt * GB + g]);
+          for (int g = 0; g < GB; ++g) a[g * TOK + tt] = V::fma(qv[g], kv, a[g * TOK + tt]);
         }
       }
-      float r[V::kRed];
+      float r[V::kRed];  // head-major: r[g * TOK + tt], one contiguous run of TOK per head
       V::reduce_many(a, r);
-      for (int tt = 0; tt < TOK; ++tt)
-        for (int g = 0; g < GB; ++g) s[g * kTokBlock + t + tt] = r[tt * GB + g];
+      for (int g = 0; g < GB; ++g) memcpy(s + g * kTokBlock + t, r + g * TOK, TOK * sizeof(float));
     }
   }
   // Leftover tokens: the natural-order path would disagree with a permuted q, so PERM loads here too.
@@ -152,7 +151,7 @@ static inline void scores_block_dp(const bf16_t* qb, int64_t D, const bf16_t* co
       for (int g = 0; g < GB; ++g) qv[g] = ld(qb + g * D + i * 32);
       for (int tt = 0; tt < TOK; ++tt) {
         __m512bh kv = ld(kp[t + tt] + i * 32);
-        for (int g = 0; g < GB; ++g) a[tt * GB + g] = _mm512_dpbf16_ps(a[tt * GB + g], qv[g], kv);
+        for (int g = 0; g < GB; ++g) a[g * TOK + tt] = _mm512_dpbf16_ps(a[g * TOK + tt], qv[g], kv);
       }
     }
     if (tail) {
@@ -160,13 +159,13 @@ static inline void scores_block_dp(const bf16_t* qb, int64_t D, const bf16_t* co
       for (int g = 0; g < GB; ++g) qv[g] = ldn(qb + g * D + nv * 32);
       for (int tt = 0; tt < TOK; ++tt) {
         __m512bh kv = ldn(kp[t + tt] + nv * 32);
-        for (int g = 0; g < GB; ++g) a[tt * GB + g] = _mm512_dpbf16_ps(a[tt * GB + g], qv[g], kv);
+        for (int g = 0; g < GB; ++g) a[g * TOK + tt] = _mm512_dpbf16_ps(a[g * TOK + tt], qv[g], kv);
       }
     }
-    float r[16];
+    alignas(64) float r[16];  // head-major: r[g * TOK + tt]
     Avx512V::reduce_many(a, r);
-    for (int tt = 0; tt < TOK; ++tt)
-      for (int g = 0; g < GB; ++g) s[g * kTokBlock + t + tt] = scale * r[tt * GB + g];
+    _mm512_store_ps(r, _mm512_mul_ps(_mm512_load_ps(r), _mm512_set1_ps(scale)));
+    for (int g = 0; g < GB; ++g) memcpy(s + g * kTokBlock + t, r + g * TOK, TOK * sizeof(float));
   }
   for (; t < nt; ++t) {
     pf.row_k(t);
@@ -274,9 +273,7 @@ static inline void block_step(const float* q, const bf16_t* qb, float scale, int
 #endif
   for (int g = 0; g < GB; ++g) {
     float* sg = s + g * kTokBlock;
-    float mb = PK_NEG_INF;
-    for (int t = 0; t < nt; ++t) mb = sg[t] > mb ? sg[t] : mb;
-    alpha[g] = softmax_rescale(m[g], mb, &m[g]);
+    alpha[g] = softmax_rescale(m[g], block_max<V>(sg, nt), &m[g]);
     l[g] = l[g] * alpha[g] + exp_shift_sum<V>(sg, nt, m[g]);
   }
   pv_block<V, T, GB, PERM>(acc, D, alpha, s, vp, nt, pf);

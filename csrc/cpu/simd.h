@@ -228,6 +228,20 @@ static inline int perm_index(int p) {
 
 // Softmax numerators of one row of scores: s[t] = exp(s[t] - m) in place for t < nt; returns
 // their sum (the online-softmax update of both attention kernels).
+// max(s[0..nt)), -inf for nt == 0.
+template <typename V>
+static inline float block_max(const float* s, int nt) {
+  float mb = PK_NEG_INF;
+  int t = 0;
+  if (nt >= V::W) {
+    typename V::F mv = V::load(s);
+    for (t = V::W; t + V::W <= nt; t += V::W) mv = V::max(mv, V::load(s + t));
+    mb = V::hmax(mv);
+  }
+  for (; t < nt; ++t) mb = s[t] > mb ? s[t] : mb;
+  return mb;
+}
+
 template <typename V>
 static inline float exp_shift_sum(float* s, int nt, float m) {
   const typename V::F neg_m = V::set1(-m);
