@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pykernels.memory import empty_cache_tensor, hugepages_enabled, thp_mode
+
 from roofline.probe import CpuLoadMeter, llc_bytes
 
 _MiB = 1 << 20
@@ -213,8 +215,9 @@ class KVPool:
         shape = (B, Lmax, Hkv, D) if layout == "blhd" else (B, Hkv, Lmax, D)
         self.layout, self.bufs, self._next = layout, [], 0
         for i in range(n):
-            k = torch.empty(shape, dtype=cfg.torch_dtype, device=device)
-            v = torch.empty(shape, dtype=cfg.torch_dtype, device=device)
+            # on 2 MiB pages on the CPU, as pk.QuantizedKVCache allocates (PYKERNELS_HUGEPAGES=0: off)
+            k = empty_cache_tensor(shape, cfg.torch_dtype, device)
+            v = empty_cache_tensor(shape, cfg.torch_dtype, device)
             for b, L in enumerate(cfg.seqlens):
                 for cache, base, off in ((k, base_k, 37 * i + b), (v, base_v, 53 * i + b)):
                     dst = cache[b, :L] if layout == "blhd" else cache[b, :, :L].transpose(0, 1)
@@ -345,7 +348,8 @@ def bench_attention(cfg: AttnConfig, methods=("lean", "split", "sdpa", "referenc
         for layout in sorted({lay for lay, _ in calls.values()}):
             pools[layout] = KVPool(cfg, layout, n_bufs, device=device, seed=seed)
         pool_info = {"buffers": n_bufs, "touched_bytes": n_bufs * counts["kv_bytes"],
-                     "target_bytes": target, "cold": n_bufs * counts["kv_bytes"] >= target}
+                     "target_bytes": target, "cold": n_bufs * counts["kv_bytes"] >= target,
+                     "hugepages": device == "cpu" and hugepages_enabled() and thp_mode() in ("always", "madvise")}
 
         # one-off correctness check on buffer 0 (same values in both layouts)
         ref = None

@@ -14,6 +14,7 @@ import torch
 
 from . import kv_format
 from .kv_format import FP16_MAX, check_format, format_name, num_value_groups, quantize_kv, row_bytes
+from .memory import empty_cache_tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("dense", "paged")
@@ -132,19 +133,24 @@ class QuantizedKVCache:
         z = dict(device=device)
         # Ordinary tensors even when built under torch.inference_mode(): appends may then run
         # inside or outside inference mode alike.
+        # The page pools are read by every decode step: on the CPU, large ones are backed by
+        # 2 MiB pages (pykernels.memory; PYKERNELS_HUGEPAGES=0 turns it off).
+        def pool(*shape, dtype):
+            return empty_cache_tensor(shape, dtype, device).zero_()
+
         with torch.inference_mode(False):
-            self.k_codes = torch.zeros(P, Hkv, S, row_bytes(bits, D), dtype=torch.uint8, **z)
+            self.k_codes = pool(P, Hkv, S, row_bytes(bits, D), dtype=torch.uint8)
             self.device = self.k_codes.device  # normalised: "cuda" -> cuda:0, so device checks compare equal
-            self.v_codes = torch.zeros_like(self.k_codes)
+            self.v_codes = pool(P, Hkv, S, row_bytes(bits, D), dtype=torch.uint8)
             if bits == "fp8":
-                self.k_scale = torch.zeros(P, Hkv, S // gs, dtype=torch.float32, **z)
-                self.v_scale = torch.zeros_like(self.k_scale)
+                self.k_scale = pool(P, Hkv, S // gs, dtype=torch.float32)
+                self.v_scale = pool(P, Hkv, S // gs, dtype=torch.float32)
                 self.k_zero = self.v_zero = None
             else:
-                self.k_scale = torch.zeros(P, Hkv, S // gs, D, dtype=torch.float16, **z)
-                self.k_zero = torch.zeros_like(self.k_scale)
-                self.v_scale = torch.zeros(P, Hkv, S, num_value_groups(D, gs), dtype=torch.float16, **z)
-                self.v_zero = torch.zeros_like(self.v_scale)
+                self.k_scale = pool(P, Hkv, S // gs, D, dtype=torch.float16)
+                self.k_zero = pool(P, Hkv, S // gs, D, dtype=torch.float16)
+                self.v_scale = pool(P, Hkv, S, num_value_groups(D, gs), dtype=torch.float16)
+                self.v_zero = pool(P, Hkv, S, num_value_groups(D, gs), dtype=torch.float16)
             self.fp_k = torch.zeros(batch, sink + residual, Hkv, D, dtype=dtype, **z)
             self.fp_v = torch.zeros_like(self.fp_k)
             if layout == "dense":
