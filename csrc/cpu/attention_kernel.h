@@ -25,9 +25,9 @@ constexpr int64_t kPrefetchTokens = PK_PF_BLOCKS * kTokBlock;
 // row t of this block is scored, K row t of the later block is requested, and while row t's
 // values are accumulated, its V row. Issuing K and V requests together in the score phase
 // (twice the rate at which lines are used, then none for the value phase) overflows the miss
-// queues: the surplus requests are dropped and a [L, Hkv, D] cache walked head by head reads at
-// about 18 GB/s per core; at the consumption rate it reads about 27 GB/s, as fast as a purely
-// sequential sweep (measured on the 2-core Zen machine, 256-byte rows 2 KiB apart).
+// queues: in a synthetic walk of this pattern (256-byte rows 2 KiB apart, head by head within
+// blocks of 32 tokens, light compute; one core of the 2-core Zen dev machine) that reads about
+// 18 GB/s, and at the consumption rate about 27 GB/s, as fast as a purely sequential sweep.
 struct Prefetch {
   const char* k[PK_TOK_BLOCK] = {};
   const char* v[PK_TOK_BLOCK] = {};
