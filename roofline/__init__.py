@@ -1,8 +1,17 @@
-"""Roofline tools: machine probe (this issue); cost models, placement and reports come later.
+"""Roofline tools: machine probe, hardware table, cost models, placement and model analysis.
 
 Depends only on numpy and torch; never imports ``pykernels``, ``offload`` or ``bench``.
 """
 
+from .cost import (Cost, decode_attention_cost, decode_attention_kv_cost, gemm_cost,
+                   kv_bytes_per_token, lut_gemv_cost, prefill_attention_cost, transfer_cost)
+from .hardware import HARDWARE, MachineProfile, get_machine
+from .model import ModelAnalysis, analyze_model
+from .place import Point, place, roofline_time
 from .probe import CpuLoadMeter, llc_bytes, machine_info, probe_memory_bandwidth
 
-__all__ = ["probe_memory_bandwidth", "machine_info", "llc_bytes", "CpuLoadMeter"]
+__all__ = ["probe_memory_bandwidth", "machine_info", "llc_bytes", "CpuLoadMeter",
+           "MachineProfile", "HARDWARE", "get_machine",
+           "Cost", "kv_bytes_per_token", "decode_attention_cost", "decode_attention_kv_cost",
+           "prefill_attention_cost", "lut_gemv_cost", "gemm_cost", "transfer_cost",
+           "Point", "place", "roofline_time", "ModelAnalysis", "analyze_model"]
