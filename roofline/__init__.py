@@ -9,9 +9,14 @@ from .hardware import HARDWARE, MachineProfile, get_machine
 from .model import ModelAnalysis, analyze_model
 from .place import Point, place, roofline_time
 from .probe import CpuLoadMeter, llc_bytes, machine_info, probe_memory_bandwidth
+# After the submodule import above: the attribute ``roofline.probe`` is the function (the
+# issue's ``roofline.probe(device=...)``); ``from roofline.probe import X`` still reaches the
+# module through sys.modules.
+from .measure import cache_dir, gpu_identity, probe, probe_disk  # noqa: E402
 
 __all__ = ["probe_memory_bandwidth", "machine_info", "llc_bytes", "CpuLoadMeter",
            "MachineProfile", "HARDWARE", "get_machine",
            "Cost", "kv_bytes_per_token", "decode_attention_cost", "decode_attention_kv_cost",
            "prefill_attention_cost", "lut_gemv_cost", "gemm_cost", "transfer_cost",
-           "Point", "place", "roofline_time", "ModelAnalysis", "analyze_model"]
+           "Point", "place", "roofline_time", "ModelAnalysis", "analyze_model",
+           "probe", "probe_disk", "gpu_identity", "cache_dir"]
