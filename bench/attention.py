@@ -44,6 +44,8 @@ from pykernels.memory import empty_cache_tensor, hugepages_enabled, thp_mode
 
 from roofline.probe import CpuLoadMeter, llc_bytes
 
+from .roof import annotate
+
 _MiB = 1 << 20
 _GiB = 1 << 30
 
@@ -311,11 +313,14 @@ def bench_attention(cfg: AttnConfig, methods=("lean", "split", "sdpa", "referenc
                     min_repeats: int = 3, time_budget_s: float = 3.0, target_bytes: int | None = None,
                     max_buffers: int = 256, bandwidth_GB_s: float | None = None, num_splits=None,
                     check: bool = True, check_max_kv_bytes: int = 128 * _MiB, suite: str = "adhoc",
-                    seed: int = 0, extra: dict | None = None, wait_quiet_s: float = 0.0) -> list[dict]:
+                    seed: int = 0, extra: dict | None = None, wait_quiet_s: float = 0.0,
+                    machine=None) -> list[dict]:
     """Time ``methods`` on one configuration; one row (dict) per method.
 
     A method that cannot run (backend missing, SDPA on unequal lengths) gives a row with
     ``error`` set and no timings, so a report says what was not measured and why.
+    ``machine`` (a ``roofline.MachineProfile``, see ``bench.roof.machine_for_run``): when given,
+    timed rows also get ``attainable_ms``, ``efficiency`` and ``bound`` for ``flops`` / ``bytes``.
     """
     t_start = time.perf_counter()
     facts = run_facts()
@@ -413,6 +418,7 @@ def bench_attention(cfg: AttnConfig, methods=("lean", "split", "sdpa", "referenc
             "other_cpu_load": other_load,
         })
         row["pct_bw"] = (100.0 * row["GB_s"] / bandwidth_GB_s) if bandwidth_GB_s else None
+        annotate(row, row["flops"], counts["bytes"], cfg.dtype, machine)
     for m, row in rows.items():
         if "median_ms" not in row:
             continue
@@ -437,6 +443,7 @@ class BenchContext:
     target_bytes: int | None = None
     wait_quiet_s: float = 0.0    # per configuration, wait for other processes to go idle
     probe: dict | None = None    # the probe_memory_bandwidth() result, for roofline notes
+    machine: object = None       # roofline.MachineProfile of the run (bench.roof): roofline columns
     log: object = print
     extra: dict = field(default_factory=dict)
 
@@ -486,7 +493,7 @@ def _run_config(ctx: BenchContext, suite, cfg, methods, **kw):
     rows = bench_attention(cfg, methods, backend=ctx.backend, device=ctx.device,
                            repeats=kw.pop("repeats", ctx.repeats), suite=suite,
                            bandwidth_GB_s=ctx.bandwidth_GB_s, target_bytes=ctx.target_bytes,
-                           extra=ctx.extra, wait_quiet_s=ctx.wait_quiet_s, **kw)
+                           extra=ctx.extra, wait_quiet_s=ctx.wait_quiet_s, machine=ctx.machine, **kw)
     ctx.log(format_rows(rows))
     return rows
 
@@ -623,9 +630,16 @@ def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def roof_pct(r: dict) -> str:
+    """Efficiency in % of the roofline-attainable time, 6 wide ("-" without a machine)."""
+    e = r.get("efficiency")
+    return f"{'-':>6}" if e is None else f"{100 * e:6.1f}"
+
+
 def format_rows(rows: list[dict]) -> str:
     """Plain-text table of result rows (also valid inside a markdown code block)."""
-    hdr = f"{'config':<48} {'method':<13} {'median ms':>10} {'p10..p90 ms':>17} {'GB/s':>7} {'% bw':>6}  speedups"
+    hdr = (f"{'config':<48} {'method':<13} {'median ms':>10} {'p10..p90 ms':>17} {'GB/s':>7} {'% bw':>6} "
+           f"{'roof%':>6}  speedups")
     lines = [hdr]
     for r in rows:
         if "median_ms" not in r:
@@ -634,7 +648,8 @@ def format_rows(rows: list[dict]) -> str:
         sp = " ".join(f"{k[3:]}={v:.2f}x" for k, v in r.get("speedup", {}).items())
         chk = "" if r.get("check", "ok") == "ok" else f"  CHECK {r['check']} err={r['max_abs_err']:.3g}"
         lines.append(f"{r['label']:<48} {r['method']:<13} {r['median_ms']:>10.3f} "
-                     f"{r['p10_ms']:>8.3f}..{r['p90_ms']:<8.3f} {r['GB_s']:>7.2f} {_fmt(r['pct_bw'], '6.1f')}  {sp}{chk}")
+                     f"{r['p10_ms']:>8.3f}..{r['p90_ms']:<8.3f} {r['GB_s']:>7.2f} {_fmt(r['pct_bw'], '6.1f')} "
+                     f"{roof_pct(r)}  {sp}{chk}")
     return "\n".join(lines)
 
 

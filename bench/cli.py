@@ -69,6 +69,24 @@ def _bandwidth(args):
     _print_probe(probe)
     return probe["bandwidth_GB_s"], probe
 
+
+def _machine(bw, probe, device: str, out: dict):
+    """The run's roofline machine (``bench.roof``) or None, with one printed line saying which;
+    recorded in ``out["roofline"]``. Never raises: without it rows just lack the roof columns."""
+    from .roof import run_machine
+    if device != "cpu":
+        machine, note = None, f"no roofline columns: the machine model is the CPU's, not {device!r}'s"
+    else:
+        machine, note = run_machine(probe, bw)
+    if machine is not None:
+        pk = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in machine.peak_flops.items())
+        print(f"roofline: peaks {pk} GFLOP/s (roofline.probe quick, cached); "
+              f"memory roof {machine.mem_bandwidth['read'] / 1e9:.1f} GB/s (the '% bw' figure)")
+    else:
+        print(f"roofline: {note}")
+    out["roofline"] = {"machine": machine and machine.to_dict(), "note": note}
+    return machine
+
 def cmd_probe(args) -> int:
     _set_threads(args.threads)
     from roofline import probe_memory_bandwidth
@@ -133,18 +151,19 @@ def cmd_attention(args) -> int:
     bw, probe = _bandwidth(args)
 
     out = {"probe": probe, "rows": [], "targets": []}
+    machine = _machine(bw, probe, args.device, out)
     if args.sweep:
         wanted = {s.strip() for s in args.sweep.split(",")}
         ctx = A.BenchContext(bandwidth_GB_s=bw, backend=args.backend, device=args.device,
                              repeats=args.repeats, quick=args.quick, wait_quiet_s=args.wait_quiet,
-                             probe=probe)
+                             probe=probe, machine=machine)
         _run_suites(A.SUITES, ctx, wanted, out)
     else:
         lens = _parse_seqlens(args.seqlens, args.batch)
         cfg = A.AttnConfig(len(lens), args.heads_q, args.heads_kv, args.head_dim, lens, args.dtype)
         rows = A.bench_attention(cfg, methods, backend=args.backend, device=args.device,
                                  repeats=args.repeats, bandwidth_GB_s=bw, num_splits=args.num_splits,
-                                 wait_quiet_s=args.wait_quiet)
+                                 wait_quiet_s=args.wait_quiet, machine=machine)
         print(A.format_rows(rows))
         out["rows"] = rows
     if args.json:
@@ -178,11 +197,12 @@ def cmd_lut(args) -> int:
     bw, probe = _bandwidth(args)
 
     out = {"probe": probe, "rows": [], "targets": []}
+    machine = _machine(bw, probe, args.device, out)
     if args.sweep:
         wanted = {s.strip() for s in args.sweep.split(",")}
         ctx = L.LutContext(bandwidth_GB_s=bw, backend=args.backend, device=args.device,
                            repeats=args.repeats, quick=args.quick, wait_quiet_s=args.wait_quiet,
-                           probe=probe, group_size=args.group_size, scheme=args.scheme,
+                           probe=probe, machine=machine, group_size=args.group_size, scheme=args.scheme,
                            mode=args.mode, dtype=args.dtype, time_budget_s=args.time_budget,
                            lead_in_s=args.lead_in)
         _run_suites(L.SUITES, ctx, wanted, out)
@@ -199,7 +219,7 @@ def cmd_lut(args) -> int:
         rows = L.bench_lut(args.N, args.K, cases, dtype=args.dtype, backend=args.backend,
                            device=args.device, repeats=args.repeats, time_budget_s=args.time_budget,
                            bandwidth_GB_s=bw, wait_quiet_s=args.wait_quiet, check=not args.no_check,
-                           lead_in_s=args.lead_in)
+                           lead_in_s=args.lead_in, machine=machine)
         print(L.format_rows(rows))
         out["rows"] = rows
     if args.json:
@@ -249,8 +269,9 @@ def cmd_kv(args) -> int:
     else:
         bw, probe = _bandwidth(args)
         out["probe"] = probe
+        machine = _machine(bw, probe, "cpu", out)
         if args.sweep:
-            ctx = KV.KVContext(bandwidth_GB_s=bw, probe=probe, **ctx_kw)
+            ctx = KV.KVContext(bandwidth_GB_s=bw, probe=probe, machine=machine, **ctx_kw)
             if not args.seqlens_given:
                 ctx.lengths = (16384, 32768)
             _run_suites(KV.SUITES, ctx, {s.strip() for s in args.sweep.split(",")}, out)
@@ -260,7 +281,7 @@ def cmd_kv(args) -> int:
                                    head_dim=args.head_dim, group_size=args.group_size, residual=args.residual,
                                    sink=args.sink, kinds=kinds, method=args.kv_method, backend=args.backend,
                                    repeats=args.repeats, time_budget_s=args.time_budget, bandwidth_GB_s=bw,
-                                   wait_quiet_s=args.wait_quiet, check=not args.no_check)
+                                   wait_quiet_s=args.wait_quiet, check=not args.no_check, machine=machine)
                 print(KV.format_speed(rows))
                 out["rows"] += rows
     if args.json:

@@ -75,7 +75,8 @@ from pykernels import kv_format as KF
 from roofline.probe import CpuLoadMeter
 
 from .attention import (KVPool, AttnConfig, BenchContext, _join, _target, busy_note,
-                        cold_target_bytes, run_facts, timing_stats, wait_for_quiet)
+                        cold_target_bytes, roof_pct, run_facts, timing_stats, wait_for_quiet)
+from .roof import annotate
 
 _MiB = 1 << 20
 
@@ -462,7 +463,7 @@ def bench_kv(L: int, formats=KF.FORMATS, *, batch: int = 1, heads_q: int = 32, h
              lead_in_s: float = 0.05, target_bytes: int | None = None, max_buffers: int = 64,
              bandwidth_GB_s: float | None = None, check: bool = True, suite: str = "adhoc",
              seed: int = 0, extra: dict | None = None, wait_quiet_s: float = 0.0,
-             dequant_formats=None) -> list[dict]:
+             dequant_formats=None, machine=None) -> list[dict]:
     """Time one decode step at B x L tokens for every format; one row per (kind, format).
 
     Kinds: ``fused`` (``pk.decode_attention(q, cache, method=method, backend=backend)`` on a
@@ -476,6 +477,11 @@ def bench_kv(L: int, formats=KF.FORMATS, *, batch: int = 1, heads_q: int = 32, h
     plus q read and out written; bf16 rows: the bf16 K and V plus q and out. Caches are cold:
     each call reads a different cache from a pool >= ``cold_target_bytes()``. A kind that cannot
     run gives a row with ``error`` and no timings.
+
+    ``machine`` (``bench.roof.machine_for_run``): when given, timed rows also get
+    ``attainable_ms``, ``efficiency`` and ``bound`` for ``flops`` and ``bytes``. ``flops`` is the
+    attention formula, 4 * Hq * D * L per sequence, for every kind: dequantization is extra work
+    the roofline does not credit, like the extra bytes of the baselines.
     """
     import pykernels as pk
 
@@ -497,7 +503,8 @@ def bench_kv(L: int, formats=KF.FORMATS, *, batch: int = 1, heads_q: int = 32, h
               "split": [n_sink, n_quant, n_res]}
     base = {"suite": suite, "kv_table": "speed", "label": label, "config": config, **facts,
             "device": "cpu", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "bandwidth_GB_s": bandwidth_GB_s, "bf16_bytes_per_token": Hkv * D * 2 * elt}
+            "bandwidth_GB_s": bandwidth_GB_s, "bf16_bytes_per_token": Hkv * D * 2 * elt,
+            "flops": 4 * B * L * Hq * D}
     if extra:
         base.update(extra)
 
@@ -648,6 +655,7 @@ def bench_kv(L: int, formats=KF.FORMATS, *, batch: int = 1, heads_q: int = 32, h
         r["GB_s"] = r["bytes"] / med / 1e9
         r["pct_bw"] = 100.0 * r["GB_s"] / bandwidth_GB_s if bandwidth_GB_s else None
         r["other_cpu_load"] = other_load
+        annotate(r, r["flops"], r["bytes"], "bf16", machine)  # q, out and dequantized K/V: bf16
     for m, r in rows.items():
         if "median_ms" not in r:
             continue
@@ -749,7 +757,7 @@ def suite_speed(ctx: KVContext) -> dict:
                       method=ctx.method, backend=ctx.backend, repeats=ctx.repeats,
                       time_budget_s=ctx.time_budget_s, lead_in_s=ctx.lead_in_s,
                       target_bytes=ctx.target_bytes, bandwidth_GB_s=ctx.bandwidth_GB_s, suite="kv-1",
-                      extra=ctx.extra, wait_quiet_s=ctx.wait_quiet_s)
+                      extra=ctx.extra, wait_quiet_s=ctx.wait_quiet_s, machine=ctx.machine)
         ctx.log(format_speed(rs))
         rows += rs
         b = _find(rs, "bf16")
@@ -943,7 +951,7 @@ def _f(v, spec):
 
 def format_speed(rows: list[dict]) -> str:
     hdr = (f"{'config':<36} {'method':<18} {'median ms':>10} {'p10..p90 ms':>19} {'GB/s':>7} {'% bw':>6} "
-           f"{'B/token':>8}  speedups")
+           f"{'roof%':>6} {'B/token':>8}  speedups")
     lines = [hdr]
     for r in rows:
         if "median_ms" not in r:
@@ -953,7 +961,7 @@ def format_speed(rows: list[dict]) -> str:
         chk = "" if r.get("check", "ok") == "ok" else f"  CHECK {r['check']} err={r['max_abs_err']:.3g}"
         lines.append(f"{r['label']:<36} {r['method']:<18} {r['median_ms']:>10.3f} "
                      f"{r['p10_ms']:>9.3f}..{r['p90_ms']:<9.3f} {r['GB_s']:>7.2f} {_f(r['pct_bw'], '6.1f')} "
-                     f"{_f(r.get('mem_bytes_per_token'), '8.1f')}  {sp}{chk}")
+                     f"{roof_pct(r)} {_f(r.get('mem_bytes_per_token'), '8.1f')}  {sp}{chk}")
     return "\n".join(lines)
 
 

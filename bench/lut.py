@@ -59,7 +59,8 @@ import torch.nn.functional as F
 from roofline.probe import CpuLoadMeter
 
 from .attention import (BenchContext, _fmt, _join, _target, busy_note, cold_target_bytes,
-                        dtype_name, parse_dtype, run_facts, timing_stats, wait_for_quiet)
+                        dtype_name, parse_dtype, roof_pct, run_facts, timing_stats, wait_for_quiet)
+from .roof import annotate
 
 _MiB = 1 << 20
 
@@ -394,8 +395,11 @@ def bench_lut(N: int, K: int, cases, *, dtype="bf16", backend: str = "cpu", devi
               bandwidth_GB_s: float | None = None, check: bool = True,
               check_all_weights: int = 1 << 22, check_tiles: int = 4, suite: str = "adhoc",
               layer: str | None = None, seed: int = 0, extra: dict | None = None,
-              wait_quiet_s: float = 0.0, lead_in_s: float = 0.05) -> list[dict]:
+              wait_quiet_s: float = 0.0, lead_in_s: float = 0.05, machine=None) -> list[dict]:
     """Time ``cases`` = [(LutMethod, M), ...] on one weight shape [N, K]; one row per case.
+
+    ``machine`` (``bench.roof.machine_for_run``): when given, timed rows also get
+    ``attainable_ms``, ``efficiency`` and ``bound`` for ``flops`` (2*M*N*K) and ``bytes``.
 
     ``lead_in_s``: methods whose call takes at most this long make one untimed call right
     before each timed one (see the module notes); 0 disables it.
@@ -533,6 +537,9 @@ def bench_lut(N: int, K: int, cases, *, dtype="bf16", backend: str = "cpu", devi
             "lead_in": lead[i],
         })
         row["pct_bw"] = (100.0 * row["GB_s"] / bandwidth_GB_s) if bandwidth_GB_s else None
+        # compute roof of the activation dtype, for LUT kernels too (their table lookups and
+        # accumulation have no peak of their own in the probe)
+        annotate(row, row["flops"], row["bytes"], dname, machine)
     # speedups: t(baseline) / t(method) for the baseline at the same M (> 1: method faster)
     for i, row in enumerate(rows):
         if "median_ms" not in row:
@@ -577,7 +584,7 @@ def _run(ctx: LutContext, suite, N, K, cases, **kw):
                      repeats=kw.pop("repeats", ctx.repeats), suite=suite,
                      time_budget_s=ctx.time_budget_s, bandwidth_GB_s=ctx.bandwidth_GB_s,
                      target_bytes=ctx.target_bytes, extra=ctx.extra, wait_quiet_s=ctx.wait_quiet_s,
-                     lead_in_s=ctx.lead_in_s, **kw)
+                     lead_in_s=ctx.lead_in_s, machine=ctx.machine, **kw)
     ctx.log(format_rows(rows))
     return rows
 
@@ -752,7 +759,7 @@ SUITES = [
 def format_rows(rows: list[dict]) -> str:
     """Plain-text table of LUT result rows (also valid inside a markdown code block)."""
     hdr = (f"{'config':<42} {'method':<16} {'median ms':>10} {'p10..p90 ms':>17} {'GB/s':>7} "
-           f"{'% bw':>6} {'b/w':>6}  speedups")
+           f"{'% bw':>6} {'roof%':>6} {'b/w':>6}  speedups")
     lines = [hdr]
     for r in rows:
         if "median_ms" not in r:
@@ -762,5 +769,5 @@ def format_rows(rows: list[dict]) -> str:
         chk = "" if r.get("check", "ok") == "ok" else f"  CHECK {r['check']} rel={r['rel_err']:.3g}"
         lines.append(f"{r['label']:<42} {r['method']:<16} {r['median_ms']:>10.3f} "
                      f"{r['p10_ms']:>8.3f}..{r['p90_ms']:<8.3f} {r['GB_s']:>7.2f} "
-                     f"{_fmt(r['pct_bw'], '6.1f')} {r['bits_per_weight']:>6.2f}  {sp}{chk}")
+                     f"{_fmt(r['pct_bw'], '6.1f')} {roof_pct(r)} {r['bits_per_weight']:>6.2f}  {sp}{chk}")
     return "\n".join(lines)

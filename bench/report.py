@@ -32,24 +32,16 @@ def _gpu_statement() -> dict:
                           "torch baseline.")}
 
 
+def _roof_cells(r: dict) -> str:
+    """'roof ms | eff %' cells of a timed row ('-' where the run had no roofline machine)."""
+    if r.get("attainable_ms") is None:
+        return "- | -"
+    return f"{r['attainable_ms']:.3f} | {100 * r['efficiency']:.1f}"
+
+
 def _md_table(rows: list[dict]) -> list[str]:
-    out = ["| config | method | median ms | p10..p90 ms | GB/s | % bw | speedups (t_baseline / t) | check |",
-           "|---|---|---:|---:|---:|---:|---|---|"]
-    for r in rows:
-        if "median_ms" not in r:
-            out.append(f"| {r['label']} | {r['method']} | not run | | | | {r.get('error', '')} | |")
-            continue
-        sp = ", ".join(f"{k[3:]} {v:.2f}x" for k, v in r.get("speedup", {}).items())
-        pct = "-" if r.get("pct_bw") is None else f"{r['pct_bw']:.1f}"
-        chk = r.get("check", "-") + (f" ({r['max_abs_err']:.2g})" if "max_abs_err" in r else "")
-        out.append(f"| {r['label']} | {r['method']} | {r['median_ms']:.3f} | "
-                   f"{r['p10_ms']:.3f}..{r['p90_ms']:.3f} | {r['GB_s']:.2f} | {pct} | {sp} | {chk} |")
-    return out
-
-
-def _md_table_lut(rows: list[dict]) -> list[str]:
-    out = ["| config | method | median ms | p10..p90 ms | GB/s | weight GB/s | % bw | bits/weight | "
-           "speedups (t_baseline / t) | check (rel err) |",
+    out = ["| config | method | median ms | p10..p90 ms | GB/s | % bw | roof ms | eff % | "
+           "speedups (t_baseline / t) | check |",
            "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         if "median_ms" not in r:
@@ -57,10 +49,27 @@ def _md_table_lut(rows: list[dict]) -> list[str]:
             continue
         sp = ", ".join(f"{k[3:]} {v:.2f}x" for k, v in r.get("speedup", {}).items())
         pct = "-" if r.get("pct_bw") is None else f"{r['pct_bw']:.1f}"
+        chk = r.get("check", "-") + (f" ({r['max_abs_err']:.2g})" if "max_abs_err" in r else "")
+        out.append(f"| {r['label']} | {r['method']} | {r['median_ms']:.3f} | "
+                   f"{r['p10_ms']:.3f}..{r['p90_ms']:.3f} | {r['GB_s']:.2f} | {pct} | {_roof_cells(r)} | "
+                   f"{sp} | {chk} |")
+    return out
+
+
+def _md_table_lut(rows: list[dict]) -> list[str]:
+    out = ["| config | method | median ms | p10..p90 ms | GB/s | weight GB/s | % bw | roof ms | eff % | "
+           "bits/weight | speedups (t_baseline / t) | check (rel err) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        if "median_ms" not in r:
+            out.append(f"| {r['label']} | {r['method']} | not run | | | | | | | | {r.get('error', '')} | |")
+            continue
+        sp = ", ".join(f"{k[3:]} {v:.2f}x" for k, v in r.get("speedup", {}).items())
+        pct = "-" if r.get("pct_bw") is None else f"{r['pct_bw']:.1f}"
         chk = r.get("check", "-") + (f" ({r['rel_err']:.2g})" if "rel_err" in r else "")
         out.append(f"| {r['label']} | {r['method']} | {r['median_ms']:.3f} | "
                    f"{r['p10_ms']:.3f}..{r['p90_ms']:.3f} | {r['GB_s']:.2f} | {r['weight_GB_s']:.2f} | "
-                   f"{pct} | {r['bits_per_weight']:.3f} | {sp} | {chk} |")
+                   f"{pct} | {_roof_cells(r)} | {r['bits_per_weight']:.3f} | {sp} | {chk} |")
     return out
 
 
@@ -81,18 +90,20 @@ def _md_table_kv(rows: list[dict]) -> list[str]:
             out.append(f"| {r['format']} | {r['group_size']} | {r['variant']} | {r['cos_mean']:.6f} | "
                        f"{r['cos_min']:.6f} | {r['rel_l2']:.3g} | {r['kl_mean']:.3g} | {r['kl_max']:.3g} |")
         return out
-    out = ["| config | method | median ms | p10..p90 ms | GB/s | % bw | bytes read | bytes/token/layer | "
-           "speedups (t_baseline / t) | check |", "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    out = ["| config | method | median ms | p10..p90 ms | GB/s | % bw | roof ms | eff % | bytes read | "
+           "bytes/token/layer | speedups (t_baseline / t) | check |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         if "median_ms" not in r:
-            out.append(f"| {r['label']} | {r['method']} | not run | | | | | | {r.get('error', '')} | |")
+            out.append(f"| {r['label']} | {r['method']} | not run | | | | | | | | {r.get('error', '')} | |")
             continue
         sp = ", ".join(f"{k[3:]} {v:.2f}x" for k, v in r.get("speedup", {}).items())
         pct = "-" if r.get("pct_bw") is None else f"{r['pct_bw']:.1f}"
         mem = "-" if r.get("mem_bytes_per_token") is None else f"{r['mem_bytes_per_token']:.0f}"
         chk = r.get("check", "-") + (f" ({r['max_abs_err']:.2g})" if "max_abs_err" in r else "")
         out.append(f"| {r['label']} | {r['method']} | {r['median_ms']:.3f} | {r['p10_ms']:.3f}..{r['p90_ms']:.3f} | "
-                   f"{r['GB_s']:.2f} | {pct} | {r['bytes'] / 2**20:.2f} MiB | {mem} | {sp} | {chk} |")
+                   f"{r['GB_s']:.2f} | {pct} | {_roof_cells(r)} | {r['bytes'] / 2**20:.2f} MiB | {mem} | "
+                   f"{sp} | {chk} |")
     return out
 
 
@@ -114,6 +125,19 @@ _LUT_METHOD = ("LUT-GEMV (suites lut-*): bytes = LUTWeight.nbytes (bit planes + 
                "\"ms-equivalent\" = our time x llama.cpp bytes / our weight bytes (equal weight GB/s).")
 
 
+def _roofline_line(roof: dict) -> str:
+    """The report's sentence on the roofline columns ("roof ms", "eff %")."""
+    m = roof.get("machine")
+    if not m:
+        return f"- Roofline: {roof.get('note') or 'no machine model'}; \"roof ms\" and \"eff %\" are \"-\"."
+    pk = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in m["peak_flops"].items())
+    return (f"- Roofline: \"roof ms\" = max(FLOPs / peak, bytes / read bandwidth) for each row's counted "
+            f"FLOPs and bytes; \"eff %\" = roof ms / median ms. Peaks {pk} GFLOP/s from "
+            f"`roofline.probe(quick=True)` (torch matmuls, cached per machine); memory roof "
+            f"{m['mem_bandwidth']['read'] / 1e9:.1f} GB/s, the read figure above, so a memory-bound "
+            f"row's eff % equals its % bw. fp16 runs use the bf16 peak where no fp16 peak was measured.")
+
+
 def write_markdown(path: str, rep: dict):
     p = rep["probe"]
     m = p["machine"]
@@ -131,7 +155,8 @@ def write_markdown(path: str, rep: dict):
          f"{p['size_bytes'] >> 20} MiB per array, {p['threads']} threads. \"% bw\" below is against the read figure.",
          f"- Probe again after the suites: read {rep['probe_after']['read_GB_s']:.1f} GB/s."
          if rep.get("probe_after") else "- (no second probe)",
-         f"- Other processes' CPU share during the first probe: {p['other_cpu_load']}"]
+         f"- Other processes' CPU share during the first probe: {p['other_cpu_load']}",
+         _roofline_line(rep.get("roofline") or {})]
     for w in p["warnings"]:
         L.append(f"- probe warning: {w}")
     for w in (rep.get("probe_after") or {}).get("warnings", []):
@@ -186,6 +211,7 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
     from . import attention as A
     from . import kvquant as KV
     from . import lut as LU
+    from .roof import run_machine
 
     t0 = time.perf_counter()
     host = socket.gethostname()
@@ -196,12 +222,18 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
     probe = probe_memory_bandwidth(size_bytes=probe_size_bytes)
     log(f"probe: read {probe['read_GB_s']:.1f} GB/s, triad {probe['triad_GB_s']:.1f} GB/s "
         f"({probe['threads']} threads); warnings: {probe['warnings'] or 'none'}")
+    # compute peaks for the roofline columns; the memory roof is the probe above
+    machine, roof_note = run_machine(probe)
+    if roof_note:
+        log(f"roofline: {roof_note}")
     # LutContext is a BenchContext plus the LUT format fields, so it serves every family
     ctx = LU.LutContext(bandwidth_GB_s=probe["bandwidth_GB_s"], backend="cpu", device="cpu",
-                        repeats=repeats, quick=quick, log=log, wait_quiet_s=wait_quiet_s, probe=probe)
+                        repeats=repeats, quick=quick, log=log, wait_quiet_s=wait_quiet_s, probe=probe,
+                        machine=machine)
     # the KV suites take their own context (group size 32, residual 128: the issue's cache)
     kv_ctx = KV.KVContext(bandwidth_GB_s=probe["bandwidth_GB_s"], backend="cpu", device="cpu",
-                          repeats=repeats, quick=quick, log=log, wait_quiet_s=wait_quiet_s, probe=probe)
+                          repeats=repeats, quick=quick, log=log, wait_quiet_s=wait_quiet_s, probe=probe,
+                          machine=machine)
     results = []
     for name, title, fn in list(A.SUITES) + list(LU.SUITES) + list(KV.SUITES):
         entry = {"name": name, "title": title}
@@ -229,6 +261,7 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
         "command": " ".join([os.path.basename(sys.executable), "-m", "bench.report"] + sys.argv[1:]),
         "quick": quick, "probe": probe, "probe_after": probe_after, "machine": probe["machine"],
         "facts": A.run_facts(), "gpu": _gpu_statement(), "suites": results,
+        "roofline": {"machine": machine and machine.to_dict(), "note": roof_note},
         "rows": [r for s in results for r in s.get("rows", [])],
         "targets": [dict(t, suite=s["name"]) for s in results for t in s.get("targets", [])],
     }
