@@ -37,3 +37,13 @@ def threads():
     prev = _C.get_num_threads()
     yield lambda n: _C.set_num_threads(n)
     _C.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def roofline_cache_home(tmp_path_factory):
+    """A private XDG_CACHE_HOME for the module: roofline.probe's JSON cache (written by the
+    roofline tests and by the report / CLI through bench/roof.py) never touches ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        home = tmp_path_factory.mktemp("xdg")
+        mp.setenv("XDG_CACHE_HOME", str(home))
+        yield home

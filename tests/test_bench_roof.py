@@ -19,11 +19,8 @@ PROBE = {"bandwidth_GB_s": BW, "read_GB_s": BW, "triad_GB_s": 9.0}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache_home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        home = tmp_path_factory.mktemp("xdg")
-        mp.setenv("XDG_CACHE_HOME", str(home))
-        yield home
+def cache_home(roofline_cache_home):
+    return roofline_cache_home
 
 
 @pytest.fixture(scope="module")

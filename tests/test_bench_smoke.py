@@ -22,12 +22,9 @@ ROW_KEYS = {"suite", "config", "label", "method", "backend", "median_ms", "p10_m
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _roofline_cache(tmp_path_factory):
-    """The report and CLI now run the quick roofline probe (bench/roof.py): keep its cache out of
-    the user's ~/.cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
-        yield
+def _roofline_cache(roofline_cache_home):
+    """The report and CLI run the quick roofline probe (bench/roof.py): its cache stays private."""
+    return roofline_cache_home
 
 
 def _finite_pos(x):

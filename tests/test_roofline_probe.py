@@ -24,11 +24,8 @@ YI_34B = dict(hidden_size=7168, num_hidden_layers=60, num_attention_heads=56,
 
 
 @pytest.fixture(scope="module")
-def cache_home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        home = tmp_path_factory.mktemp("xdg")
-        mp.setenv("XDG_CACHE_HOME", str(home))
-        yield home
+def cache_home(roofline_cache_home):
+    return roofline_cache_home
 
 
 @pytest.fixture(scope="module")
