@@ -636,21 +636,30 @@ def roof_pct(r: dict) -> str:
     return f"{'-':>6}" if e is None else f"{100 * e:6.1f}"
 
 
-def format_rows(rows: list[dict]) -> str:
-    """Plain-text table of result rows (also valid inside a markdown code block)."""
-    hdr = (f"{'config':<48} {'method':<13} {'median ms':>10} {'p10..p90 ms':>17} {'GB/s':>7} {'% bw':>6} "
-           f"{'roof%':>6}  speedups")
+def format_timed(rows: list[dict], label_w: int, method_w: int, p_w: int = 8, extra=(),
+                 err=("max_abs_err", "err")) -> str:
+    """Plain-text table of timed rows, shared by the suite families (also valid inside a markdown
+    code block): config, method, median, p10..p90 (``p_w`` wide each), GB/s, % bw, roof%, then
+    the ``extra`` columns, each a ``(header cell, fn(row) -> cell)``, then speedups. A failed
+    check shows ``err = (row key, name)``."""
+    hdr = (f"{'config':<{label_w}} {'method':<{method_w}} {'median ms':>10} {'p10..p90 ms':>{2 * p_w + 1}} "
+           f"{'GB/s':>7} {'% bw':>6} {'roof%':>6}" + "".join(" " + h for h, _ in extra) + "  speedups")
     lines = [hdr]
     for r in rows:
         if "median_ms" not in r:
-            lines.append(f"{r['label']:<48} {r['method']:<13} not run: {r.get('error', '?')}")
+            lines.append(f"{r['label']:<{label_w}} {r['method']:<{method_w}} not run: {r.get('error', '?')}")
             continue
         sp = " ".join(f"{k[3:]}={v:.2f}x" for k, v in r.get("speedup", {}).items())
-        chk = "" if r.get("check", "ok") == "ok" else f"  CHECK {r['check']} err={r['max_abs_err']:.3g}"
-        lines.append(f"{r['label']:<48} {r['method']:<13} {r['median_ms']:>10.3f} "
-                     f"{r['p10_ms']:>8.3f}..{r['p90_ms']:<8.3f} {r['GB_s']:>7.2f} {_fmt(r['pct_bw'], '6.1f')} "
-                     f"{roof_pct(r)}  {sp}{chk}")
+        chk = "" if r.get("check", "ok") == "ok" else f"  CHECK {r['check']} {err[1]}={r[err[0]]:.3g}"
+        lines.append(f"{r['label']:<{label_w}} {r['method']:<{method_w}} {r['median_ms']:>10.3f} "
+                     f"{r['p10_ms']:>{p_w}.3f}..{r['p90_ms']:<{p_w}.3f} {r['GB_s']:>7.2f} {_fmt(r['pct_bw'], '6.1f')} "
+                     f"{roof_pct(r)}" + "".join(" " + fn(r) for _, fn in extra) + f"  {sp}{chk}")
     return "\n".join(lines)
+
+
+def format_rows(rows: list[dict]) -> str:
+    """Plain-text table of result rows (also valid inside a markdown code block)."""
+    return format_timed(rows, 48, 13)
 
 
 def format_targets(targets: list[dict]) -> str:

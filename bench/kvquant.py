@@ -74,8 +74,8 @@ import torch.nn.functional as F
 from pykernels import kv_format as KF
 from roofline.probe import CpuLoadMeter
 
-from .attention import (KVPool, AttnConfig, BenchContext, _join, _target, busy_note,
-                        cold_target_bytes, roof_pct, run_facts, timing_stats, wait_for_quiet)
+from .attention import (KVPool, AttnConfig, BenchContext, _fmt, _join, _target, busy_note,
+                        cold_target_bytes, format_timed, run_facts, timing_stats, wait_for_quiet)
 from .roof import annotate
 
 _MiB = 1 << 20
@@ -945,24 +945,9 @@ SUITES = [
 
 # ------------------------------------------------------------------ text output
 
-def _f(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
 def format_speed(rows: list[dict]) -> str:
-    hdr = (f"{'config':<36} {'method':<18} {'median ms':>10} {'p10..p90 ms':>19} {'GB/s':>7} {'% bw':>6} "
-           f"{'roof%':>6} {'B/token':>8}  speedups")
-    lines = [hdr]
-    for r in rows:
-        if "median_ms" not in r:
-            lines.append(f"{r['label']:<36} {r['method']:<18} not run: {r.get('error', '?')}")
-            continue
-        sp = " ".join(f"{k[3:]}={v:.2f}x" for k, v in r.get("speedup", {}).items())
-        chk = "" if r.get("check", "ok") == "ok" else f"  CHECK {r['check']} err={r['max_abs_err']:.3g}"
-        lines.append(f"{r['label']:<36} {r['method']:<18} {r['median_ms']:>10.3f} "
-                     f"{r['p10_ms']:>9.3f}..{r['p90_ms']:<9.3f} {r['GB_s']:>7.2f} {_f(r['pct_bw'], '6.1f')} "
-                     f"{roof_pct(r)} {_f(r.get('mem_bytes_per_token'), '8.1f')}  {sp}{chk}")
-    return "\n".join(lines)
+    return format_timed(rows, 36, 18, p_w=9,
+                        extra=[(f"{'B/token':>8}", lambda r: _fmt(r.get("mem_bytes_per_token"), "8.1f"))])
 
 
 def format_memory(rows: list[dict]) -> str:

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from roofline.probe import CpuLoadMeter
 
 from .attention import (BenchContext, _fmt, _join, _target, busy_note, cold_target_bytes,
-                        dtype_name, parse_dtype, roof_pct, run_facts, timing_stats, wait_for_quiet)
+                        dtype_name, format_timed, parse_dtype, run_facts, timing_stats, wait_for_quiet)
 from .roof import annotate
 
 _MiB = 1 << 20
@@ -758,16 +758,5 @@ SUITES = [
 
 def format_rows(rows: list[dict]) -> str:
     """Plain-text table of LUT result rows (also valid inside a markdown code block)."""
-    hdr = (f"{'config':<42} {'method':<16} {'median ms':>10} {'p10..p90 ms':>17} {'GB/s':>7} "
-           f"{'% bw':>6} {'roof%':>6} {'b/w':>6}  speedups")
-    lines = [hdr]
-    for r in rows:
-        if "median_ms" not in r:
-            lines.append(f"{r['label']:<42} {r['method']:<16} not run: {r.get('error', '?')}")
-            continue
-        sp = " ".join(f"{k[3:]}={v:.2f}x" for k, v in r.get("speedup", {}).items())
-        chk = "" if r.get("check", "ok") == "ok" else f"  CHECK {r['check']} rel={r['rel_err']:.3g}"
-        lines.append(f"{r['label']:<42} {r['method']:<16} {r['median_ms']:>10.3f} "
-                     f"{r['p10_ms']:>8.3f}..{r['p90_ms']:<8.3f} {r['GB_s']:>7.2f} "
-                     f"{_fmt(r['pct_bw'], '6.1f')} {roof_pct(r)} {r['bits_per_weight']:>6.2f}  {sp}{chk}")
-    return "\n".join(lines)
+    return format_timed(rows, 42, 16, extra=[(f"{'b/w':>6}", lambda r: f"{r['bits_per_weight']:>6.2f}")],
+                        err=("rel_err", "rel"))

@@ -32,45 +32,43 @@ def _gpu_statement() -> dict:
                           "torch baseline.")}
 
 
-def _roof_cells(r: dict) -> str:
-    """'roof ms | eff %' cells of a timed row ('-' where the run had no roofline machine)."""
-    if r.get("attainable_ms") is None:
-        return "- | -"
-    return f"{r['attainable_ms']:.3f} | {100 * r['efficiency']:.1f}"
+def _md_timed(rows: list[dict], mid=(), extra=(), err_key="max_abs_err", check_title="check") -> list[str]:
+    """Markdown table of timed rows, shared by every suite family.
+
+    Common columns: config, method, median, p10..p90, GB/s, % bw, roof ms and eff % (the roofline
+    columns, "-" where the run had no roofline machine), speedups, check. ``mid`` columns go
+    between GB/s and % bw, ``extra`` ones after eff %: each a ``(header, fn(row) -> str)``.
+    ``err_key`` is the row's error figure shown beside its check.
+    """
+    heads = (["config", "method", "median ms", "p10..p90 ms", "GB/s"] + [h for h, _ in mid]
+             + ["% bw", "roof ms", "eff %"] + [h for h, _ in extra] + ["speedups (t_baseline / t)", check_title])
+    out = ["| " + " | ".join(heads) + " |",
+           "|---|---|" + "---:|" * (6 + len(mid) + len(extra)) + "---|---|"]
+    for r in rows:
+        if "median_ms" not in r:
+            out.append(f"| {r['label']} | {r['method']} | not run |" + " |" * (5 + len(mid) + len(extra))
+                       + f" {r.get('error', '')} | |")
+            continue
+        roof = r.get("attainable_ms") is not None
+        cells = ([r["label"], r["method"], f"{r['median_ms']:.3f}", f"{r['p10_ms']:.3f}..{r['p90_ms']:.3f}",
+                  f"{r['GB_s']:.2f}"] + [fn(r) for _, fn in mid]
+                 + ["-" if r.get("pct_bw") is None else f"{r['pct_bw']:.1f}",
+                    f"{r['attainable_ms']:.3f}" if roof else "-", f"{100 * r['efficiency']:.1f}" if roof else "-"]
+                 + [fn(r) for _, fn in extra]
+                 + [", ".join(f"{k[3:]} {v:.2f}x" for k, v in r.get("speedup", {}).items()),
+                    r.get("check", "-") + (f" ({r[err_key]:.2g})" if err_key in r else "")])
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def _md_table(rows: list[dict]) -> list[str]:
-    out = ["| config | method | median ms | p10..p90 ms | GB/s | % bw | roof ms | eff % | "
-           "speedups (t_baseline / t) | check |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
-    for r in rows:
-        if "median_ms" not in r:
-            out.append(f"| {r['label']} | {r['method']} | not run | | | | | | {r.get('error', '')} | |")
-            continue
-        sp = ", ".join(f"{k[3:]} {v:.2f}x" for k, v in r.get("speedup", {}).items())
-        pct = "-" if r.get("pct_bw") is None else f"{r['pct_bw']:.1f}"
-        chk = r.get("check", "-") + (f" ({r['max_abs_err']:.2g})" if "max_abs_err" in r else "")
-        out.append(f"| {r['label']} | {r['method']} | {r['median_ms']:.3f} | "
-                   f"{r['p10_ms']:.3f}..{r['p90_ms']:.3f} | {r['GB_s']:.2f} | {pct} | {_roof_cells(r)} | "
-                   f"{sp} | {chk} |")
-    return out
+    return _md_timed(rows)
 
 
 def _md_table_lut(rows: list[dict]) -> list[str]:
-    out = ["| config | method | median ms | p10..p90 ms | GB/s | weight GB/s | % bw | roof ms | eff % | "
-           "bits/weight | speedups (t_baseline / t) | check (rel err) |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    for r in rows:
-        if "median_ms" not in r:
-            out.append(f"| {r['label']} | {r['method']} | not run | | | | | | | | {r.get('error', '')} | |")
-            continue
-        sp = ", ".join(f"{k[3:]} {v:.2f}x" for k, v in r.get("speedup", {}).items())
-        pct = "-" if r.get("pct_bw") is None else f"{r['pct_bw']:.1f}"
-        chk = r.get("check", "-") + (f" ({r['rel_err']:.2g})" if "rel_err" in r else "")
-        out.append(f"| {r['label']} | {r['method']} | {r['median_ms']:.3f} | "
-                   f"{r['p10_ms']:.3f}..{r['p90_ms']:.3f} | {r['GB_s']:.2f} | {r['weight_GB_s']:.2f} | "
-                   f"{pct} | {_roof_cells(r)} | {r['bits_per_weight']:.3f} | {sp} | {chk} |")
-    return out
+    return _md_timed(rows, mid=[("weight GB/s", lambda r: f"{r['weight_GB_s']:.2f}")],
+                     extra=[("bits/weight", lambda r: f"{r['bits_per_weight']:.3f}")],
+                     err_key="rel_err", check_title="check (rel err)")
 
 
 def _md_table_kv(rows: list[dict]) -> list[str]:
@@ -90,21 +88,10 @@ def _md_table_kv(rows: list[dict]) -> list[str]:
             out.append(f"| {r['format']} | {r['group_size']} | {r['variant']} | {r['cos_mean']:.6f} | "
                        f"{r['cos_min']:.6f} | {r['rel_l2']:.3g} | {r['kl_mean']:.3g} | {r['kl_max']:.3g} |")
         return out
-    out = ["| config | method | median ms | p10..p90 ms | GB/s | % bw | roof ms | eff % | bytes read | "
-           "bytes/token/layer | speedups (t_baseline / t) | check |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    for r in rows:
-        if "median_ms" not in r:
-            out.append(f"| {r['label']} | {r['method']} | not run | | | | | | | | {r.get('error', '')} | |")
-            continue
-        sp = ", ".join(f"{k[3:]} {v:.2f}x" for k, v in r.get("speedup", {}).items())
-        pct = "-" if r.get("pct_bw") is None else f"{r['pct_bw']:.1f}"
-        mem = "-" if r.get("mem_bytes_per_token") is None else f"{r['mem_bytes_per_token']:.0f}"
-        chk = r.get("check", "-") + (f" ({r['max_abs_err']:.2g})" if "max_abs_err" in r else "")
-        out.append(f"| {r['label']} | {r['method']} | {r['median_ms']:.3f} | {r['p10_ms']:.3f}..{r['p90_ms']:.3f} | "
-                   f"{r['GB_s']:.2f} | {pct} | {_roof_cells(r)} | {r['bytes'] / 2**20:.2f} MiB | {mem} | "
-                   f"{sp} | {chk} |")
-    return out
+    return _md_timed(rows, extra=[
+        ("bytes read", lambda r: f"{r['bytes'] / 2**20:.2f} MiB"),
+        ("bytes/token/layer", lambda r: "-" if r.get("mem_bytes_per_token") is None
+         else f"{r['mem_bytes_per_token']:.0f}")])
 
 
 _KV_METHOD = ("Quantized KV (suites kv-*): KIVI cache (keys per channel in groups of gs tokens, values per "
