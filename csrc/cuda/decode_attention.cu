@@ -115,22 +115,9 @@ void decode_attention(py::object q_o, py::object k_o, py::object v_o, py::object
                            lens.data());
 
   // Schedule sizes (the kernels recompute the same partition on the device from seqlens).
-  const int64_t nseg = B * Hkv, G = Hq / Hkv;
-  int64_t total = 0, split_slots = 0;
-  for (int64_t s = 0; s < nseg; ++s) {
-    const int64_t n = pk_cdiv(lens[s / Hkv], tile);
-    const int64_t se = std::min(num_splits, n);
-    total += n;
-    if (se > 1) split_slots += se;
-  }
-  const bool lean_mode = method == "lean";
-  const int64_t W = std::max<int64_t>(1, std::min(num_workers, total));
-  const int64_t num_slots = lean_mode ? 2 * W : split_slots;
-  const int64_t grid = lean_mode ? W : nseg * num_splits;
-  if (nseg > 0x7fffffffLL)
-    throw py::value_error("q: batch x num_kv_heads = " + str(nseg) + " exceeds the CUDA grid limit");
-  if (grid > 0x7fffffffLL)
-    throw py::value_error("num_splits: " + str(num_splits) + " splits x " + str(nseg) + " (sequence, kv-head) pairs exceeds the CUDA grid limit");
+  const ScheduleSizes ss = schedule_sizes(lens.data(), B, Hkv, tile, method == "lean", num_splits, num_workers);
+  const int64_t nseg = ss.nseg, G = Hq / Hkv, W = ss.workers, num_slots = ss.num_slots, grid = ss.grid;
+  const bool lean_mode = ss.lean;
 
   const KernelConfig cfg = pick_config(D, G);
   const int64_t esize = kdt == DType::kFloat32 ? 4 : 2;

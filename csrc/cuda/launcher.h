@@ -41,6 +41,7 @@ void decode_attention_kv(py::object q, py::object k_codes, py::object k_scale, p
 #if defined(__CUDACC__)
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -144,6 +145,38 @@ inline std::vector<int32_t> copy_span_to_host(const TensorArg& t, cudaStream_t s
 }
 
 inline size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
+
+// Host-side sizes of a decode schedule over the B * Hkv (sequence, kv-head) segments, lens[b]
+// tokens each, cut into tiles of `tile` tokens: the device-side plan recomputes the same
+// partition. Lean: W = min(num_workers, tiles) workers, 2 W partial slots; split: num_splits
+// chunks per segment, a partial slot per chunk of every segment that is actually split.
+struct ScheduleSizes {
+  int64_t nseg, workers, num_slots, grid;
+  bool lean;
+};
+
+inline ScheduleSizes schedule_sizes(const int32_t* lens, int64_t B, int64_t Hkv, int64_t tile, bool lean,
+                                    int64_t num_splits, int64_t num_workers) {
+  ScheduleSizes z;
+  z.nseg = B * Hkv;
+  z.lean = lean;
+  int64_t total = 0, split_slots = 0;
+  for (int64_t s = 0; s < z.nseg; ++s) {
+    const int64_t n = pk_cdiv(lens[s / Hkv], tile);
+    const int64_t se = std::min(num_splits, n);
+    total += n;
+    if (se > 1) split_slots += se;
+  }
+  z.workers = std::max<int64_t>(1, std::min(num_workers, total));
+  z.num_slots = lean ? 2 * z.workers : split_slots;
+  z.grid = lean ? z.workers : z.nseg * num_splits;
+  if (z.nseg > 0x7fffffffLL)
+    throw py::value_error("q: batch x num_kv_heads = " + str(z.nseg) + " exceeds the CUDA grid limit");
+  if (z.grid > 0x7fffffffLL)
+    throw py::value_error("num_splits: " + str(num_splits) + " splits x " + str(z.nseg) +
+                          " (sequence, kv-head) pairs exceeds the CUDA grid limit");
+  return z;
+}
 
 }  // namespace launch_util
 }  // namespace cuda
