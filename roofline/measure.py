@@ -4,8 +4,7 @@ The roofs a run is placed against, measured on this machine rather than taken fr
 
 - compute: best-of-repeats square matmuls (``2 * n**3`` FLOP) per dtype, torch's own GEMMs;
 - memory: STREAM-style read / copy / triad over arrays >= 4x the last-level cache
-  (:func:`roofline.probe.probe_memory_bandwidth` for read and triad, ``b.copy_(a)`` here for
-  copy, credited with 2 arrays);
+  (:func:`roofline.probe.probe_memory_bandwidth`: read, triad, and copy credited with 2 arrays);
 - disk: cold sequential write (fsync included) and read of a fresh file, through O_DIRECT or,
   where the filesystem refuses it, buffered I/O with the pages dropped (``POSIX_FADV_DONTNEED``)
   before reading; never the page cache;
@@ -36,7 +35,6 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import torch
 
 from .hardware import MachineProfile
@@ -194,24 +192,6 @@ def _int8_error(device: str) -> str | None:
     return None
 
 
-def _copy_bandwidth(nbytes: int, repeats: int, threads: int) -> float:
-    """Median bytes/s of ``b.copy_(a)`` over float32 arrays of ``nbytes``, 2 arrays counted."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)  # fill_: first touch now
-        b = torch.empty_like(a).fill_(0.0)
-        b.copy_(a)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            b.copy_(a)
-            times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(old)
-    return 2 * (nbytes // 4) * 4 / float(np.median(times))
-
-
 # ------------------------------------------------------------------------------------ devices
 def _measure_cpu(quick: bool, threads: int) -> tuple[dict, dict, float, list[str]]:
     n, reps = (2048, 3) if quick else (4096, 5)
@@ -241,7 +221,7 @@ def _measure_cpu(quick: bool, threads: int) -> tuple[dict, dict, float, list[str
     size, mreps = (max(4 * llc, 64 * _MiB), 5) if quick else (max(8 * llc, 256 * _MiB), 11)
     stream = probe_memory_bandwidth(size_bytes=size, repeats=mreps, threads=threads)
     bw = {"read": stream["read_GB_s"] * 1e9,
-          "copy": _copy_bandwidth(stream["size_bytes"], mreps, threads),
+          "copy": stream["copy_GB_s"] * 1e9,
           "triad": stream["triad_GB_s"] * 1e9}
     notes.append(f"memory arrays {stream['size_bytes'] / _MiB:.0f} MiB each "
                  f"(LLC {llc / _MiB:.0f} MiB), median of {mreps}; read a.sum(), copy b.copy_(a) "

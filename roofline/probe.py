@@ -8,6 +8,7 @@ Kernels (torch ops, so they run on torch's intra-op thread pool, ``torch.get_num
 
 - read:  ``s = a.sum()``                # read N*4 bytes ; write 4 bytes
 - triad: ``a = b + s * c`` (torch.add)  # read 2*N*4 bytes ; write N*4 bytes
+- copy:  ``b.copy_(a)``                  # read N*4 bytes ; write N*4 bytes (2 arrays counted)
 
 Bytes are counted explicitly: the triad is credited with 3 arrays (the STREAM convention); the
 write-allocate read of ``a`` that a non-streaming store also causes is *not* counted, so
@@ -221,7 +222,8 @@ def probe_memory_bandwidth(size_bytes: int | None = None, repeats: int = 11,
     -------
     dict with ``bandwidth_GB_s`` (= read median, the figure for "% of measured bandwidth"),
     ``read_GB_s``, ``triad_GB_s`` (3-array convention), ``triad_wa_GB_s`` (4 arrays),
-    ``read_1thread_GB_s`` (the read kernel on one thread), ``read`` / ``triad`` sub-dicts with
+    ``copy_GB_s`` (2 arrays),
+    ``read_1thread_GB_s`` (the read kernel on one thread), ``read`` / ``triad`` / ``copy`` sub-dicts with
     spread, ``threads``, ``size_bytes``, ``llc_bytes``,
     ``other_cpu_load`` (share of the machine used by other processes meanwhile),
     ``warnings`` and ``machine``.
@@ -280,6 +282,12 @@ def probe_memory_bandwidth(size_bytes: int | None = None, repeats: int = 11,
         triad_t = timed(triad, repeats)
         if float(a[n // 2]) != 2.0 + scalar * 0.5:
             warnings.append("triad kernel wrote a wrong value")
+
+        # copy: b = a  # read N*4, write N*4 bytes (2 arrays, the STREAM convention)
+        timed(lambda: b.copy_(a), warmup)
+        copy_t = timed(lambda: b.copy_(a), repeats)
+        if float(b[n // 2]) != float(a[n // 2]):
+            warnings.append("copy kernel wrote a wrong value")
         del b, c
 
         # one thread alone: how much of the bus a single core can pull (context for scaling)
@@ -294,9 +302,10 @@ def probe_memory_bandwidth(size_bytes: int | None = None, repeats: int = 11,
 
     read = _stats(read_t, nbytes)
     triad_s = _stats(triad_t, 3 * nbytes)
+    copy_s = _stats(copy_t, 2 * nbytes)
     read1 = _stats(read1_t, nbytes)
     triad_wa = 4 * nbytes / float(np.median(triad_t)) / 1e9
-    for name, val in (("read", read["GB_s"]), ("triad", triad_s["GB_s"])):
+    for name, val in (("read", read["GB_s"]), ("triad", triad_s["GB_s"]), ("copy", copy_s["GB_s"])):
         if not np.isfinite(val) or val <= 0:
             warnings.append(f"{name} bandwidth {val} is not a positive finite number")
         elif val > 2000:  # more than any DRAM system a CPU has today: the data sat in a cache
@@ -313,11 +322,14 @@ def probe_memory_bandwidth(size_bytes: int | None = None, repeats: int = 11,
         "read_GB_s": read["GB_s"],
         "triad_GB_s": triad_s["GB_s"],
         "triad_wa_GB_s": triad_wa,
+        "copy_GB_s": copy_s["GB_s"],
         "read_1thread_GB_s": read1["GB_s"],
         "read": read,
         "triad": triad_s,
+        "copy": copy_s,
         "convention": ("GB = 1e9 bytes; read = a.sum() over one float32 array; triad a = b + s*c "
-                       "counted as 3 arrays (STREAM), triad_wa_GB_s counts 4 (write-allocate); "
+                       "counted as 3 arrays (STREAM), triad_wa_GB_s counts 4 (write-allocate); copy b = a "
+                       "counted as 2; "
                        "median of repeats after warm-up"),
         "threads": threads,
         "size_bytes": nbytes,

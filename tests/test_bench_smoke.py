@@ -33,11 +33,12 @@ def _finite_pos(x):
 
 def test_probe_small_keys_and_values():
     p = probe_memory_bandwidth(size_bytes=4 << 20, repeats=3, threads=1, warmup=1)
-    for k in ("bandwidth_GB_s", "read_GB_s", "triad_GB_s", "triad_wa_GB_s", "read_1thread_GB_s"):
+    for k in ("bandwidth_GB_s", "read_GB_s", "triad_GB_s", "triad_wa_GB_s", "copy_GB_s", "read_1thread_GB_s"):
         assert _finite_pos(p[k]), (k, p[k])
     assert p["bandwidth_GB_s"] == p["read_GB_s"]  # the headline is the read stream
     # the triad is credited with 3 arrays; the write-allocate figure with 4 of the same time
     assert p["triad"]["bytes"] == 3 * p["size_bytes"]
+    assert p["copy"]["bytes"] == 2 * p["size_bytes"]  # copy: read a, write b
     assert p["triad_wa_GB_s"] == pytest.approx(p["triad_GB_s"] * 4 / 3)
     assert p["threads"] == 1 and p["size_bytes"] == 4 << 20 and p["read"]["repeats"] == 3
     # 4 MiB fits in (or near) the LLC here, and the probe must say so
