@@ -51,6 +51,9 @@ struct Prefetch {
       for (int64_t off = 0; off < span; off += 64) prefetch<3>(static_cast<const char*>(row) + off);
   }
 };
+// No requests: passed where a pass must not repeat the block's prefetches (later query-head
+// chunks, later value chunks).
+static const Prefetch kNoPrefetch{};
 
 // PERM: bf16 rows are loaded two vectors at a time in the permuted order of load_bf16_pair
 // (q and the accumulators are kept in that order); else one vector at a time, natural order.
@@ -218,18 +221,17 @@ static inline void pv_chunk(float* acc, int64_t D, int64_t off, const float* alp
 template <typename V, typename T, int GB, bool PERM>
 static inline void pv_block(float* acc, int64_t D, const float* alpha, const float* p, const T* const* vp, int nt,
                             const Prefetch& pf) {
-  static const Prefetch none{};
   // Accumulators in registers: GB * CH vectors (16 of the 32 zmm / 16 ymm registers).
   constexpr int CH0 = (V::W == 1) ? 4 : (GB >= 8 ? 1 : (GB >= 4 ? (V::W == 16 ? 4 : 2) : (V::W == 16 ? 8 : 4)));
   constexpr int CH = (PERM && CH0 < 2) ? 2 : CH0;
   const int64_t nv = D / V::W, tail = D % V::W;
   int64_t i = 0;
   // The first chunk's token loop requests the later block's V rows (one pass per block).
-  for (; i + CH <= nv; i += CH) pv_chunk<V, T, GB, CH, PERM>(acc, D, i * V::W, alpha, p, vp, nt, i == 0 ? pf : none);
+  for (; i + CH <= nv; i += CH) pv_chunk<V, T, GB, CH, PERM>(acc, D, i * V::W, alpha, p, vp, nt, i == 0 ? pf : kNoPrefetch);
   if constexpr (PERM) {
-    for (; i < nv; i += 2) pv_chunk<V, T, GB, 2, PERM>(acc, D, i * V::W, alpha, p, vp, nt, i == 0 ? pf : none);
+    for (; i < nv; i += 2) pv_chunk<V, T, GB, 2, PERM>(acc, D, i * V::W, alpha, p, vp, nt, i == 0 ? pf : kNoPrefetch);
   } else {
-    for (; i < nv; ++i) pv_chunk<V, T, GB, 1, PERM>(acc, D, i * V::W, alpha, p, vp, nt, i == 0 ? pf : none);
+    for (; i < nv; ++i) pv_chunk<V, T, GB, 1, PERM>(acc, D, i * V::W, alpha, p, vp, nt, i == 0 ? pf : kNoPrefetch);
   }
   if (nv == 0)  // D < W: only the scalar tail below; request the rows here
     for (int t = 0; t < nt; ++t) pf.row_v(t);
@@ -334,7 +336,6 @@ static void attend_group(const AttnParams& prm, const Piece& pc, int64_t nh, flo
         pf.v[t] = reinterpret_cast<const char*>(vr);
       }
     }
-    static const Prefetch no_pf{};
     for (int64_t j = 0; j < nh; ++j) {
       for (int t = 0; t < nt; ++t) { kp[t] = kp0[t] + j * prm.k_stride[2]; vp[t] = vp0[t] + j * prm.v_stride[2]; }
       // Head j of the later block is prefetched while head j of this one is scored: the
@@ -347,10 +348,10 @@ static void attend_group(const AttnParams& prm, const Piece& pc, int64_t nh, flo
         const float* qr = q + r * D;
         const bf16_t* qbr = prm.q_bf16 ? prm.q_bf16 + (pc.b * prm.Hq + pc.h * G + r) * D : nullptr;
         float* ar = o + r * D;
-        if (left >= 8) { block_step<V, T, 8, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, g0 == 0 ? pf : no_pf); g0 += 8; }
-        else if (left >= 4) { block_step<V, T, 4, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, g0 == 0 ? pf : no_pf); g0 += 4; }
-        else if (left >= 2) { block_step<V, T, 2, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, g0 == 0 ? pf : no_pf); g0 += 2; }
-        else { block_step<V, T, 1, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, g0 == 0 ? pf : no_pf); g0 += 1; }
+        if (left >= 8) { block_step<V, T, 8, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, g0 == 0 ? pf : kNoPrefetch); g0 += 8; }
+        else if (left >= 4) { block_step<V, T, 4, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, g0 == 0 ? pf : kNoPrefetch); g0 += 4; }
+        else if (left >= 2) { block_step<V, T, 2, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, g0 == 0 ? pf : kNoPrefetch); g0 += 2; }
+        else { block_step<V, T, 1, PERM>(qr, qbr, prm.scale, D, kp, vp, nt, m + r, l + r, ar, s, g0 == 0 ? pf : kNoPrefetch); g0 += 1; }
       }
     }
   }
