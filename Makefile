@@ -1,13 +1,13 @@
 # make test    set up .venv if needed, build the extensions, run the test suite
 # make report  set up .venv if needed, build, probe this machine, run the benchmark suites,
-#              write reports/<host>/report.{json,md}
+#              write reports/<host>/index.html, report.md and report.json
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-stamp
 
-.PHONY: test report build clean
+.PHONY: test report build clean chromium
 
 # torch: the CPU build 2.13.0 on machines without an NVIDIA GPU (an unpinned torch would pull a
 # multi-GB CUDA build); on a GPU machine, the default (CUDA) build.
@@ -26,8 +26,18 @@ $(STAMP): pyproject.toml Makefile
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace --parallel 2
 
-test: build
-	PYKERNELS_REQUIRE_LUT_BACKENDS=1 $(PY) -m pytest -q tests
+# The report's page test renders index.html in headless Chromium (Debian's package): installed
+# here when missing and this runs as root with apt-get; the test then requires it.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the report's page test"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
+	  else echo "chromium missing and not installable here (needs root and apt-get)"; fi; }
+
+test: build chromium
+	PYKERNELS_REQUIRE_LUT_BACKENDS=1 PYKERNELS_REQUIRE_CHROMIUM=1 $(PY) -m pytest -q tests
 
 report: build
 	$(PY) -m bench.report

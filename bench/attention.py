@@ -19,7 +19,7 @@ How a figure is produced (the same for every method, baselines included):
   reference (when the configuration is small enough) so a fast wrong kernel cannot pass.
 
 Methods: ``lean``, ``split`` (auto splits), ``unsplit`` (``method="split", num_splits=1``: one
-work unit per (sequence, kv-head)), ``auto`` (pykernels); ``sdpa`` (torch SDPA as a user calls
+work unit per (sequence, kv-head)), ``split<S>`` (``num_splits=S``), ``auto`` (pykernels); ``sdpa`` (torch SDPA as a user calls
 it: cache in SDPA's own ``[B, Hkv, L, D]`` layout, ``q`` as ``[B, Hq, 1, D]``,
 ``enable_gqa=True``: what Hugging Face transformers does on torch >= 2.5 without a mask);
 ``sdpa_grouped`` (SDPA with the G query heads of a kv-head folded into G query rows, a manual
@@ -55,6 +55,18 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 PK_METHODS = ("lean", "split", "unsplit", "auto")
 TORCH_METHODS = ("sdpa", "sdpa_grouped", "reference")
 ALL_METHODS = PK_METHODS + TORCH_METHODS
+
+
+def fixed_splits(method: str) -> int | None:
+    """S of a ``"split<S>"`` method name (``method="split", num_splits=S``), else None."""
+    if method.startswith("split") and method[5:].isdigit() and int(method[5:]) >= 1:
+        return int(method[5:])
+    return None
+
+
+def is_pk_method(method: str) -> bool:
+    """A pykernels method: one of PK_METHODS or ``split<S>``."""
+    return method in PK_METHODS or fixed_splits(method) is not None
 # speedup columns: time(baseline) / time(method), > 1 means the method is faster
 BASELINES = ("sdpa", "sdpa_grouped", "reference", "unsplit", "split")
 
@@ -248,11 +260,14 @@ def _make_call(method: str, cfg: AttnConfig, q, seqlens, backend: str, num_split
     """-> (layout, fn(k, v) -> out [B, Hq, D], backend label, note)."""
     B, Hq, Hkv, D = cfg.batch, cfg.heads_q, cfg.heads_kv, cfg.head_dim
     G = Hq // Hkv
-    if method in PK_METHODS:
+    if is_pk_method(method):
         import pykernels as pk
-        kw = {"method": "split" if method == "unsplit" else method, "backend": backend}
+        S = fixed_splits(method)
+        kw = {"method": "split" if method == "unsplit" or S else method, "backend": backend}
         if method == "unsplit":
             kw["num_splits"] = 1
+        elif S:
+            kw["num_splits"] = S
         elif method == "split" and num_splits is not None:
             kw["num_splits"] = int(num_splits)
         note = f"pk.decode_attention({', '.join(f'{k}={v!r}' for k, v in kw.items())})"
@@ -340,7 +355,7 @@ def bench_attention(cfg: AttnConfig, methods=("lean", "split", "sdpa", "referenc
 
     calls, rows = {}, {}
     for m in methods:
-        row = dict(base_row, method=m, backend=backend if m in PK_METHODS else "torch")
+        row = dict(base_row, method=m, backend=backend if is_pk_method(m) else "torch")
         rows[m] = row
         try:
             layout, fn, row["backend"], row["impl"] = _make_call(m, cfg, q, seqlens, backend, num_splits)

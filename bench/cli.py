@@ -145,9 +145,10 @@ def cmd_attention(args) -> int:
     from . import attention as A
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    bad = [m for m in methods if m not in A.ALL_METHODS]
+    bad = [m for m in methods if m not in A.ALL_METHODS and not A.is_pk_method(m)]
     if bad:
-        raise SystemExit(f"--method: unknown {bad}; expected a comma list of {', '.join(A.ALL_METHODS)}")
+        raise SystemExit(f"--method: unknown {bad}; expected a comma list of {', '.join(A.ALL_METHODS)} "
+                         "or split<S> (num_splits=S)")
     bw, probe = _bandwidth(args)
 
     out = {"probe": probe, "rows": [], "targets": []}

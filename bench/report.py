@@ -1,17 +1,19 @@
 """``python -m bench.report``: probe the machine, run every suite, write the report.
 
-Writes ``reports/<hostname>/report.json`` (probe, machine, every row, targets, what ran where)
-and ``reports/<hostname>/report.md`` (tables and PASS/MISS per target with its figure).
-Bounded to a few minutes on a 2-core machine. Suites are ``bench.attention.SUITES``, then
-``bench.lut.SUITES``, then ``bench.kvquant.SUITES`` (name, title, fn(ctx) -> {"rows", "targets",
-"notes"}); later issues append their own lists. ``--suites`` takes names (``lut-2``), numbers
-(``2``: that suite of every family) or families (``attention``, ``lut``, ``kv``).
+Writes ``reports/<hostname>/index.html`` (roofline charts of every row, efficiency bars, targets,
+tables: ``roofline.report``), ``report.json`` (probe, machine, every row and its roofline point,
+targets, what ran where) and ``report.md`` (the same tables, PASS/MISS per target with its figure).
+Bounded to a few minutes on a 2-core machine. Suites are ``bench.probe_check.SUITES`` (the probe
+against an independent numpy measurement), ``bench.attention.SUITES``, ``bench.lut.SUITES``,
+``bench.kvquant.SUITES``, then ``bench.advisor.SUITES`` (the roofline advisor's picks against
+exhaustive sweeps); each entry is (name, title, fn(ctx) -> {"rows", "targets", "notes"}); later
+issues append their own lists. ``--suites`` takes names (``lut-2``), numbers (``2``: that suite
+of every family) or families (``probe``, ``attention``, ``lut``, ``kv``, ``advisor``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -71,6 +73,15 @@ def _md_table_lut(rows: list[dict]) -> list[str]:
                      err_key="rel_err", check_title="check (rel err)")
 
 
+def _md_table_probe(rows: list[dict]) -> list[str]:
+    """bench.probe_check rows: the probe's figure vs the independent numpy one."""
+    out = ["| quantity | probe GB/s | numpy GB/s | probe / numpy | deviation |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['label']} | {r['probe_GB_s']:.2f} | {r['numpy_GB_s']:.2f} | {r['ratio']:.3f} | "
+                   f"{100 * abs(r['ratio'] - 1):.1f}% |")
+    return out
+
+
 def _md_table_kv(rows: list[dict]) -> list[str]:
     """bench.kvquant rows: speed, memory or accuracy tables (by the rows' ``kv_table``)."""
     kind = rows[0]["kv_table"]
@@ -125,11 +136,13 @@ def _roofline_line(roof: dict) -> str:
             f"row's eff % equals its % bw. fp16 runs use the bf16 peak where no fp16 peak was measured.")
 
 
-def write_markdown(path: str, rep: dict):
+def markdown_body(rep: dict) -> str:
+    """The benchmark's own Markdown (probe, method, every suite's tables and notes); appended by
+    ``roofline.report`` to its ``report.md`` after the machine, targets and roofline tables."""
     p = rep["probe"]
     m = p["machine"]
-    L = [f"# pykernels benchmark report: {rep['hostname']}", "",
-         f"Generated {rep['timestamp']} in {rep['wall_s']:.0f} s by `python -m bench.report`.", "",
+    L = [f"# Benchmark details: {rep['hostname']}", "",
+         f"Run {rep['timestamp']} in {rep['wall_s']:.0f} s by `python -m bench.report`.", "",
          "## Machine and roofline", "",
          f"- CPU: {m['cpu_model']}, {m['usable_cpus']} usable CPUs, LLC {m['llc_bytes'] >> 20} MiB, "
          f"{(m['mem_total_bytes'] or 0) / 2**30:.1f} GiB RAM, SIMD {', '.join(m['simd']) or '-'}",
@@ -156,14 +169,6 @@ def write_markdown(path: str, rep: dict):
     if any("kv_table" in r for r in rep.get("rows", [])):
         L += [_KV_METHOD, ""]
 
-    all_targets = [t for s in rep["suites"] for t in s.get("targets", [])]
-    if all_targets:
-        L += ["## Targets", "", "| suite | target | figure | status | note |", "|---|---|---|---|---|"]
-        for s in rep["suites"]:
-            for t in s.get("targets", []):
-                L.append(f"| {s['name']} | {t['name']} {t['op']} {t['threshold']} | {t['text']} | "
-                         f"**{t['status']}** | {t.get('note') or ''} |")
-        L.append("")
     for s in rep["suites"]:
         L += [f"## {s['name']}: {s['title']}", ""]
         if s.get("error"):
@@ -177,6 +182,8 @@ def write_markdown(path: str, rep: dict):
                     part = [r for r in rows if r.get("kv_table") == kind]
                     if part:
                         L += _md_table_kv(part) + [""]
+            elif any("probe_GB_s" in r for r in rows):  # bench.probe_check rows
+                L += _md_table_probe(rows) + [""]
             elif any("kind" in r for r in rows):       # bench.lut rows
                 L += _md_table_lut(rows) + [""]
             else:
@@ -187,17 +194,18 @@ def write_markdown(path: str, rep: dict):
             L.append("")
         L.append(f"_{s.get('wall_s', 0):.0f} s_")
         L.append("")
-    with open(path, "w") as fh:
-        fh.write("\n".join(L))
+    return "\n".join(L)
 
 
 def run_report(out_dir: str | None = None, suites: list[str] | None = None, quick: bool = False,
                repeats: int = 25, log=print, probe_size_bytes: int | None = None,
                wait_quiet_s: float = 0.0) -> dict:
     from roofline import probe_memory_bandwidth
+    from . import advisor as AD
     from . import attention as A
     from . import kvquant as KV
     from . import lut as LU
+    from . import probe_check as PC
     from .roof import run_machine
 
     t0 = time.perf_counter()
@@ -222,7 +230,8 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
                           repeats=repeats, quick=quick, log=log, wait_quiet_s=wait_quiet_s, probe=probe,
                           machine=machine)
     results = []
-    for name, title, fn in list(A.SUITES) + list(LU.SUITES) + list(KV.SUITES):
+    for name, title, fn in (list(PC.SUITES) + list(A.SUITES) + list(LU.SUITES) + list(KV.SUITES)
+                            + list(AD.SUITES)):
         entry = {"name": name, "title": title}
         if suites and not {name, name.split("-")[-1], name.split("-")[0]} & set(suites):
             entry["skipped"] = "not selected"
@@ -253,12 +262,32 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
         "targets": [dict(t, suite=s["name"]) for s in results for t in s.get("targets", [])],
     }
     rep["wall_s"] = time.perf_counter() - t0
-    jpath, mpath = os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.md")
-    with open(jpath, "w") as fh:
-        json.dump(rep, fh, indent=1, default=str)
-    write_markdown(mpath, rep)
-    log(f"\nwrote {jpath} and {mpath} ({rep['wall_s']:.0f} s)")
+    paths = write_report(rep, machine, out_dir)
+    log(f"\nwrote {paths['html']}, {paths['markdown']} and {paths['json']} ({rep['wall_s']:.0f} s)")
     return rep
+
+
+def write_report(rep: dict, machine, out_dir: str) -> dict:
+    """``index.html``, ``report.md`` and ``report.json`` of a run through ``roofline.report``:
+    the roofline charts, targets and machine from it, this module's tables after them. Without a
+    roofline machine (the compute probe failed) the rows are placed on a memory-only machine
+    built from the run's read bandwidth, so the report is still written."""
+    from roofline import MachineProfile, report
+
+    if machine is None:
+        bw = rep["probe"]["bandwidth_GB_s"] * 1e9
+        machine = MachineProfile("this machine (memory roof only)", {}, {"read": bw, "copy": bw, "triad": bw},
+                                 source="measured", notes=(rep.get("roofline") or {}).get("note") or "")
+    recs, preds, notes = [], [], []
+    if machine.peak_flops:
+        from .advisor import report_advice
+        try:
+            recs, preds, notes = report_advice(machine, rep["facts"].get("threads") or 1)
+        except Exception as e:  # advice is an extra: never lose the measured report over it
+            notes = [f"advisor failed: {type(e).__name__}: {e}"]
+    return report(rep, machine, out_dir, title=f"pykernels benchmark report: {rep['hostname']}",
+                  statement=rep["gpu"]["statement"], recommendations=recs, analyses=preds, notes=notes,
+                  extra_markdown=markdown_body(rep))
 
 
 def main(argv=None) -> int:

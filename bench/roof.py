@@ -28,14 +28,14 @@ import copy
 
 from roofline.cost import Cost
 from roofline.hardware import MachineProfile
-from roofline.place import place
+from roofline.place import place, roof_dtype as compute_dtype
 
 __all__ = ["machine_for_run", "run_machine", "annotate", "compute_dtype"]
 
 # probe_memory_bandwidth() key -> MachineProfile.mem_bandwidth key; "bandwidth_GB_s" (the read
 # median, the figure "% bw" divides by) wins over "read_GB_s" should the two ever differ
 _BW_KEYS = (("read", ("bandwidth_GB_s", "read_GB_s")), ("copy", ("copy_GB_s",)),
-            ("triad", ("triad_GB_s",)))
+            ("triad", ("triad_GB_s",)), ("read_1thread", ("read_1thread_GB_s",)))
 
 
 def machine_for_run(probe: dict | None, bandwidth_GB_s: float | None = None) -> MachineProfile:
@@ -80,16 +80,6 @@ def run_machine(probe: dict | None, bandwidth_GB_s: float | None = None
         return machine_for_run(probe, bandwidth_GB_s), None
     except Exception as e:  # any probe failure: no roofline columns, never a crashed benchmark
         return None, f"no roofline columns: roofline.probe(quick=True) failed ({type(e).__name__}: {e})"
-
-
-def compute_dtype(dtype: str, machine: MachineProfile) -> str:
-    """The compute roof of a run in ``dtype``: its own peak, else (fp16 on a CPU without a native
-    fp16 GEMM, where the quick probe lists no fp16 peak) the bf16 roof, the other 16-bit rate."""
-    if dtype in machine.peak_flops:
-        return dtype
-    if dtype == "fp16" and "bf16" in machine.peak_flops:
-        return "bf16"
-    return dtype  # place() then names the known dtypes in its error
 
 
 def annotate(row: dict, flops: float, nbytes: float, dtype: str,

@@ -13,7 +13,7 @@ import torch
 
 from . import backends
 from .kv_cache import QuantizedKVCache
-from .plan import DEFAULT_TILE, choose_method, default_num_splits
+from .plan import DEFAULT_TILE, advise_schedule, default_num_splits
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 512
@@ -186,13 +186,20 @@ def _accepts(q, k_cache):
     return accepts
 
 
-def _resolve_method(method, num_splits, lens_host, num_kv_heads, W, tile):
+def _resolve_method(method, num_splits, lens_host, num_kv_heads, W, tile, q, dtype_bytes):
     """("lean" | "split", num_splits) for the kernels; ``lens_host()`` gives the lengths on the
-    host and is called only when the choice depends on them."""
+    host and is called only when the choice depends on them. "auto" asks the roofline advisor
+    (``pykernels.plan.advise_schedule``) with q's heads and device and the cache's bytes per
+    element."""
     if method == "auto" or (method == "split" and num_splits is None):
         lens = lens_host()
         if method == "auto":
-            method = choose_method(lens, num_kv_heads, W, tile)
+            choice = advise_schedule(lens, num_kv_heads, W, tile, num_heads=q.shape[1], head_dim=q.shape[2],
+                                     dtype_bytes=dtype_bytes,
+                                     device="cuda" if q.device.type == "cuda" else "cpu").choice
+            method = choice["method"]
+            if method == "split" and num_splits is None:
+                num_splits = choice["num_splits"]
         if method == "split" and num_splits is None:
             num_splits = default_num_splits(lens, num_kv_heads, W)
     return method, 1 if num_splits is None else num_splits
@@ -211,7 +218,7 @@ def _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, b
     W = _num_workers(q.device, name)
     seqlens_i32 = seqlens.to(torch.int32).contiguous()
     method, num_splits = _resolve_method(method, num_splits, lambda: seqlens_i32.cpu(), k_cache.shape[2], W,
-                                         DEFAULT_TILE)
+                                         DEFAULT_TILE, q, k_cache.element_size())
     bt = block_table.to(torch.int32).contiguous() if block_table is not None else None
     if name == "cpu":
         backends.cpu_module().decode_attention(q, k_cache, v_cache, seqlens_i32, bt, out, lse, scale,
@@ -263,7 +270,8 @@ def _run_kv(q, cache, scale, method, num_splits, backend, out, lse):
         return
     W = _num_workers(q.device, name)
     tile = _kv_tile(cache.group_size)
-    method, num_splits = _resolve_method(method, num_splits, cache.lengths, cache.num_kv_heads, W, tile)
+    method, num_splits = _resolve_method(method, num_splits, cache.lengths, cache.num_kv_heads, W, tile, q,
+                                         cache.bytes_per_token() / (2 * cache.num_kv_heads * cache.head_dim))
     # kv_format's kernel contract fixes no q strides: hand over a contiguous q (a no-op for decode)
     args = (q.contiguous(), cache.k_codes, cache.k_scale, cache.k_zero, cache.v_codes, cache.v_scale, cache.v_zero,
             cache.fp_k, cache.fp_v, cache.block_table, cache.n_sink, cache.n_quant, cache.n_res, out, lse,
@@ -319,10 +327,12 @@ def decode_attention(q, k_cache, v_cache=None, seqlens=None, *, block_table=None
     scale : softmax scale, default 1/sqrt(D).
     method : "split" (flash-decoding: num_splits chunks per (sequence, kv-head), then merge),
         "lean" (stream-K: all KV tiles cut into equal contiguous ranges per worker), or "auto"
-        (``pykernels.plan.choose_method``: split when one chunk per (sequence, kv-head) is already
-        perfectly balanced, else lean).
-    num_splits : chunks per (sequence, kv-head) for "split"; None picks
-        ``pykernels.plan.default_num_splits``.
+        (the roofline advisor, ``pykernels.plan.advise_schedule``: the schedule with the least
+        predicted time on this machine's measured roofs; in effect split with one chunk per
+        (sequence, kv-head) when that is already balanced, else lean).
+    num_splits : chunks per (sequence, kv-head) for "split" (and for "auto" when it picks
+        split); None picks the advisor's count under "auto", ``pykernels.plan.default_num_splits``
+        under "split".
     return_lse : also return lse [B, Hq] float32, natural-log sum of exp(scores).
     backend : "auto", "cpu", "cuda", "triton" or "reference" (see ``pykernels.backends``).
     out : optional contiguous output tensor [B, Hq, D] of q's dtype.

@@ -102,20 +102,33 @@ def default_num_splits(seqlens, num_kv_heads: int, num_workers: int) -> int:
     return int(max(1, min(s, math.ceil(int(a.max()) / MIN_SPLIT_TOKENS))))
 
 
-def choose_method(seqlens, num_kv_heads: int, num_workers: int, tile: int = DEFAULT_TILE) -> str:
-    """The ``method="auto"`` rule.
+def advise_schedule(seqlens, num_kv_heads: int, num_workers: int, tile: int = DEFAULT_TILE, *,
+                    num_heads: Optional[int] = None, head_dim: int = 128, dtype_bytes: float = 2,
+                    device: str = "cpu", machine=None):
+    """The ``method="auto"`` choice: ``roofline.advise.advise_decode_attention``.
 
-    Split with one chunk per (sequence, kv-head) has no partials to merge, so it is chosen when
-    it is already perfectly balanced: every segment has the same number of tiles and the
-    segment count is a multiple of the worker count. Otherwise lean, whose worker ranges differ
-    by at most one tile for any mix of lengths, at the cost of merging at most 2 W partials.
+    It predicts every schedule (lean, split with 1..64 chunks) from the machine's roofline: the
+    KV bytes over the read bandwidth, or the busiest worker's bytes over what one worker can
+    stream (``roofline probe`` measures both; without a cached profile each worker is assumed
+    to stream an equal share), plus merge and per-piece costs. Returns the ``Advice``
+    (``.choice`` = ``{"method", "num_splits"}``, ``.reason`` says why).
     """
-    a = _lens(seqlens)
-    tiles = -(-a // tile)
-    nseg = a.size * num_kv_heads
-    if (tiles == tiles[0]).all() and nseg % num_workers == 0:
-        return "split"
-    return "lean"
+    from roofline.advise import advise_decode_attention
+
+    hkv = int(num_kv_heads)
+    return advise_decode_attention(seqlens, int(num_heads or hkv), hkv, int(head_dim),
+                                   num_workers=int(num_workers), dtype_bytes=dtype_bytes,
+                                   tile=int(tile), machine=machine, device=device)
+
+
+def choose_method(seqlens, num_kv_heads: int, num_workers: int, tile: int = DEFAULT_TILE, **kw) -> str:
+    """The ``method="auto"`` rule: the method of :func:`advise_schedule` (keywords go to it).
+
+    In effect: split with one chunk per (sequence, kv-head) when that is already balanced over
+    the workers (nothing to merge); otherwise lean, whose worker ranges differ by at most one
+    tile for any mix of lengths, at the cost of merging at most 2 W partials.
+    """
+    return advise_schedule(_lens(seqlens), num_kv_heads, num_workers, tile, **kw).choice["method"]
 
 
 def plan_decode(seqlens, num_kv_heads: int, num_workers: int, method: str = "lean",
@@ -128,7 +141,7 @@ def plan_decode(seqlens, num_kv_heads: int, num_workers: int, method: str = "lea
     num_kv_heads : int, Hkv; segments are (b, h) in order s = b * Hkv + h
     num_workers : int, W: lean workers (CPU threads / CTAs / programs); for split, the number
         of threads the chunks are spread over (used by the heuristic and ``makespan_tiles``)
-    method : "lean", "split" or "auto" (see ``choose_method``)
+    method : "lean", "split" or "auto" (see ``advise_schedule``)
     tile : tokens per KV tile
     num_splits : chunks per segment for "split" (None: ``default_num_splits``)
 
@@ -145,7 +158,9 @@ def plan_decode(seqlens, num_kv_heads: int, num_workers: int, method: str = "lea
     if num_splits is not None and (not isinstance(num_splits, (int, np.integer)) or num_splits < 1):
         raise ValueError(f"num_splits: expected None or an int >= 1, got {num_splits!r}")
     if method == "auto":
-        method = choose_method(a, num_kv_heads, num_workers, tile)
+        choice = advise_schedule(a, num_kv_heads, num_workers, tile).choice
+        method = choice["method"]
+        num_splits = choice["num_splits"] if method == "split" and num_splits is None else num_splits
     if method not in ("lean", "split"):
         raise ValueError(f"method: expected 'auto', 'lean' or 'split', got {method!r}")
     Hkv = int(num_kv_heads)

@@ -1,4 +1,4 @@
-"""``roofline``: measure this machine, or predict a model's decode/prefill time on a roofline.
+"""``roofline``: measure this machine, predict a model's decode/prefill time, write a report.
 
 Examples
 --------
@@ -7,6 +7,8 @@ Examples
     roofline probe --device cuda --no-cache       # GPU peaks, HBM and host links, re-measured
     roofline analyze --model config.json --batch 1 --context 50000 --device A100-80GB-SXM
     roofline analyze --model config.json --batch 8 --context 4096 --phase prefill --device this
+    roofline report --out reports/mine                                  # this machine, quick probe
+    roofline report --out r --results reports/host/report.json --model config.json --context 16384
 """
 
 from __future__ import annotations
@@ -46,6 +48,19 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"'this' (quick probe, cached) or one of {', '.join(HARDWARE)}")
     a.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     a.add_argument("--json", action="store_true", help="print ModelAnalysis.to_dict() as JSON")
+
+    r = sub.add_parser("report", help="write index.html, report.md and report.json: the machine, "
+                                      "measured rows on its roofline, advice, model predictions")
+    r.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    r.add_argument("--results", nargs="+", action="extend", default=[], metavar="JSON",
+                   help="measured rows: a bench report.json (python -m bench.report, "
+                        "pykernels-bench --json) or a JSON list of rows")
+    r.add_argument("--device", default="this",
+                   help=f"'this' (quick probe, cached) or one of {', '.join(HARDWARE)}")
+    r.add_argument("--model", metavar="CONFIG.json", help="HF config.json to predict and advise for")
+    r.add_argument("--batch", type=int, default=1)
+    r.add_argument("--context", type=int, default=16384)
+    r.add_argument("--threads", type=int, default=None, help="CPU workers the advice plans for")
     return ap
 
 
@@ -86,6 +101,71 @@ def _print_analysis(r: ModelAnalysis) -> None:
               f"{row['bytes'] / 1e6:>10.3f} {row['time_s'] * 1e6:>10.2f}  {row['bound']}")
 
 
+def _load_results(ap, paths: list[str]):
+    """Rows (or one bench report dict) from the --results files."""
+    loaded = []
+    for path in paths:
+        if not os.path.isfile(path):
+            ap.error(f"--results: {path!r} is not a file")
+        try:
+            with open(path) as fh:
+                loaded.append(json.load(fh))
+        except json.JSONDecodeError as exc:
+            ap.error(f"--results: {path!r} is not valid JSON: {exc}")
+    if len(loaded) == 1 and isinstance(loaded[0], dict) and "suites" in loaded[0]:
+        return loaded[0]
+    rows = []
+    for path, d in zip(paths, loaded):
+        if isinstance(d, dict) and isinstance(d.get("rows"), list):
+            rows += d["rows"]
+        elif isinstance(d, list):
+            rows += d
+        else:
+            ap.error(f"--results: {path!r} holds neither a list of rows nor a dict with 'rows'")
+    if any(not isinstance(r, dict) for r in rows):
+        ap.error("--results: every row must be a JSON object")
+    return rows
+
+
+def _report(ap, args) -> int:
+    from .advise import advise_decode_attention, advise_kv_format, advise_lut
+    from .report import report
+
+    results = _load_results(ap, args.results)
+    try:
+        machine = probe(quick=True) if args.device == "this" else args.device
+        recs, analyses = [], []
+        workers = args.threads or os.cpu_count() or 1
+        m = analyze = None
+        if args.model:
+            if not os.path.isfile(args.model):
+                ap.error(f"--model: {args.model!r} is not a file")
+            with open(args.model) as fh:
+                cfg = json.load(fh)
+            analyze = [analyze_model(cfg, batch=args.batch, context=args.context, kv_bits=kv,
+                                     machine=machine) for kv in (16, 4)]
+            analyses = [dict(a.to_dict(), model=os.path.basename(os.path.dirname(os.path.abspath(args.model)))
+                             or args.model) for a in analyze]
+            m = analyze[0]
+            hq, hkv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+            d = cfg.get("head_dim") or cfg["hidden_size"] // hq
+            recs.append(advise_decode_attention([args.context] * args.batch, hq, hkv, d,
+                                                num_workers=workers, machine=machine))
+            recs.append(advise_kv_format(args.context, hq, hkv, d, batch=args.batch,
+                                         num_layers=cfg["num_hidden_layers"], machine=machine))
+            recs.append(advise_lut(cfg["hidden_size"], cfg["intermediate_size"], M=args.batch, machine=machine))
+        paths = report(results, machine, args.out, recommendations=recs, analyses=analyses,
+                       notes=[f"Predicted for {args.model}: {m.tokens_per_s:.1f} tokens/s ({m.bound}-bound)"]
+                       if m else ())
+    except json.JSONDecodeError as exc:
+        ap.error(f"--model: {args.model!r} is not valid JSON: {exc}")
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        ap.error(str(exc))
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``roofline`` command; returns the exit status.
 
@@ -109,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _print_profile(m)
         return 0
+
+    if args.command == "report":
+        return _report(ap, args)
 
     if not os.path.isfile(args.model):
         ap.error(f"--model: {args.model!r} is not a file")

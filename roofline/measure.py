@@ -40,10 +40,10 @@ import torch
 from .hardware import MachineProfile
 from .probe import _resolve_threads, llc_bytes, machine_info, probe_memory_bandwidth
 
-__all__ = ["probe", "probe_disk", "gpu_identity", "cache_dir"]
+__all__ = ["probe", "probe_disk", "gpu_identity", "cache_dir", "cached_profile"]
 
 _MiB = 1 << 20
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: mem_bandwidth has read_1thread
 _DEVICES = ("cpu", "cuda")
 
 
@@ -223,6 +223,8 @@ def _measure_cpu(quick: bool, threads: int) -> tuple[dict, dict, float, list[str
     bw = {"read": stream["read_GB_s"] * 1e9,
           "copy": stream["copy_GB_s"] * 1e9,
           "triad": stream["triad_GB_s"] * 1e9}
+    if stream.get("read_1thread_GB_s"):  # one thread's read: the per-worker roof of roofline.advise
+        bw["read_1thread"] = stream["read_1thread_GB_s"] * 1e9
     notes.append(f"memory arrays {stream['size_bytes'] / _MiB:.0f} MiB each "
                  f"(LLC {llc / _MiB:.0f} MiB), median of {mreps}; read a.sum(), copy b.copy_(a) "
                  "(2 arrays), triad a=b+s*c (3 arrays)")
@@ -481,3 +483,25 @@ def probe(device: str = "cpu", quick: bool = False, disk_dirs=(), cache: bool = 
     if cache:
         _write_cache(path, profile)
     return profile
+
+
+def cached_profile(device: str = "cpu", quick: bool | None = None,
+                   threads: int | None = None) -> MachineProfile | None:
+    """The profile :func:`probe` cached for this machine, or None; never measures.
+
+    ``quick=None`` takes the full probe's profile when there is one, else the quick one. Only
+    profiles without disk directories are looked up. This is what ``method="auto"`` consults
+    (a decode call must not start a probe).
+    """
+    if device not in _DEVICES:
+        raise ValueError(f"device: expected one of {list(_DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        return None
+    threads = _resolve_threads(threads)
+    ident = _identity(device)
+    for q in ((False, True) if quick is None else (bool(quick),)):
+        prof = _read_cache(_cache_path(ident, device, q, (), threads))
+        if prof is not None:
+            return prof
+    return None
+

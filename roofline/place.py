@@ -21,7 +21,24 @@ from dataclasses import asdict, dataclass
 from .cost import Cost
 from .hardware import MachineProfile, get_machine
 
-__all__ = ["Point", "place", "roofline_time"]
+__all__ = ["Point", "place", "roofline_time", "roof_dtype"]
+
+
+def roof_dtype(dtype: str, machine: str | MachineProfile) -> str:
+    """The compute roof a run in ``dtype`` is placed under: its own peak, else (fp16 on a CPU
+    without a native fp16 GEMM, where a probe lists no fp16 peak) the bf16 roof, the other
+    16-bit rate; any other missing dtype is returned as is (``place`` then names the known ones).
+
+    Example
+    -------
+    >>> from roofline.hardware import MachineProfile
+    >>> roof_dtype("fp16", MachineProfile("cpu", {"bf16": 1e12}, {"read": 1e10}))
+    'bf16'
+    """
+    peaks = get_machine(machine).peak_flops
+    if dtype not in peaks and dtype == "fp16" and "bf16" in peaks:
+        return "bf16"
+    return dtype
 
 
 def roofline_time(cost: Cost, machine: str | MachineProfile,

@@ -47,3 +47,15 @@ def roofline_cache_home(tmp_path_factory):
         home = tmp_path_factory.mktemp("xdg")
         mp.setenv("XDG_CACHE_HOME", str(home))
         yield home
+
+
+@pytest.fixture
+def no_full_size_suites(monkeypatch):
+    """Empty the suite lists of bench.report whose shapes are full size and not chosen by the
+    test (the probe check and the advisor sweeps; tests/test_probe_check.py and
+    tests/test_bench_advisor.py run them on small shapes)."""
+    from bench import advisor, probe_check
+
+    monkeypatch.setattr(advisor, "SUITES", [])
+    monkeypatch.setattr(probe_check, "SUITES", [])
+

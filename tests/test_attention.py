@@ -203,10 +203,22 @@ def test_plan_lean_balances_imbalanced_batch():
     assert "lean" in repr(lean)
 
 
-def test_auto_rule():
-    assert pk.plan_decode([4096] * 4, 2, 2, method="auto").method == "split"
+def test_auto_rule(monkeypatch):
+    """method="auto" is the roofline advisor's schedule (tests/test_roofline_advise.py has the
+    model): balanced, with nothing to merge, or balanced by lean for mixed lengths. Without a
+    cached machine profile (made so here: the choice must not depend on this machine's probe),
+    each worker is modelled as streaming an equal share of the bandwidth."""
+    import roofline.advise
+
+    monkeypatch.setattr(roofline.advise, "_DEFAULT", {"cpu": None})
+    monkeypatch.setattr(roofline.advise, "_CACHE", type(roofline.advise._CACHE)())
+    p = pk.plan_decode([4096] * 4, 2, 2, method="auto")
+    assert p.makespan_tiles() == 4 * 64 * 2 // 2 and p.num_partials == 0
     assert pk.plan_decode([4096, 100], 1, 2, method="auto").method == "lean"
-    assert pk.plan_decode([4096], 1, 2, method="auto").method == "lean"
+    p = pk.plan_decode([4096], 1, 2, method="auto")
+    assert p.method == "lean" and p.makespan_tiles() == 32 and p.num_partials == 2
+    p = pk.plan_decode([4096, 4096, 4096], 1, 2, method="auto")  # 3 segments on 2 workers
+    assert p.makespan_tiles() == math.ceil(3 * 64 / 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,11 @@ from bench import kvquant as KV
 from bench import lut as LU
 from bench import roof
 
+
+# run_report() here runs only the suites a test sets (see conftest.no_full_size_suites)
+pytestmark = pytest.mark.usefixtures("no_full_size_suites")
+
+
 BW = 10.0  # GB/s: the "run's probe figure" both % bw and the memory roof use
 PROBE = {"bandwidth_GB_s": BW, "read_GB_s": BW, "triad_GB_s": 9.0}
 

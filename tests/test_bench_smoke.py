@@ -15,6 +15,10 @@ from bench import kvquant as KV
 from bench import lut as LU
 from roofline import llc_bytes, machine_info, probe_memory_bandwidth
 
+
+# run_report() here runs only the suites a test sets (see conftest.no_full_size_suites)
+pytestmark = pytest.mark.usefixtures("no_full_size_suites")
+
 ROW_KEYS = {"suite", "config", "label", "method", "backend", "median_ms", "p10_ms", "p90_ms",
             "min_ms", "max_ms", "repeats", "kv_bytes", "q_bytes", "out_bytes", "bytes", "GB_s",
             "pct_bw", "speedup", "threads", "torch_threads", "isa", "torch", "timestamp",

@@ -1,0 +1,151 @@
+"""roofline.advise: the advisor's model, its choices and its explanations.
+
+The decode-attention model is checked against the schedule the kernels really run
+(``pykernels.plan_decode``): the busiest worker's tiles and the partial count it predicts for
+lean and for split must be the plan's own.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+import pykernels as pk
+from roofline import MachineProfile
+from roofline.advise import (Advice, _lean_makespan, _split_makespan, advise_decode_attention,
+                             advise_kv_format, advise_lut, advise_placement)
+
+CPU = MachineProfile("cpu2", {"bf16": 8e11, "int8": 1.7e12, "fp32": 2e11},
+                     {"read": 4e10, "copy": 4e10, "triad": 4e10, "read_1thread": 2.7e10},
+                     mem_capacity=24 * 2**30, source="measured")
+SATURATING = MachineProfile("one-core-saturates", {"bf16": 8e11},
+                            {"read": 4e10, "copy": 4e10, "triad": 4e10, "read_1thread": 4e10})
+LLAMA8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256)
+
+
+@pytest.mark.parametrize("lens,hkv,W", [([32768, 1024, 512], 1, 2), ([4096] * 4, 2, 2), ([4096, 100], 1, 2),
+                                        ([5, 7000, 64, 129, 3000], 2, 3), ([1], 1, 4), ([640] * 3, 1, 16)])
+def test_makespan_and_partials_match_the_plans(lens, hkv, W):
+    tiles = np.repeat(-(-np.array(lens) // 64), hkv)
+    lean = pk.plan_decode(lens, hkv, W, method="lean")
+    busiest, _, partials = _lean_makespan(tiles, W)
+    assert busiest == lean.makespan_tiles() and partials == lean.num_partials
+    for S in (1, 2, 3, 8):
+        split = pk.plan_decode(lens, hkv, W, method="split", num_splits=S)
+        busiest, chunks, partials = _split_makespan(tiles, S, W)
+        assert busiest == split.makespan_tiles() and chunks == len(split.tasks)
+        assert partials == split.num_partials
+
+
+def test_decode_attention_choices_and_reasons():
+    # one long sequence of an MQA batch: unsplit leaves one worker 512 of 536 tiles
+    a = advise_decode_attention([32768, 1024, 512], 8, 1, 128, num_workers=2, machine=CPU)
+    assert isinstance(a, Advice) and a.choice == {"method": "lean", "num_splits": None}
+    assert "268 of 536" in a.reason and "512" in a.reason and a.reason.endswith("unsplit.")
+    unsplit = next(x for x in a.alternatives if x["choice"] == {"method": "split", "num_splits": 1})
+    # memory-bound with one core at 27 GB/s: the unsplit worker's 512 tiles at B1 vs 536 at B
+    tile = 64 * 128 * 2 * 2
+    assert unsplit["predicted_s"] == pytest.approx(512 * tile / 2.7e10 + 3 * 1.5e-6 / 2)
+    assert a.predicted_s < unsplit["predicted_s"] / 1.3
+    assert a.alternatives[0]["predicted_s"] == min(x["predicted_s"] for x in a.alternatives)
+    # balanced: lean's cut falls on segment boundaries, nothing to merge (the same balance as
+    # one chunk per segment; the tie goes to lean)
+    b = advise_decode_attention([4096] * 4, 32, 8, 128, num_workers=2, machine=CPU)
+    assert b.choice == {"method": "lean", "num_splits": None} and "0 partials" in b.reason
+    # one chunk per segment is balanced and lean would cut a segment: split, nothing to merge
+    e = advise_decode_attention([4096, 4032], 8, 1, 128, num_workers=2, machine=CPU)  # 64 + 63 tiles
+    assert e.choice == {"method": "split", "num_splits": 1} and "nothing to merge" in e.reason
+    # when one worker alone saturates memory, balancing gains nothing and unsplit is not worse
+    c = advise_decode_attention([32768, 1024, 512], 8, 1, 128, num_workers=2, machine=SATURATING)
+    assert c.choice == {"method": "split", "num_splits": 1}
+    # many workers, one sequence: splitting it is what flash-decoding is for
+    d = advise_decode_attention([16384], 8, 1, 128, num_workers=16, machine="H100-SXM", device="cuda")
+    assert d.choice["method"] == "lean" or d.choice["num_splits"] >= 16
+
+
+def test_decode_attention_relative_without_a_profile_and_cache():
+    a = advise_decode_attention([32768, 1024, 512], 8, 1, 128, num_workers=2,
+                                machine=MachineProfile("bw only", {}, {"read": 1e10}))
+    assert a.choice["method"] == "lean"  # B1 unknown: each worker streams B / W
+    again = advise_decode_attention([32768, 1024, 512], 8, 1, 128, num_workers=2,
+                                    machine=MachineProfile("bw only", {}, {"read": 1e10}))
+    assert again is a  # cached per (lengths in tiles, shape, machine)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(seqlens=[], num_heads=8, num_kv_heads=1, head_dim=128, num_workers=2), "seqlens"),
+    (dict(seqlens=[0, 4], num_heads=8, num_kv_heads=1, head_dim=128, num_workers=2), "seqlens"),
+    (dict(seqlens=[4], num_heads=8, num_kv_heads=3, head_dim=128, num_workers=2), "num_heads"),
+    (dict(seqlens=[4], num_heads=8, num_kv_heads=1, head_dim=128, num_workers=0), "num_workers"),
+    (dict(seqlens=[4], num_heads=8, num_kv_heads=1, head_dim=128, num_workers=2, device="tpu"), "device"),
+])
+def test_decode_attention_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        advise_decode_attention(machine=CPU, **kw)
+
+
+def test_auto_runs_the_advised_schedule():
+    """pk.plan_decode(method="auto") is the advisor's choice (its default machine)."""
+    lens = [32768, 1024, 512]
+    a = pk.plan.advise_schedule(lens, 1, 2, num_heads=1)
+    p = pk.plan_decode(lens, 1, 2, method="auto")
+    assert p.method == a.choice["method"]
+    if p.method == "split":
+        assert p.num_splits == a.choice["num_splits"]
+
+
+def test_kv_format():
+    a = advise_kv_format(16384, 32, 8, 128, machine=CPU)
+    assert a.choice == {"format": "int4"} and "int4" in a.reason
+    assert a.predicted_s == pytest.approx(16384 * 1280 / 4e10)
+    assert advise_kv_format(16384, 32, 8, 128, machine=CPU, min_quality="int8").choice == {"format": "int8"}
+    assert advise_kv_format(16384, 32, 8, 128, machine=CPU, min_quality="fp8").choice == {"format": "fp8"}
+    assert advise_kv_format(16384, 32, 8, 128, machine=CPU, min_quality="bf16").choice == {"format": "bf16"}
+    # measured times refine the model: a slow int4 kernel loses to fp8
+    m = advise_kv_format(16384, 32, 8, 128, machine=CPU, measured={"int8": 2e-3, "int4": 5e-3, "fp8": 1e-3})
+    assert m.choice == {"format": "fp8"} and "measured" in m.reason
+    # a budget excludes the big formats; nothing fitting is a clear error
+    b = advise_kv_format(16384, 32, 8, 128, machine=CPU, min_quality="int8", memory_budget=40 * 2**20,
+                         measured={"int8": 9.0, "bf16": 1e-3})  # bf16 would be faster, but is too big
+    assert b.choice == {"format": "int8"}
+    assert any("exceeds the budget" in x.get("excluded", "") for x in b.alternatives)
+    with pytest.raises(ValueError, match="memory_budget"):
+        advise_kv_format(16384, 32, 8, 128, machine=CPU, memory_budget=2**20)
+    with pytest.raises(ValueError, match="min_quality"):
+        advise_kv_format(16384, 32, 8, 128, machine=CPU, min_quality="int3")
+
+
+def test_lut():
+    a = advise_lut(4096, 14336, M=1, machine=CPU)
+    assert a.choice == {"bits": 4, "kernel": "lut_gemv"}
+    nbytes = 4096 * 14336 * 4 / 8 + 4 * 4096 * 14336 / 128
+    b = advise_lut(4096, 14336, M=1, machine=CPU, weight_budget=nbytes - 1)
+    assert b.choice["bits"] == 3  # 4-bit does not fit the budget
+    with pytest.raises(ValueError, match="weight_budget"):
+        advise_lut(4096, 14336, machine=CPU, weight_budget=1000)
+    # a machine without an int8 peak charges the lookups nothing: the LUT kernel is memory-bound
+    # and wins at any M here; with the int8 roof its time grows with M
+    t1 = advise_lut(4096, 14336, M=1, machine=CPU).predicted_s
+    t64 = advise_lut(4096, 14336, M=64, machine=CPU).predicted_s
+    assert t64 > 4 * t1
+    with pytest.raises(ValueError, match="bits"):
+        advise_lut(64, 64, bits=(5,), machine=CPU)
+
+
+def test_placement_honours_budgets():
+    a = advise_placement(LLAMA8B, batch=1, context=8192, machine="A100-40GB-SXM", device_budget=10 * 2**30)
+    w, kv = a.choice["weights"], a.choice["kv"]
+    assert math.isclose(sum(w.values()), 1.0) and math.isclose(sum(kv.values()), 1.0)
+    from roofline import analyze_model
+    full = analyze_model(LLAMA8B, batch=1, context=8192, machine="A100-40GB-SXM")
+    on_dev = w["gpu"] * full.weight_bytes + kv["gpu"] * full.kv_bytes_per_sequence
+    assert on_dev <= 10 * 2**30 * (1 + 1e-6)
+    assert a.predicted_s > full.time_s  # PCIe bounds what does not fit
+    assert "within 10.0 GiB" in a.reason
+    # everything fits: all on the device
+    b = advise_placement(LLAMA8B, batch=1, context=8192, machine="A100-80GB-SXM", device_budget=70 * 2**30)
+    assert b.choice["weights"]["gpu"] == 1.0 and b.predicted_s == pytest.approx(
+        analyze_model(LLAMA8B, batch=1, context=8192, machine="A100-80GB-SXM").time_s)
+    with pytest.raises(ValueError, match="device_budget"):
+        advise_placement(LLAMA8B, batch=1, context=8192, machine="A100-80GB-SXM", device_budget=0)
