@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections import OrderedDict
 
 import torch
 
@@ -186,6 +187,25 @@ def _accepts(q, k_cache):
     return accepts
 
 
+_AUTO_CACHE: "OrderedDict[tuple, dict]" = OrderedDict()
+
+
+def _auto_choice(lens, num_kv_heads, W, tile, q, dtype_bytes) -> dict:
+    """The advisor's {"method", "num_splits"}, memoised on the exact call shape (a decode loop
+    asks again every step; the lookup costs ~2 us, the advisor ~20 us)."""
+    raw = lens.numpy().tobytes() if isinstance(lens, torch.Tensor) else tuple(int(x) for x in lens)
+    key = (raw, int(num_kv_heads), W, tile, q.shape[1], q.shape[2], float(dtype_bytes), q.device.type)
+    hit = _AUTO_CACHE.get(key)
+    if hit is None:
+        hit = advise_schedule(lens, num_kv_heads, W, tile, num_heads=q.shape[1], head_dim=q.shape[2],
+                              dtype_bytes=dtype_bytes,
+                              device="cuda" if q.device.type == "cuda" else "cpu").choice
+        _AUTO_CACHE[key] = hit
+        if len(_AUTO_CACHE) > 4096:
+            _AUTO_CACHE.popitem(last=False)
+    return hit
+
+
 def _resolve_method(method, num_splits, lens_host, num_kv_heads, W, tile, q, dtype_bytes):
     """("lean" | "split", num_splits) for the kernels; ``lens_host()`` gives the lengths on the
     host and is called only when the choice depends on them. "auto" asks the roofline advisor
@@ -194,9 +214,7 @@ def _resolve_method(method, num_splits, lens_host, num_kv_heads, W, tile, q, dty
     if method == "auto" or (method == "split" and num_splits is None):
         lens = lens_host()
         if method == "auto":
-            choice = advise_schedule(lens, num_kv_heads, W, tile, num_heads=q.shape[1], head_dim=q.shape[2],
-                                     dtype_bytes=dtype_bytes,
-                                     device="cuda" if q.device.type == "cuda" else "cpu").choice
+            choice = _auto_choice(lens, num_kv_heads, W, tile, q, dtype_bytes)
             method = choice["method"]
             if method == "split" and num_splits is None:
                 num_splits = choice["num_splits"]
@@ -328,8 +346,7 @@ def decode_attention(q, k_cache, v_cache=None, seqlens=None, *, block_table=None
     method : "split" (flash-decoding: num_splits chunks per (sequence, kv-head), then merge),
         "lean" (stream-K: all KV tiles cut into equal contiguous ranges per worker), or "auto"
         (the roofline advisor, ``pykernels.plan.advise_schedule``: the schedule with the least
-        predicted time on this machine's measured roofs; in effect split with one chunk per
-        (sequence, kv-head) when that is already balanced, else lean).
+        predicted time on this machine's measured roofs, lean on a near tie).
     num_splits : chunks per (sequence, kv-head) for "split" (and for "auto" when it picks
         split); None picks the advisor's count under "auto", ``pykernels.plan.default_num_splits``
         under "split".

@@ -107,11 +107,11 @@ def advise_schedule(seqlens, num_kv_heads: int, num_workers: int, tile: int = DE
                     device: str = "cpu", machine=None):
     """The ``method="auto"`` choice: ``roofline.advise.advise_decode_attention``.
 
-    It predicts every schedule (lean, split with 1..64 chunks) from the machine's roofline: the
-    KV bytes over the read bandwidth, or the busiest worker's bytes over what one worker can
-    stream (``roofline probe`` measures both; without a cached profile each worker is assumed
-    to stream an equal share), plus merge and per-piece costs. Returns the ``Advice``
-    (``.choice`` = ``{"method", "num_splits"}``, ``.reason`` says why).
+    It predicts every schedule (lean, split with 1..64 chunks) from the machine's roofline (the
+    read bandwidth ``roofline probe`` measured and cached; relative figures without one): the
+    busiest worker's KV bytes over its share of the bandwidth, plus merge and per-piece costs,
+    and takes lean unless another schedule is predicted more than 2% faster. Returns the
+    ``Advice`` (``.choice`` = ``{"method", "num_splits"}``, ``.reason`` says why).
     """
     from roofline.advise import advise_decode_attention
 
@@ -124,9 +124,8 @@ def advise_schedule(seqlens, num_kv_heads: int, num_workers: int, tile: int = DE
 def choose_method(seqlens, num_kv_heads: int, num_workers: int, tile: int = DEFAULT_TILE, **kw) -> str:
     """The ``method="auto"`` rule: the method of :func:`advise_schedule` (keywords go to it).
 
-    In effect: split with one chunk per (sequence, kv-head) when that is already balanced over
-    the workers (nothing to merge); otherwise lean, whose worker ranges differ by at most one
-    tile for any mix of lengths, at the cost of merging at most 2 W partials.
+    In effect lean, whose worker ranges differ by at most one tile for any mix of lengths (at
+    the cost of merging at most 2 W partials), unless a split schedule is predicted faster.
     """
     return advise_schedule(_lens(seqlens), num_kv_heads, num_workers, tile, **kw).choice["method"]
 

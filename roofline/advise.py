@@ -5,11 +5,14 @@ predicted time of the choice and of every alternative it weighed.
 
 - :func:`advise_decode_attention`: ``method`` ("lean" or "split") and ``num_splits``. Time of a
   schedule = ``max(total KV bytes / B, busiest worker's bytes / B1) + merge bytes / B + per-piece
-  overhead``, with ``B`` the machine's read bandwidth and ``B1`` what one worker can stream
-  alone (``mem_bandwidth["read_1thread"]`` of a CPU probe; ``B / W`` when unknown, i.e. every
-  worker is needed to reach ``B``). The busiest worker of "split" is found by simulating the
+  overhead``, with ``B`` the machine's read bandwidth and ``B1`` what one worker streams while
+  others idle: ``B / W`` unless given (measured on the 2-core CPU this was built on, a decode-
+  attention worker is latency-bound and is no faster alone, although a bare read loop on one
+  thread reaches most of ``B``). The busiest worker of "split" is found by simulating the
   in-order claiming of chunks by ``W`` workers (what the CPU pool and a CUDA grid do); of "lean"
-  it is the ceiling of tiles / ``W``. ``pykernels`` ``method="auto"`` calls this.
+  it is the ceiling of tiles / ``W``. Among schedules predicted within 2% of the best, lean is
+  taken: at equal balance it measured up to 21% faster than one chunk per (sequence, kv-head)
+  on that CPU (``bench/advisor.py``, suite advisor-1). ``pykernels`` ``method="auto"`` calls this.
 - :func:`advise_kv_format`: the KV format (bf16, int8, fp8, int4, int2) with the least
   predicted attention time among those at or above a quality floor and within a memory budget.
 - :func:`advise_lut`: LUT-GEMV bits (the most bits whose weights fit a budget) and whether the
@@ -100,14 +103,12 @@ def default_machine(device: str = "cpu") -> MachineProfile | None:
     return _DEFAULT[device]
 
 
-def _bandwidths(machine, num_workers: int) -> tuple[float | None, float | None, str]:
-    """(B, B1, machine name): total read bandwidth and one worker's, None when unknown."""
+def _bandwidth(machine) -> tuple[float | None, str]:
+    """(read bandwidth or None when unknown, machine name)."""
     if machine is None:
-        return None, None, "no profile"
+        return None, "no profile"
     m = get_machine(machine)
-    B = m.mem_bandwidth.get("read")
-    B1 = m.mem_bandwidth.get("read_1thread")
-    return B, B1, m.name
+    return m.mem_bandwidth.get("read"), m.name
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,10 +133,12 @@ def _split_makespan(ntiles: np.ndarray, S: int, W: int) -> tuple[int, int, int]:
     partials = int(Se[Se > 1].sum())
     if W == 1:
         return int(ntiles.sum()), chunks, partials
+    biggest = int(np.max(-(-ntiles // Se)))
+    if chunks <= W:  # every chunk has a worker of its own
+        return biggest, chunks, partials
     if chunks > 128:  # too many to simulate on every call: the average load plus half of the
-        # biggest chunk (list scheduling ends within one chunk of the average)
-        biggest = int(np.max(-(-ntiles // Se)))
-        return int(math.ceil(ntiles.sum() / W + biggest / 2)), chunks, partials
+        # biggest chunk beyond one tile (list scheduling ends within one chunk of the average)
+        return max(biggest, int(math.ceil(ntiles.sum() / W + (biggest - 1) / 2))), chunks, partials
     heap = [0] * W
     for n, se in zip(ntiles.tolist(), Se.tolist()):
         for c in range(se):
@@ -164,7 +167,7 @@ _CACHE_SIZE = 2048
 
 def advise_decode_attention(seqlens, num_heads: int, num_kv_heads: int, head_dim: int, *,
                             num_workers: int, dtype_bytes: int = 2, tile: int = 64,
-                            machine=None, device: str = "cpu") -> Advice:
+                            machine=None, device: str = "cpu", worker_bw: float | None = None) -> Advice:
     """Choose ``method`` and ``num_splits`` for a decode-attention call.
 
     Parameters
@@ -181,14 +184,15 @@ def advise_decode_attention(seqlens, num_heads: int, num_kv_heads: int, head_dim
     machine : MachineProfile, HARDWARE name or None
         None: :func:`default_machine` (the cached probe), else the relative model below.
     device : "cpu" or "cuda"
+    worker_bw : float, optional
+        Bytes/s one worker streams while the others idle (default: its share, ``B / W``).
 
     Returns
     -------
     Advice with ``choice = {"method": "lean" | "split", "num_splits": int | None}``.
 
-    Without a bandwidth figure the prediction is relative: ``B = 1`` byte/s and ``B1 = B / W``
-    (every worker needed), which ranks the schedules the same way as any machine whose workers
-    each stream an equal share.
+    Without a bandwidth figure the prediction is relative (``B = 1`` byte/s), which ranks the
+    schedules as on any machine whose workers each stream an equal share.
     """
     a = _lens(seqlens)
     for name, v in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
@@ -203,7 +207,8 @@ def advise_decode_attention(seqlens, num_heads: int, num_kv_heads: int, head_dim
     if machine is None:
         machine = default_machine(device)
     W = int(num_workers)
-    B, B1, mname = _bandwidths(machine, W)
+    B, mname = _bandwidth(machine)
+    B1 = worker_bw
     tiles_seq = -(-a // tile)                # the schedules depend on lengths in tiles only
     key = (tiles_seq.tobytes() if a.size <= 256 else (a.size, int(tiles_seq.sum()), int(tiles_seq.max()),
                                                       int(tiles_seq.min())),
@@ -241,11 +246,10 @@ def advise_decode_attention(seqlens, num_heads: int, num_kv_heads: int, head_dim
         cands.append(({"method": "split", "num_splits": S},
                       predict(busiest_s, chunks, partials_s), partials_s, busiest_s))
     best_t = min(c[1] for c in cands)
-    # among the near-best: the fewest partials (least merge work), then lean (each worker walks
-    # one contiguous range; measured here up to ~8% faster than one split per head at equal
-    # balance, bench/advisor.py), then fewer splits
+    # among the near-best: lean (each worker walks one contiguous range; see the module notes),
+    # then the fewest partials (least merge work), then fewer splits
     near = [c for c in cands if c[1] <= best_t * (1 + TIE)]
-    pick = min(near, key=lambda c: (c[2], c[0]["method"] != "lean", c[0]["num_splits"] or 0))
+    pick = min(near, key=lambda c: (c[0]["method"] != "lean", c[2], c[0]["num_splits"] or 0))
     unsplit = next(c for c in cands if c[0].get("num_splits") == 1)
     if pick[0]["method"] == "lean":
         why = (f"lean gives each of {min(W, total)} workers {pick[3]} of {total} KV tiles "

@@ -132,34 +132,35 @@ def _report(ap, args) -> int:
     from .report import report
 
     results = _load_results(ap, args.results)
+    if args.model and not os.path.isfile(args.model):
+        ap.error(f"--model: {args.model!r} is not a file")
     try:
         machine = probe(quick=True) if args.device == "this" else args.device
-        recs, analyses = [], []
-        workers = args.threads or os.cpu_count() or 1
-        m = analyze = None
+        recs, analyses, notes = [], [], []
         if args.model:
-            if not os.path.isfile(args.model):
-                ap.error(f"--model: {args.model!r} is not a file")
             with open(args.model) as fh:
                 cfg = json.load(fh)
-            analyze = [analyze_model(cfg, batch=args.batch, context=args.context, kv_bits=kv,
-                                     machine=machine) for kv in (16, 4)]
-            analyses = [dict(a.to_dict(), model=os.path.basename(os.path.dirname(os.path.abspath(args.model)))
-                             or args.model) for a in analyze]
-            m = analyze[0]
-            hq, hkv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+            name = os.path.basename(os.path.dirname(os.path.abspath(args.model))) or args.model
+            for kv in (16, 4):
+                a = analyze_model(cfg, batch=args.batch, context=args.context, kv_bits=kv, machine=machine)
+                analyses.append(dict(a.to_dict(), model=name))
+            notes.append(f"Predicted for {args.model}: {analyses[0]['tokens_per_s']:.1f} tokens/s "
+                         f"({analyses[0]['bound']}-bound) with a bf16 KV cache")
+            hq = cfg["num_attention_heads"]
+            hkv = cfg.get("num_key_value_heads") or hq
             d = cfg.get("head_dim") or cfg["hidden_size"] // hq
             recs.append(advise_decode_attention([args.context] * args.batch, hq, hkv, d,
-                                                num_workers=workers, machine=machine))
+                                                num_workers=args.threads or os.cpu_count() or 1,
+                                                machine=machine))
             recs.append(advise_kv_format(args.context, hq, hkv, d, batch=args.batch,
                                          num_layers=cfg["num_hidden_layers"], machine=machine))
             recs.append(advise_lut(cfg["hidden_size"], cfg["intermediate_size"], M=args.batch, machine=machine))
-        paths = report(results, machine, args.out, recommendations=recs, analyses=analyses,
-                       notes=[f"Predicted for {args.model}: {m.tokens_per_s:.1f} tokens/s ({m.bound}-bound)"]
-                       if m else ())
+        paths = report(results, machine, args.out, recommendations=recs, analyses=analyses, notes=notes)
     except json.JSONDecodeError as exc:
         ap.error(f"--model: {args.model!r} is not valid JSON: {exc}")
-    except (ValueError, TypeError, KeyError, OSError) as exc:
+    except KeyError as exc:
+        ap.error(f"--model: {args.model!r} has no key {exc}")
+    except (ValueError, TypeError, OSError) as exc:
         ap.error(str(exc))
     for k, v in paths.items():
         print(f"{k}: {v}")

@@ -49,8 +49,8 @@ class MachineProfile:
         dtype name (``"fp32"``, ``"tf32"``, ``"fp16"``, ``"bf16"``, ``"int8"``, ``"fp8"``) -> FLOP/s
         (OP/s for int8).
     mem_bandwidth : dict[str, float]
-        ``{"read", "copy", "triad"}`` -> bytes/s; a CPU probe adds ``"read_1thread"`` (one
-        thread's read rate, the per-worker roof ``roofline.advise`` uses).
+        ``{"read", "copy", "triad"}`` -> bytes/s; a CPU probe adds ``"read_1thread"`` (what
+        one thread's bare read loop streams).
     mem_capacity : float or None
         Device memory in bytes; None when unknown.
     disk : dict[str, dict]

@@ -223,7 +223,7 @@ def _measure_cpu(quick: bool, threads: int) -> tuple[dict, dict, float, list[str
     bw = {"read": stream["read_GB_s"] * 1e9,
           "copy": stream["copy_GB_s"] * 1e9,
           "triad": stream["triad_GB_s"] * 1e9}
-    if stream.get("read_1thread_GB_s"):  # one thread's read: the per-worker roof of roofline.advise
+    if stream.get("read_1thread_GB_s"):  # one thread's read rate (a bare torch sum), for reports
         bw["read_1thread"] = stream["read_1thread_GB_s"] * 1e9
     notes.append(f"memory arrays {stream['size_bytes'] / _MiB:.0f} MiB each "
                  f"(LLC {llc / _MiB:.0f} MiB), median of {mreps}; read a.sum(), copy b.copy_(a) "

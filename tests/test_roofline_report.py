@@ -179,3 +179,40 @@ def test_page_renders_in_chromium(tmp_path):
     colour = sum(1 for y in range(0, h, 2) for x in range(0, w, 2)
                  if max(px[x, y]) - min(px[x, y]) > 80)
     assert colour > 2000, colour
+
+
+# --------------------------------------------------------------------------------------------
+# the CLI: roofline report --out DIR
+
+def test_cli_report(tmp_path, capsys):
+    from roofline.cli import main
+
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps({"rows": _rows()}))
+    cfg = tmp_path / "llama" / "config.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps(dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                   num_key_value_heads=8, intermediate_size=14336, vocab_size=128256)))
+    out = tmp_path / "rep"
+    assert main(["report", "--out", str(out), "--device", "A100-80GB-SXM", "--results", str(rows),
+                 "--model", str(cfg), "--context", "8192", "--threads", "4"]) == 0
+    assert str(out / "index.html") in capsys.readouterr().out
+    doc = json.load(open(out / "report.json"))
+    assert doc["machines"]["cpu"]["name"] == "A100-80GB-SXM" and len(doc["points"]) == 4
+    assert [r["topic"] for r in doc["recommendations"]] == ["decode_attention", "kv_format", "lut"]
+    assert [a["kv_bits"] for a in doc["analyses"]] == [16, 4] and doc["analyses"][0]["model"] == "llama"
+    assert "Predicted for" in doc["report_notes"][0]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--results", "/no/such.json"], "--results"),
+    (["--model", "/no/such/config.json"], "--model"),
+    (["--device", "no-such-gpu"], "machine"),
+])
+def test_cli_report_errors(tmp_path, capsys, args, match):
+    from roofline.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--out", str(tmp_path / "r")] + (args if "--device" in args
+                                                          else args + ["--device", "H100-SXM"]))
+    assert e.value.code == 2 and match in capsys.readouterr().err
