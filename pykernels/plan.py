@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import numpy as np
-import torch
+
+from roofline.advise import advise_decode_attention
+from roofline.advise import as_seqlens as _lens  # the one seqlens check of both packages
 
 DEFAULT_TILE = 64          # tokens per KV tile: the unit lean ranges are cut in
 MIN_SPLIT_TOKENS = 256     # split heuristic: no chunk shorter than this (merge cost > gain)
@@ -80,17 +82,6 @@ class DecodePlan:
                 f"partials={self.num_partials})")
 
 
-def _lens(seqlens) -> np.ndarray:
-    if isinstance(seqlens, torch.Tensor):
-        seqlens = seqlens.detach().cpu().numpy()
-    a = np.asarray(seqlens)
-    if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"seqlens: expected a non-empty 1-D integer sequence, got {a.dtype} shape {a.shape}")
-    if (a < 1).any():
-        raise ValueError(f"seqlens: every entry must be >= 1, got min {int(a.min())}")
-    return a.astype(np.int64)
-
-
 def default_num_splits(seqlens, num_kv_heads: int, num_workers: int) -> int:
     """Flash-decoding heuristic: enough chunks for ~4 per worker, none under 256 tokens.
 
@@ -113,8 +104,6 @@ def advise_schedule(seqlens, num_kv_heads: int, num_workers: int, tile: int = DE
     and takes lean unless another schedule is predicted more than 2% faster. Returns the
     ``Advice`` (``.choice`` = ``{"method", "num_splits"}``, ``.reason`` says why).
     """
-    from roofline.advise import advise_decode_attention
-
     hkv = int(num_kv_heads)
     return advise_decode_attention(seqlens, int(num_heads or hkv), hkv, int(head_dim),
                                    num_workers=int(num_workers), dtype_bytes=dtype_bytes,

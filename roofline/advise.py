@@ -43,7 +43,7 @@ from .cost import kv_bytes_per_token, lut_gemv_cost
 from .hardware import MachineProfile, get_machine
 from .place import roofline_time
 
-__all__ = ["Advice", "advise_decode_attention", "advise_kv_format", "advise_lut",
+__all__ = ["Advice", "as_seqlens", "advise_decode_attention", "advise_kv_format", "advise_lut",
            "advise_placement", "default_machine"]
 
 # per piece of work (claiming a task, setting up a (sequence, kv-head) range): measured order of
@@ -114,7 +114,9 @@ def _bandwidth(machine) -> tuple[float | None, str]:
 # --------------------------------------------------------------------------------------------
 # decode attention
 
-def _lens(seqlens) -> np.ndarray:
+def as_seqlens(seqlens) -> np.ndarray:
+    """Sequence lengths as a 1-D int64 array; ValueError naming ``seqlens`` unless non-empty,
+    integer and every entry >= 1 (a list, numpy array or tensor on any device)."""
     if hasattr(seqlens, "detach"):
         seqlens = seqlens.detach().cpu().numpy()
     a = np.asarray(seqlens)
@@ -194,7 +196,7 @@ def advise_decode_attention(seqlens, num_heads: int, num_kv_heads: int, head_dim
     Without a bandwidth figure the prediction is relative (``B = 1`` byte/s), which ranks the
     schedules as on any machine whose workers each stream an equal share.
     """
-    a = _lens(seqlens)
+    a = as_seqlens(seqlens)
     for name, v in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
                     ("head_dim", head_dim), ("num_workers", num_workers), ("tile", tile),
                     ("dtype_bytes", dtype_bytes)):
