@@ -62,6 +62,9 @@ class MachineProfile:
         ``"table"`` or ``"measured"``.
     notes : str
         Free text: assumptions, sources.
+    caches : dict[str, float]
+        Cache name (``"L1d"``, ``"L2"``, ``"L3"``) -> bytes per instance (a probe fills it;
+        empty for table entries).
 
     Example
     -------
@@ -78,6 +81,7 @@ class MachineProfile:
     links: dict[str, float] = field(default_factory=dict)
     source: str = "table"
     notes: str = ""
+    caches: dict[str, float] = field(default_factory=dict)
 
     def peak(self, dtype: str) -> float:
         """Peak FLOP/s for ``dtype``; ValueError naming the known dtypes if absent."""

@@ -38,12 +38,12 @@ import warnings
 import torch
 
 from .hardware import MachineProfile
-from .probe import _resolve_threads, llc_bytes, machine_info, probe_memory_bandwidth
+from .probe import _caches_sysfs, _resolve_threads, llc_bytes, machine_info, probe_memory_bandwidth
 
 __all__ = ["probe", "probe_disk", "gpu_identity", "cache_dir", "cached_profile"]
 
 _MiB = 1 << 20
-_CACHE_VERSION = 2  # 2: mem_bandwidth has read_1thread
+_CACHE_VERSION = 3  # 2: mem_bandwidth has read_1thread; 3: caches
 _DEVICES = ("cpu", "cuda")
 
 
@@ -409,7 +409,20 @@ def _measure(device: str, quick: bool, disk_dirs: tuple, threads: int) -> Machin
     notes.append(f"probe took {time.perf_counter() - t0:.1f} s")
     return MachineProfile(name=_identity(device), peak_flops=peaks, mem_bandwidth=bw,
                           mem_capacity=capacity, disk=disk, links=links, source="measured",
-                          notes="; ".join(notes))
+                          notes="; ".join(notes), caches=_cache_sizes(device))
+
+
+def _cache_sizes(device: str) -> dict[str, float]:
+    """CPU: data and unified caches from sysfs ("L1d", "L2", "L3": bytes per instance);
+    CUDA: the GPU's L2 (torch's device properties)."""
+    if device == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
+        return {"L2": float(l2)} if l2 else {}
+    out = {}
+    for c in _caches_sysfs():
+        if c["type"] in ("Data", "Unified") and c["bytes"]:
+            out[f"L{c['level']}{'d' if c['type'] == 'Data' else ''}"] = float(c["bytes"])
+    return out
 
 
 def probe(device: str = "cpu", quick: bool = False, disk_dirs=(), cache: bool = True,

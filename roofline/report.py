@@ -276,6 +276,8 @@ def _machine_rows(machine: MachineProfile) -> list[tuple[str, str, str]]:
     rows += [(f"memory {k}", _fmt_rate(v, "B/s"), src) for k, v in machine.mem_bandwidth.items()]
     if machine.mem_capacity:
         rows.append(("memory capacity", f"{machine.mem_capacity / 2**30:.1f} GiB", src))
+    rows += [(f"cache {k}", f"{v / 2**10:.0f} KiB" if v < 2**20 else f"{v / 2**20:.0f} MiB", src)
+             for k, v in machine.caches.items()]
     for path, d in machine.disk.items():
         rows += [(f"disk {k} {path}", _fmt_rate(v, "B/s"), src) for k, v in d.items()]
     rows += [(f"link {k}", _fmt_rate(v, "B/s"), src) for k, v in machine.links.items()]

@@ -48,6 +48,9 @@ def test_quick_cpu_probe_sanity(quick, cache_home):
     assert all(v > 0 and math.isfinite(v) for v in bw.values())
     assert bw["read"] >= bw["copy"] / 2
     assert quick.mem_capacity > 1 << 30
+    if os.path.isdir("/sys/devices/system/cpu/cpu0/cache"):  # Linux: cache sizes from sysfs
+        assert quick.caches and all(v > 0 for v in quick.caches.values())
+        assert max(quick.caches.values()) == roofline.llc_bytes()
     assert quick.links == {} and quick.disk == {}
     assert f"{torch.get_num_threads()} threads" in quick.notes
     assert isinstance(quick.name, str) and "host-" in quick.name
