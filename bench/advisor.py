@@ -7,10 +7,12 @@ is measured in one interleaved run (cold caches, median of repeats: ``bench.atte
 over the shapes >= 0.95 ("within 5% of the best configuration found by exhaustive sweep").
 
 - Decode attention: ``method="lean"`` and ``method="split", num_splits=S`` for S in 1..32; the
-  pick is ``pykernels.plan.advise_schedule`` on the run's machine (its read bandwidth and
-  one-thread read bandwidth from this run's probe): the schedule ``method="auto"`` runs. The
-  ``auto`` row itself (what ``pk.decode_attention(method="auto")`` does, advising with the
-  machine profile ``roofline probe`` cached) is timed too, for information.
+  pick is ``pykernels.plan.advise_schedule`` on the run's machine (its read bandwidth from this
+  run's probe), the model alone (``autotune=False``). The ``auto`` row itself (what
+  ``pk.decode_attention(method="auto")`` does: the model on the profile ``roofline probe`` cached,
+  or a measured result recorded earlier for the shape bucket) is timed too, for information.
+  The sweep's timings are then recorded as autotune results (``roofline.autotune``) unless the
+  context's ``record_autotune`` is False.
 - LUT-GEMV: 4-bit g128 weights, ``lut4`` (``pk.lut_gemv``) vs ``dequant4`` (unpack to bf16 then
   ``F.linear``) at M = 1, 16 and 64 rows; the pick is ``roofline.advise.advise_lut``.
 """
@@ -21,7 +23,9 @@ import numpy as np
 
 from pykernels.attention import _cpu_threads
 from pykernels.plan import DEFAULT_TILE, advise_schedule
-from roofline.advise import advise_kv_format, advise_lut, advise_placement
+from roofline import autotune
+from roofline.advise import advise_kv_format, advise_lut, advise_placement, schedule_label
+from roofline.autotune import decode_bucket
 
 from .attention import AttnConfig, _run_config, _target, busy_note
 from .lut import DOWN_PROJ, _run, dequant, lut
@@ -43,10 +47,6 @@ def attention_cases(quick: bool) -> list[AttnConfig]:
         cases += [AttnConfig(4, 32, 8, 128, [4096] * 4, "bf16"),
                   AttnConfig(1, 32, 8, 128, [1024], "bf16")]
     return cases
-
-
-def _pick_method(choice: dict) -> str:
-    return "lean" if choice["method"] == "lean" else f"split{choice['num_splits']}"
 
 
 def _compare(rows, pick_name, label):
@@ -73,14 +73,17 @@ def _summary(cmp: list[dict], what: str, rows) -> tuple[list, list[str]]:
 
 def suite_advisor_attention(ctx) -> dict:
     """Decode attention: advisor's (method, num_splits) vs every schedule, measured together."""
-    rows, cmp, reasons = [], [], []
+    rows, cmp, reasons, recorded = [], [], [], []
     threads = _cpu_threads()  # the CPU backend's worker count: what method="auto" plans for
     for cfg in attention_cases(ctx.quick):
         tiles = -(-max(cfg.seqlens) // DEFAULT_TILE)
         splits = [S for S in SPLITS if S == 1 or S <= tiles]
+        # the model's pick (not an earlier run's measurement: that would compare the sweep
+        # with itself)
         adv = advise_schedule(cfg.seqlens, cfg.heads_kv, threads, num_heads=cfg.heads_q,
-                              head_dim=cfg.head_dim, dtype_bytes=cfg.elt_size, machine=ctx.machine)
-        pick = _pick_method(adv.choice)
+                              head_dim=cfg.head_dim, dtype_bytes=cfg.elt_size, machine=ctx.machine,
+                              autotune=False)
+        pick = schedule_label(adv.choice)
         methods = ["lean"] + [f"split{S}" for S in splits] + ["auto"]
         rs = _run_config(ctx, "advisor-1", cfg, tuple(methods), check=False,
                          repeats=max(7, ctx.repeats // 2))
@@ -89,12 +92,23 @@ def suite_advisor_attention(ctx) -> dict:
         rows += rs
         cmp.append(_compare(rs, pick, cfg.label()))
         reasons.append(f"{cfg.label()}: {adv.reason}")
+        if ctx.record_autotune:
+            timed = {r["method"]: r["median_ms"] / 1e3 for r in rs if "median_ms" in r and r["method"] != "auto"}
+            if timed:
+                bucket = decode_bucket(cfg.seqlens, cfg.heads_q, cfg.heads_kv, cfg.head_dim, cfg.elt_size,
+                                       threads, "cpu" if ctx.device == "cpu" else "cuda")
+                autotune.record("decode_attention", bucket, timed, note=f"bench advisor-1, {cfg.label()}")
+                recorded.append(bucket)
     targets, notes = _summary(cmp, "decode attention", rows)
     notes.append(f"Schedules: lean and split with S in {', '.join(map(str, SPLITS))} chunks per "
                  f"(sequence, kv-head) (S up to the tiles of the longest sequence), {threads} threads, "
                  "all timed in one interleaved run per shape; the advisor's pick is the row with "
                  "advisor_pick = true.")
     notes += [f"Advisor: {r}" for r in reasons]
+    if recorded:
+        notes.append(f"Recorded as measured autotune results ({autotune.path()}), which method='auto' "
+                     f"prefers from now on for these {len(recorded)} shape buckets; the 'auto' rows above "
+                     "ran with what was recorded before this run.")
     return {"rows": rows, "targets": targets, "notes": notes}
 
 

@@ -459,6 +459,7 @@ class BenchContext:
     wait_quiet_s: float = 0.0    # per configuration, wait for other processes to go idle
     probe: dict | None = None    # the probe_memory_bandwidth() result, for roofline notes
     machine: object = None       # roofline.MachineProfile of the run (bench.roof): roofline columns
+    record_autotune: bool = True  # bench.advisor: store the sweeps' timings (roofline.autotune)
     log: object = print
     extra: dict = field(default_factory=dict)
 

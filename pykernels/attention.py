@@ -12,6 +12,8 @@ from collections import OrderedDict
 
 import torch
 
+from roofline import autotune as _autotune
+
 from . import backends
 from .kv_cache import QuantizedKVCache
 from .plan import DEFAULT_TILE, advise_schedule, default_num_splits
@@ -194,7 +196,8 @@ def _auto_choice(lens, num_kv_heads, W, tile, q, dtype_bytes) -> dict:
     """The advisor's {"method", "num_splits"}, memoised on the exact call shape (a decode loop
     asks again every step; the lookup costs ~2 us, the advisor ~20 us)."""
     raw = lens.numpy().tobytes() if isinstance(lens, torch.Tensor) else tuple(int(x) for x in lens)
-    key = (raw, int(num_kv_heads), W, tile, q.shape[1], q.shape[2], float(dtype_bytes), q.device.type)
+    key = (raw, int(num_kv_heads), W, tile, q.shape[1], q.shape[2], float(dtype_bytes), q.device.type,
+           _autotune.generation())
     hit = _AUTO_CACHE.get(key)
     if hit is None:
         hit = advise_schedule(lens, num_kv_heads, W, tile, num_heads=q.shape[1], head_dim=q.shape[2],

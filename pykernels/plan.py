@@ -95,19 +95,21 @@ def default_num_splits(seqlens, num_kv_heads: int, num_workers: int) -> int:
 
 def advise_schedule(seqlens, num_kv_heads: int, num_workers: int, tile: int = DEFAULT_TILE, *,
                     num_heads: Optional[int] = None, head_dim: int = 128, dtype_bytes: float = 2,
-                    device: str = "cpu", machine=None):
+                    device: str = "cpu", machine=None, autotune: bool = True):
     """The ``method="auto"`` choice: ``roofline.advise.advise_decode_attention``.
 
     It predicts every schedule (lean, split with 1..64 chunks) from the machine's roofline (the
     read bandwidth ``roofline probe`` measured and cached; relative figures without one): the
     busiest worker's KV bytes over its share of the bandwidth, plus merge and per-piece costs,
-    and takes lean unless another schedule is predicted more than 2% faster. Returns the
-    ``Advice`` (``.choice`` = ``{"method", "num_splits"}``, ``.reason`` says why).
+    and takes lean unless another schedule is predicted more than 2% faster; a schedule measured
+    fastest on this machine for the call's shape bucket (``roofline.autotune``; ``autotune=False``
+    or ``PYKERNELS_AUTOTUNE=0`` ignores them) wins over the model. Returns the ``Advice``
+    (``.choice`` = ``{"method", "num_splits"}``, ``.reason`` says why, ``.source``).
     """
     hkv = int(num_kv_heads)
     return advise_decode_attention(seqlens, int(num_heads or hkv), hkv, int(head_dim),
                                    num_workers=int(num_workers), dtype_bytes=dtype_bytes,
-                                   tile=int(tile), machine=machine, device=device)
+                                   tile=int(tile), machine=machine, device=device, autotune=autotune)
 
 
 def choose_method(seqlens, num_kv_heads: int, num_workers: int, tile: int = DEFAULT_TILE, **kw) -> str:

@@ -39,11 +39,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from . import autotune as _autotune
 from .cost import kv_bytes_per_token, lut_gemv_cost
 from .hardware import MachineProfile, get_machine
 from .place import roofline_time
 
-__all__ = ["Advice", "as_seqlens", "advise_decode_attention", "advise_kv_format", "advise_lut",
+__all__ = ["Advice", "as_seqlens", "schedule_label", "advise_decode_attention", "advise_kv_format", "advise_lut",
            "advise_placement", "default_machine"]
 
 # per piece of work (claiming a task, setting up a (sequence, kv-head) range): measured order of
@@ -72,6 +73,9 @@ class Advice:
         reason where one was ruled out), best first.
     machine : str
         The machine the prediction is for.
+    source : str
+        ``"model"`` (the roofline model chose) or ``"measured"`` (a recorded autotune result
+        for this machine and shape bucket chose, see ``roofline.autotune``).
     """
 
     topic: str
@@ -80,6 +84,7 @@ class Advice:
     predicted_s: float | None
     alternatives: list = field(default_factory=list)
     machine: str = ""
+    source: str = "model"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,7 +174,8 @@ _CACHE_SIZE = 2048
 
 def advise_decode_attention(seqlens, num_heads: int, num_kv_heads: int, head_dim: int, *,
                             num_workers: int, dtype_bytes: int = 2, tile: int = 64,
-                            machine=None, device: str = "cpu", worker_bw: float | None = None) -> Advice:
+                            machine=None, device: str = "cpu", worker_bw: float | None = None,
+                            autotune: bool = True) -> Advice:
     """Choose ``method`` and ``num_splits`` for a decode-attention call.
 
     Parameters
@@ -188,6 +194,9 @@ def advise_decode_attention(seqlens, num_heads: int, num_kv_heads: int, head_dim
     device : "cpu" or "cuda"
     worker_bw : float, optional
         Bytes/s one worker streams while the others idle (default: its share, ``B / W``).
+    autotune : bool
+        Prefer the fastest schedule measured on this machine for this shape bucket, when
+        ``roofline.autotune`` has one (``bench/advisor.py`` records them); False: the model only.
 
     Returns
     -------
@@ -214,7 +223,8 @@ def advise_decode_attention(seqlens, num_heads: int, num_kv_heads: int, head_dim
     tiles_seq = -(-a // tile)                # the schedules depend on lengths in tiles only
     key = (tiles_seq.tobytes() if a.size <= 256 else (a.size, int(tiles_seq.sum()), int(tiles_seq.max()),
                                                       int(tiles_seq.min())),
-           num_heads, num_kv_heads, head_dim, W, dtype_bytes, tile, device, mname, B, B1)
+           num_heads, num_kv_heads, head_dim, W, dtype_bytes, tile, device, mname, B, B1,
+           bool(autotune) and _autotune.enabled(), _autotune.generation())
     hit = _CACHE.get(key)
     if hit is not None:
         _CACHE.move_to_end(key)
@@ -268,10 +278,55 @@ def advise_decode_attention(seqlens, num_heads: int, num_kv_heads: int, head_dim
     alts = [{"choice": c[0], "predicted_s": c[1], "partials": c[2], "busiest_tiles": c[3]}
             for c in sorted(cands, key=lambda c: c[1])]
     adv = Advice("decode_attention", dict(pick[0]), reason, None if relative else pick[1], alts, mname)
+    if autotune:
+        measured = _measured_schedule(a, num_heads, num_kv_heads, head_dim, dtype_bytes, W, device, tile,
+                                      cands, pick, relative)
+        if measured is not None:
+            adv.choice, adv.reason, adv.predicted_s, timings = measured
+            adv.source = "measured"
+            for alt in adv.alternatives:
+                alt["measured_s"] = timings.get(schedule_label(alt["choice"]))
     _CACHE[key] = adv
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return adv
+
+
+def schedule_label(choice: dict) -> str:
+    """``"lean"`` or ``"split<S>"``: the label autotune results are recorded under."""
+    return "lean" if choice["method"] == "lean" else f"split{choice['num_splits']}"
+
+
+def _parse_label(label: str) -> dict | None:
+    if label == "lean":
+        return {"method": "lean", "num_splits": None}
+    if label.startswith("split") and label[5:].isdigit() and int(label[5:]) >= 1:
+        return {"method": "split", "num_splits": int(label[5:])}
+    return None
+
+
+def _measured_schedule(a, num_heads, num_kv_heads, head_dim, dtype_bytes, W, device, tile, cands, pick,
+                       relative):
+    """(choice, reason, predicted_s, timings) from the autotune cache, or None."""
+    try:
+        bucket = _autotune.decode_bucket(a.tolist(), num_heads, num_kv_heads, head_dim, dtype_bytes, W,
+                                         device, tile)
+        entry = _autotune.lookup("decode_attention", bucket, device)
+    except Exception:  # an unreadable cache or machine identity: the model's choice stands
+        return None
+    if entry is None:
+        return None
+    choice = _parse_label(entry["best"])
+    if choice is None:
+        return None
+    model = next((c for c in cands if c[0] == choice), None)
+    t = entry["timings"]
+    others = sorted((v, k) for k, v in t.items() if k != entry["best"])
+    reason = (f"measured on this machine for shapes like this ({bucket}, {entry.get('recorded', '?')}): "
+              f"{entry['best']} {t[entry['best']] * 1e3:.3f} ms, fastest of {len(t)} schedules timed"
+              + (f" (next {others[0][1]} {others[0][0] * 1e3:.3f} ms)" if others else "")
+              + f"; the model alone would take {schedule_label(pick[0])}.")
+    return choice, reason, None if (model is None or relative) else model[1], t
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,14 +32,27 @@ def _check(res, pick_count):
         assert t["status"] == "PASS"
     else:
         assert t["status"].startswith("MISS")
-    assert all(n.startswith(("Advisor:", "Schedules:")) or "ratio" in n for n in res["notes"])
+    assert all(n.startswith(("Advisor:", "Schedules:", "Recorded as")) or "ratio" in n for n in res["notes"])
 
 
-def test_attention_suite(monkeypatch):
+def test_attention_suite(monkeypatch, tmp_path):
+    from roofline import autotune
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the sweep's timings are recorded there
+    monkeypatch.setattr(autotune, "_MEMO", {})
     cases = [A.AttnConfig(3, 4, 1, 16, [700, 64, 30], "fp32"), A.AttnConfig(2, 4, 2, 16, [256, 256], "fp32")]
     monkeypatch.setattr(AD, "attention_cases", lambda quick: cases)
     res = AD.suite_advisor_attention(_ctx())
     _check(res, 2)
+    # every configuration's timings are recorded as autotune results for its shape bucket
+    monkeypatch.setenv("PYKERNELS_AUTOTUNE", "1")
+    for cfg in cases:
+        b = autotune.decode_bucket(cfg.seqlens, cfg.heads_q, cfg.heads_kv, cfg.head_dim, cfg.elt_size,
+                                   res["rows"][0]["threads"], "cpu")
+        e = autotune.lookup("decode_attention", b)
+        timed = {r["method"]: r["median_ms"] / 1e3 for r in res["rows"]
+                 if r["label"] == cfg.label() and r["method"] != "auto"}
+        assert e["timings"] == pytest.approx(timed) and e["best"] == min(timed, key=timed.get)
     methods = {r["method"] for r in res["rows"] if r["label"] == cases[0].label()}
     # lean, split S up to the 11 tiles of the longest sequence, and auto itself
     assert methods == {"lean", "split1", "split2", "split4", "split8", "auto"}

@@ -6,6 +6,7 @@ lean and for split must be the plan's own.
 """
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -156,3 +157,70 @@ def test_placement_honours_budgets():
         analyze_model(LLAMA8B, batch=1, context=8192, machine="A100-80GB-SXM").time_s)
     with pytest.raises(ValueError, match="device_budget"):
         advise_placement(LLAMA8B, batch=1, context=8192, machine="A100-80GB-SXM", device_budget=0)
+
+
+# --------------------------------------------------------------------------------------------
+# measured autotune results (roofline.autotune) refine the model
+
+@pytest.fixture
+def autotune_home(tmp_path, monkeypatch):
+    from roofline import autotune
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("PYKERNELS_AUTOTUNE", "1")
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    return autotune
+
+
+def test_decode_bucket():
+    from roofline.autotune import decode_bucket
+
+    assert decode_bucket([4096] * 4, 32, 8, 128, 2, 2, "cpu") == "Hq32-Hkv8-D128-e2-W2-cpu-B4-T64-imb1"
+    assert decode_bucket([4000] * 3, 32, 8, 128, 2, 2, "cpu") == decode_bucket([3000] * 4, 32, 8, 128, 2, 2, "cpu")
+    assert decode_bucket([32768, 1024, 512], 8, 1, 128, 2, 2, "cpu").endswith("imb4")
+    assert decode_bucket([100000] + [1] * 40, 8, 1, 128, 2, 2, "cpu").endswith("imb8")
+    with pytest.raises(ValueError, match="seqlens"):
+        decode_bucket([0, 5], 8, 1, 128, 2, 2, "cpu")
+
+
+def test_record_and_lookup(autotune_home, tmp_path, monkeypatch):
+    at = autotune_home
+    assert at.lookup("decode_attention", "b1") is None
+    e = at.record("decode_attention", "b1", {"lean": 2e-3, "split4": 1e-3, "split1": float("nan")})
+    assert e["best"] == "split4" and set(e["timings"]) == {"lean", "split4"}
+    at.record("decode_attention", "b2", {"lean": 1e-3})
+    monkeypatch.setattr(at, "_MEMO", {})  # a new process reads the file
+    assert at.lookup("decode_attention", "b1")["best"] == "split4"
+    assert at.lookup("decode_attention", "b2")["best"] == "lean"
+    files = os.listdir(os.path.dirname(at.path()))
+    assert files == [os.path.basename(at.path())]  # no temporary file left
+    monkeypatch.setenv("PYKERNELS_AUTOTUNE", "0")
+    assert at.lookup("decode_attention", "b1") is None
+    with pytest.raises(ValueError, match="timings"):
+        at.record("decode_attention", "b3", {"lean": 0.0})
+    open(at.path(), "w").write("{not json")
+    monkeypatch.setattr(at, "_MEMO", {})
+    monkeypatch.setenv("PYKERNELS_AUTOTUNE", "1")
+    assert at.lookup("decode_attention", "b1") is None  # a corrupt file is no result, not a crash
+
+
+def test_measured_result_wins_over_the_model(autotune_home):
+    at = autotune_home
+    lens = [32768, 1024, 512]
+    model = advise_decode_attention(lens, 8, 1, 128, num_workers=2, machine=CPU)
+    assert model.choice["method"] == "lean" and model.source == "model"
+    at.record("decode_attention", at.decode_bucket(lens, 8, 1, 128, 2, 2, "cpu"),
+              {"lean": 2e-3, "split4": 1e-3})
+    m = advise_decode_attention(lens, 8, 1, 128, num_workers=2, machine=CPU)
+    assert m.choice == {"method": "split", "num_splits": 4} and m.source == "measured"
+    assert "measured on this machine" in m.reason and "the model alone would take lean" in m.reason
+    assert {a["measured_s"] for a in m.alternatives if a["measured_s"]} == {2e-3, 1e-3}
+    # the same bucket: another batch of similar shape follows the measurement too
+    assert advise_decode_attention([30000, 1000, 600], 8, 1, 128, num_workers=2, machine=CPU).source == "measured"
+    assert advise_decode_attention(lens, 8, 1, 128, num_workers=2, machine=CPU, autotune=False).choice == model.choice
+    # pykernels' method="auto" follows it
+    assert pk.plan_decode(lens, 1, 2, method="auto").method == "lean"  # Hq=1: another bucket
+    from pykernels.attention import _auto_choice
+    import torch
+    q = torch.zeros(3, 8, 128, dtype=torch.bfloat16)
+    assert _auto_choice(torch.tensor(lens, dtype=torch.int32), 1, 2, 64, q, 2) == {"method": "split", "num_splits": 4}
