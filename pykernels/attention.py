@@ -189,6 +189,22 @@ def _accepts(q, k_cache):
     return accepts
 
 
+def _measured_backend(topic, lens_host, q, num_kv_heads, dtype_bytes):
+    """For ``backends.select``: the autotune entry (``"backend:" + topic``, timings keyed by
+    backend) of this call's shape bucket, looked up only when several backends could serve it
+    (on a GPU). ``lens_host()`` gives the sequence lengths on the host."""
+    def lookup():
+        if not _autotune.enabled():
+            return None
+        dev = "cuda" if q.device.type == "cuda" else "cpu"
+        W = _num_workers(q.device, "cuda" if dev == "cuda" else "cpu")
+        lens = lens_host()
+        b = _autotune.decode_bucket(lens.tolist() if isinstance(lens, torch.Tensor) else list(lens),
+                                    q.shape[1], int(num_kv_heads), q.shape[2], float(dtype_bytes), W, dev)
+        return _autotune.lookup("backend:" + topic, b, dev)
+    return lookup
+
+
 _AUTO_CACHE: "OrderedDict[tuple, dict]" = OrderedDict()
 
 
@@ -228,7 +244,9 @@ def _resolve_method(method, num_splits, lens_host, num_kv_heads, W, tile, q, dty
 
 def _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, backend, out, lse):
     """Dispatch validated inputs; writes out [B, Hq, D] and lse [B, Hq] float32."""
-    name = backends.select(backend, q.device, _accepts(q, k_cache))
+    name = backends.select(backend, q.device, _accepts(q, k_cache),
+                           _measured_backend("decode_attention", seqlens.cpu, q, k_cache.shape[2],
+                                             k_cache.element_size()))
     if name == "reference":
         from .reference import decode_attention_reference
 
@@ -279,9 +297,16 @@ def _kv_tile(group_size: int) -> int:
     return -(-max(DEFAULT_TILE, group_size) // group_size) * group_size
 
 
+def _kv_bytes_per_element(cache) -> float:
+    """Average bytes per K/V element of a quantized cache (codes, scales and zeros)."""
+    return cache.bytes_per_token() / (2 * cache.num_kv_heads * cache.head_dim)
+
+
 def _run_kv(q, cache, scale, method, num_splits, backend, out, lse):
     """Dispatch a validated call on a QuantizedKVCache; writes out [B, Hq, D] and lse [B, Hq]."""
-    name = backends.select(backend, q.device, _accepts_kv(q))
+    name = backends.select(backend, q.device, _accepts_kv(q),
+                           _measured_backend("decode_attention_kv", cache.lengths, q, cache.num_kv_heads,
+                                             _kv_bytes_per_element(cache)))
     if name == "reference":
         from .reference import decode_attention_kv_reference
 
@@ -292,7 +317,7 @@ def _run_kv(q, cache, scale, method, num_splits, backend, out, lse):
     W = _num_workers(q.device, name)
     tile = _kv_tile(cache.group_size)
     method, num_splits = _resolve_method(method, num_splits, cache.lengths, cache.num_kv_heads, W, tile, q,
-                                         cache.bytes_per_token() / (2 * cache.num_kv_heads * cache.head_dim))
+                                         _kv_bytes_per_element(cache))
     # kv_format's kernel contract fixes no q strides: hand over a contiguous q (a no-op for decode)
     args = (q.contiguous(), cache.k_codes, cache.k_scale, cache.k_zero, cache.v_codes, cache.v_scale, cache.v_zero,
             cache.fp_k, cache.fp_v, cache.block_table, cache.n_sink, cache.n_quant, cache.n_res, out, lse,

@@ -2,7 +2,8 @@
 
 Each backend declares the devices it runs on and an availability check that never raises.
 ``backend="auto"`` takes the first backend, in the order below, that is available and accepts
-the call; the CPU path never falls back to the slow pure-torch reference silently (ask for it
+the call, unless several can and a measured autotune result (``roofline.autotune``) names the
+fastest for the call's shape bucket; the CPU path never falls back to the slow pure-torch reference silently (ask for it
 with ``backend="reference"``). An explicit backend that cannot serve raises
 ``NotImplementedError`` listing every backend's reason.
 """
@@ -90,16 +91,34 @@ def status() -> dict:
     return {name: REGISTRY[name].status() for name in BACKENDS}
 
 
-def select(backend: str, device: torch.device, accepts: Callable[[str], Optional[str]]) -> str:
+def _measured_first(candidates: list, measured: Optional[Callable[[], Optional[dict]]]) -> str:
+    """The candidate measured fastest (``measured()`` gives a ``roofline.autotune`` entry whose
+    timings are keyed by backend name), else the first in the static order."""
+    if len(candidates) > 1 and measured is not None:
+        try:
+            entry = measured()
+        except Exception:  # an unreadable autotune cache: the static order stands
+            entry = None
+        timed = [(entry["timings"][n], n) for n in candidates if entry and n in entry["timings"]]
+        if timed:
+            return min(timed)[1]
+    return candidates[0]
+
+
+def select(backend: str, device: torch.device, accepts: Callable[[str], Optional[str]],
+           measured: Optional[Callable[[], Optional[dict]]] = None) -> str:
     """Pick the backend for a call.
 
     ``accepts(name)`` returns None if the backend can serve this particular call, or the reason
-    it cannot (dtype, head dim, ...). Returns the chosen backend name.
+    it cannot (dtype, head dim, ...). Returns the chosen backend name. Under ``"auto"``, when
+    more than one backend can serve the call (CUDA and Triton on a GPU), ``measured()`` is
+    consulted: a ``roofline.autotune`` entry for the call's shape bucket whose timings are keyed
+    by backend name; the fastest measured backend wins, else the static order does.
     """
     if backend != "auto" and backend not in REGISTRY:
         raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
     names = BACKENDS if backend == "auto" else (backend,)
-    reasons = {}
+    reasons, candidates = {}, []
     for name in names:
         b = REGISTRY[name]
         if device.type not in b.devices:
@@ -117,7 +136,12 @@ def select(backend: str, device: torch.device, accepts: Callable[[str], Optional
             continue
         r = accepts(name)
         if r is None:
-            return name
+            if backend != "auto" or measured is None:
+                return name
+            candidates.append(name)
+            continue
         reasons[name] = r
+    if candidates:
+        return _measured_first(candidates, measured)
     lines = "\n".join(f"  {n}: {r}" for n, r in reasons.items())
     raise NotImplementedError(f"no backend can serve this call (backend={backend!r}, device={device}):\n{lines}")

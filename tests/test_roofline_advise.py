@@ -224,3 +224,33 @@ def test_measured_result_wins_over_the_model(autotune_home):
     import torch
     q = torch.zeros(3, 8, 128, dtype=torch.bfloat16)
     assert _auto_choice(torch.tensor(lens, dtype=torch.int32), 1, 2, 64, q, 2) == {"method": "split", "num_splits": 4}
+
+
+def test_backend_auto_follows_measured_results(monkeypatch):
+    """backend="auto": when several backends can serve a call (CUDA and Triton on a GPU), a
+    measured autotune entry picks the fastest; otherwise the static order. Simulated on the CPU
+    with a stand-in backend (no GPU here)."""
+    import dataclasses
+
+    import torch
+    from pykernels import backends
+
+    fake = dataclasses.replace(backends.REGISTRY["cuda"], devices=("cpu", "cuda"),
+                               probe=lambda: (True, "stand-in"), _status=None)
+    monkeypatch.setitem(backends.REGISTRY, "cuda", fake)
+    cpu = torch.device("cpu")
+    both = lambda name: None  # noqa: E731  every backend accepts the call
+    assert backends.select("auto", cpu, both) == "cuda"  # static order, nothing consulted
+    assert backends.select("auto", cpu, both, lambda: None) == "cuda"  # nothing measured
+    assert backends.select("auto", cpu, both, lambda: {"timings": {"cuda": 2e-3, "cpu": 1e-3}}) == "cpu"
+    assert backends.select("auto", cpu, both, lambda: {"timings": {"cuda": 1e-3, "cpu": 2e-3}}) == "cuda"
+    assert backends.select("auto", cpu, both, lambda: {"timings": {"triton": 1e-4}}) == "cuda"
+
+    def broken():
+        raise OSError("unreadable cache")
+    assert backends.select("auto", cpu, both, broken) == "cuda"
+    # an explicit backend is never overridden by a measurement
+    assert backends.select("cuda", cpu, both, lambda: {"timings": {"cpu": 1e-9}}) == "cuda"
+    # the declined backends' reasons are still reported when nothing can serve
+    with pytest.raises(NotImplementedError, match="no backend"):
+        backends.select("auto", cpu, lambda name: "declined", lambda: {"timings": {"cpu": 1.0}})
