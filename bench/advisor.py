@@ -19,6 +19,8 @@ over the shapes >= 0.95 ("within 5% of the best configuration found by exhaustiv
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from pykernels.attention import _cpu_threads
@@ -144,21 +146,19 @@ def report_advice(machine, threads: int) -> tuple[list, list, list[str]]:
     from roofline import analyze_model
 
     recs, preds, notes = [], [], []
+    # dataclasses.replace: the advisor memoises its Advice objects, so they are not edited
     for cfg in attention_cases(quick=True)[:2]:
         a = advise_schedule(cfg.seqlens, cfg.heads_kv, threads, num_heads=cfg.heads_q,
                             head_dim=cfg.head_dim, dtype_bytes=cfg.elt_size, machine=machine)
-        a.topic = f"decode attention {cfg.label()}"
-        recs.append(a)
-    a = advise_kv_format(16384, 32, 8, 128, num_layers=32, machine=machine)
-    a.topic = "KV format, Llama-3-8B at 16k tokens (32 layers)"
-    recs.append(a)
-    a = advise_lut(*DOWN_PROJ, M=1, machine=machine)
-    a.topic = "LUT-GEMV, Llama-3-8B down_proj (N=4096, K=14336), M=1"
-    recs.append(a)
+        recs.append(replace(a, topic=f"decode attention {cfg.label()}"))
+    recs.append(replace(advise_kv_format(16384, 32, 8, 128, num_layers=32, machine=machine),
+                        topic="KV format, Llama-3-8B at 16k tokens (32 layers)"))
+    recs.append(replace(advise_lut(*DOWN_PROJ, M=1, machine=machine),
+                        topic="LUT-GEMV, Llama-3-8B down_proj (N=4096, K=14336), M=1"))
     try:
         a = advise_placement(LLAMA3_8B, batch=1, context=131072, machine="L4", device_budget=22 * 2**30)
-        a.topic = "placement, Llama-3-8B bf16 at 128k tokens on an L4 (table figures), 22 GiB budget"
-        recs.append(a)
+        recs.append(replace(a, topic="placement, Llama-3-8B bf16 at 128k tokens on an L4 (table figures), "
+                                     "22 GiB budget"))
     except ValueError as e:
         notes.append(f"placement advice not given: {e}")
     for name in (machine, "A100-80GB-SXM", "H100-SXM"):

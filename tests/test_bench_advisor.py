@@ -64,3 +64,16 @@ def test_lut_suite(monkeypatch):
     res = AD.suite_advisor_lut(_ctx())
     _check(res, 2)  # quick: M = 1 and 16
     assert {r["method"] for r in res["rows"]} == {"lut4", "dequant4"}
+
+
+def test_report_advice():
+    recs, preds, notes = AD.report_advice(MACHINE, 2)
+    assert [r.topic.split(",")[0].split(" B=")[0] for r in recs] == \
+        ["decode attention", "decode attention", "KV format", "LUT-GEMV", "placement"]
+    assert all(r.reason.endswith(".") and r.choice for r in recs)
+    assert len(preds) == 6 and {p["machine"] for p in preds} == {"toy", "A100-80GB-SXM", "H100-SXM"}
+    assert all(p["model"] == "Llama-3-8B" and p["time_s"] > 0 for p in preds)
+    assert "not measurements" in notes[-1]
+    # the advisor's memoised Advice objects keep their own topic
+    again = AD.advise_schedule([16384], 8, 2, num_heads=32, head_dim=128, dtype_bytes=2, machine=MACHINE)
+    assert again.topic == "decode_attention"
