@@ -868,9 +868,23 @@ def _accepts(qw):
     return accepts
 
 
+def _measured_backend(x, qw):
+    """For ``backends.select``: the autotune entry ("backend:lut_gemv", timings keyed by backend)
+    of this call's shape bucket, looked up only when several backends could serve it."""
+    def lookup():
+        from roofline import autotune
+
+        if not autotune.enabled():
+            return None
+        dev = "cuda" if x.device.type == "cuda" else "cpu"
+        b = autotune.lut_bucket(qw.shape[0], qw.shape[1], min(x.shape[0], MAX_M), qw.bits, qw.gs, dev)
+        return autotune.lookup("backend:lut_gemv", b, dev)
+    return lookup
+
+
 def _lut_gemv_2d(x, qw, backend, mode):
     """x [M, K] validated -> y [M, N] in x's dtype."""
-    name = backends.select(backend, x.device, _accepts(qw))
+    name = backends.select(backend, x.device, _accepts(qw), _measured_backend(x, qw))
     if name == "reference":
         from .reference import lut_gemv_reference
 

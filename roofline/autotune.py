@@ -8,6 +8,7 @@ measured winner for every call whose shape falls in the same bucket.
 - ``decode_bucket(...)``: the bucket of a decode-attention call: heads, head size, element
   bytes, workers and device exactly; batch and the longest sequence's tiles rounded up to a
   power of two; the imbalance (longest / mean length) to 1, 2, 4 or 8+.
+- ``lut_bucket(...)``: the bucket of a LUT-GEMV call (N and K rounded up to a power of two).
 - ``record(topic, bucket, timings)``: store ``{choice label: seconds}`` (merged into the file
   atomically: write to a temporary file, then rename).
 - ``lookup(topic, bucket)``: ``{"best", "timings", "recorded"}`` or None.
@@ -30,7 +31,7 @@ import os
 import re
 import time
 
-__all__ = ["decode_bucket", "record", "lookup", "enabled", "path", "generation"]
+__all__ = ["decode_bucket", "lut_bucket", "record", "lookup", "enabled", "path", "generation"]
 
 _MEMO: dict[str, dict] = {}
 _GENERATION = [0]  # bumped by record(): memoised choices made before it are stale
@@ -68,6 +69,12 @@ def decode_bucket(seqlens, num_heads: int, num_kv_heads: int, head_dim: int, dty
     imb_b = next(b for b in (1, 2, 4, 8) if imb <= b * 1.05 or b == 8)
     return (f"Hq{num_heads}-Hkv{num_kv_heads}-D{head_dim}-e{dtype_bytes:g}-W{num_workers}-{device}"
             f"-B{_pow2(len(lens))}-T{_pow2(-(-max(lens) // tile))}-imb{imb_b}")
+
+
+def lut_bucket(N: int, K: int, M: int, bits: int, group_size: int, device: str) -> str:
+    """Shape bucket of a LUT-GEMV call: bits, group size, M (rows of x, up to 16 per pass)
+    exactly; N and K rounded up to a power of two."""
+    return f"N{_pow2(N)}-K{_pow2(K)}-M{M}-b{bits}-g{group_size}-{device}"
 
 
 def _load(device: str) -> dict:

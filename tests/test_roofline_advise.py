@@ -254,3 +254,18 @@ def test_backend_auto_follows_measured_results(monkeypatch):
     # the declined backends' reasons are still reported when nothing can serve
     with pytest.raises(NotImplementedError, match="no backend"):
         backends.select("auto", cpu, lambda name: "declined", lambda: {"timings": {"cpu": 1.0}})
+
+
+def test_lut_backend_lookup_reads_the_bucket(autotune_home):
+    """lut_gemv's backend="auto" asks for the entry of its own bucket (N, K to powers of two)."""
+    import torch
+    from pykernels.lut import _measured_backend
+
+    at = autotune_home
+    qw = pk.quantize_weight(torch.randn(96, 192), bits=3, group_size=64)
+    x = torch.randn(5, 192)
+    assert _measured_backend(x, qw)() is None
+    at.record("backend:lut_gemv", at.lut_bucket(96, 192, 5, 3, qw.gs, "cpu"), {"cpu": 1e-3, "triton": 5e-3})
+    assert _measured_backend(x, qw)()["best"] == "cpu"
+    assert at.lut_bucket(96, 200, 5, 3, 64, "cpu") == at.lut_bucket(128, 256, 5, 3, 64, "cpu")
+    assert _measured_backend(torch.randn(6, 192), qw)() is None  # another M
