@@ -22,8 +22,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import torch
 
-from pykernels.attention import _cpu_threads
+from pykernels.attention import _num_workers
 from pykernels.plan import DEFAULT_TILE, advise_schedule
 from roofline import autotune
 from roofline.advise import advise_kv_format, advise_lut, advise_placement, schedule_label
@@ -76,7 +77,9 @@ def _summary(cmp: list[dict], what: str, rows) -> tuple[list, list[str]]:
 def suite_advisor_attention(ctx) -> dict:
     """Decode attention: advisor's (method, num_splits) vs every schedule, measured together."""
     rows, cmp, reasons, recorded = [], [], [], []
-    threads = _cpu_threads()  # the CPU backend's worker count: what method="auto" plans for
+    # the kernel's worker count, what method="auto" plans for (CPU threads; 2 CTAs per SM)
+    dev = "cpu" if ctx.device == "cpu" else "cuda"
+    threads = _num_workers(torch.device(ctx.device), ctx.backend if dev == "cuda" else "cpu")
     for cfg in attention_cases(ctx.quick):
         tiles = -(-max(cfg.seqlens) // DEFAULT_TILE)
         splits = [S for S in SPLITS if S == 1 or S <= tiles]
@@ -84,7 +87,7 @@ def suite_advisor_attention(ctx) -> dict:
         # with itself)
         adv = advise_schedule(cfg.seqlens, cfg.heads_kv, threads, num_heads=cfg.heads_q,
                               head_dim=cfg.head_dim, dtype_bytes=cfg.elt_size, machine=ctx.machine,
-                              autotune=False)
+                              device=dev, autotune=False)
         pick = schedule_label(adv.choice)
         methods = ["lean"] + [f"split{S}" for S in splits] + ["auto"]
         rs = _run_config(ctx, "advisor-1", cfg, tuple(methods), check=False,
@@ -98,8 +101,9 @@ def suite_advisor_attention(ctx) -> dict:
             timed = {r["method"]: r["median_ms"] / 1e3 for r in rs if "median_ms" in r and r["method"] != "auto"}
             if timed:
                 bucket = decode_bucket(cfg.seqlens, cfg.heads_q, cfg.heads_kv, cfg.head_dim, cfg.elt_size,
-                                       threads, "cpu" if ctx.device == "cpu" else "cuda")
-                autotune.record("decode_attention", bucket, timed, note=f"bench advisor-1, {cfg.label()}")
+                                       threads, dev)
+                autotune.record("decode_attention", bucket, timed, device=dev,
+                                note=f"bench advisor-1, {cfg.label()}")
                 recorded.append(bucket)
     targets, notes = _summary(cmp, "decode attention", rows)
     notes.append(f"Schedules: lean and split with S in {', '.join(map(str, SPLITS))} chunks per "

@@ -10,6 +10,7 @@ import importlib
 import math
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from roofline import autotune as _autotune
@@ -194,9 +195,9 @@ def _measured_backend(topic, lens_host, q, num_kv_heads, dtype_bytes):
     backend) of this call's shape bucket, looked up only when several backends could serve it
     (on a GPU). ``lens_host()`` gives the sequence lengths on the host."""
     def lookup():
-        if not _autotune.enabled():
-            return None
         dev = "cuda" if q.device.type == "cuda" else "cpu"
+        if not _autotune.has_topic("backend:" + topic, dev):  # no lengths (no device sync) needed
+            return None
         W = _num_workers(q.device, "cuda" if dev == "cuda" else "cpu")
         lens = lens_host()
         b = _autotune.decode_bucket(lens.tolist() if isinstance(lens, torch.Tensor) else list(lens),
@@ -209,10 +210,17 @@ _AUTO_CACHE: "OrderedDict[tuple, dict]" = OrderedDict()
 
 
 def _auto_choice(lens, num_kv_heads, W, tile, q, dtype_bytes) -> dict:
-    """The advisor's {"method", "num_splits"}, memoised on the exact call shape (a decode loop
-    asks again every step; the lookup costs ~2 us, the advisor ~20 us)."""
-    raw = lens.numpy().tobytes() if isinstance(lens, torch.Tensor) else tuple(int(x) for x in lens)
-    key = (raw, int(num_kv_heads), W, tile, q.shape[1], q.shape[2], float(dtype_bytes), q.device.type,
+    """The advisor's {"method", "num_splits"}, memoised on what it depends on: the lengths in
+    tiles and their imbalance class (a decode loop asks again every step; the lookup costs a
+    few us, the advisor ~20 us)."""
+    if len(lens) <= 64:  # small batches: plain ints are cheaper than numpy calls
+        lst = lens.tolist() if isinstance(lens, torch.Tensor) else [int(x) for x in lens]
+        tiles, longest, total = tuple((x + tile - 1) // tile for x in lst), max(lst), sum(lst)
+    else:
+        a = lens.numpy() if isinstance(lens, torch.Tensor) else np.asarray(lens, dtype=np.int64)
+        tiles, longest, total = ((a + (tile - 1)) // tile).tobytes(), int(a.max()), int(a.sum())
+    key = (tiles, _autotune.imbalance_class(longest, len(lens), total), int(num_kv_heads), W, tile,
+           q.shape[1], q.shape[2], float(dtype_bytes), q.device.type, _autotune.enabled(),
            _autotune.generation())
     hit = _AUTO_CACHE.get(key)
     if hit is None:

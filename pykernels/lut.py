@@ -874,9 +874,9 @@ def _measured_backend(x, qw):
     def lookup():
         from roofline import autotune
 
-        if not autotune.enabled():
-            return None
         dev = "cuda" if x.device.type == "cuda" else "cpu"
+        if not autotune.has_topic("backend:lut_gemv", dev):
+            return None
         b = autotune.lut_bucket(qw.shape[0], qw.shape[1], min(x.shape[0], MAX_M), qw.bits, qw.gs, dev)
         return autotune.lookup("backend:lut_gemv", b, dev)
     return lookup

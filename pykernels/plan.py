@@ -131,7 +131,10 @@ def plan_decode(seqlens, num_kv_heads: int, num_workers: int, method: str = "lea
     num_kv_heads : int, Hkv; segments are (b, h) in order s = b * Hkv + h
     num_workers : int, W: lean workers (CPU threads / CTAs / programs); for split, the number
         of threads the chunks are spread over (used by the heuristic and ``makespan_tiles``)
-    method : "lean", "split" or "auto" (see ``advise_schedule``)
+    method : "lean", "split" or "auto" (see ``advise_schedule``; plan_decode knows no query
+        heads, head size or element size, so "auto" here advises for Hq = Hkv, D = 128, 2-byte
+        elements: ``decode_attention(method="auto")`` passes the call's own, which can select
+        another measured autotune bucket)
     tile : tokens per KV tile
     num_splits : chunks per segment for "split" (None: ``default_num_splits``)
 

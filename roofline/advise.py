@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import heapq
 import math
+import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -170,6 +171,7 @@ def _lean_makespan(ntiles: np.ndarray, W: int) -> tuple[int, int, int]:
 
 _CACHE: "OrderedDict[tuple, Advice]" = OrderedDict()
 _CACHE_SIZE = 2048
+_CACHE_LOCK = threading.Lock()  # decode calls may come from several threads
 
 
 def advise_decode_attention(seqlens, num_heads: int, num_kv_heads: int, head_dim: int, *,
@@ -207,10 +209,15 @@ def advise_decode_attention(seqlens, num_heads: int, num_kv_heads: int, head_dim
     """
     a = as_seqlens(seqlens)
     for name, v in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
-                    ("head_dim", head_dim), ("num_workers", num_workers), ("tile", tile),
-                    ("dtype_bytes", dtype_bytes)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer, float)) or v <= 0:
-            raise ValueError(f"{name}: expected a number > 0, got {v!r}")
+                    ("head_dim", head_dim), ("num_workers", num_workers), ("tile", tile)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    for name, v in (("dtype_bytes", dtype_bytes), ("worker_bw", worker_bw)):
+        if v is None and name == "worker_bw":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads: must be a multiple of num_kv_heads ({num_kv_heads}), got {num_heads}")
     if device not in PIECE_OVERHEAD_S:
@@ -219,16 +226,20 @@ def advise_decode_attention(seqlens, num_heads: int, num_kv_heads: int, head_dim
         machine = default_machine(device)
     W = int(num_workers)
     B, mname = _bandwidth(machine)
+    if B is not None and not (math.isfinite(B) and B > 0):
+        B = None                              # no usable bandwidth figure: relative prediction
     B1 = worker_bw
-    tiles_seq = -(-a // tile)                # the schedules depend on lengths in tiles only
-    key = (tiles_seq.tobytes() if a.size <= 256 else (a.size, int(tiles_seq.sum()), int(tiles_seq.max()),
-                                                      int(tiles_seq.min())),
-           num_heads, num_kv_heads, head_dim, W, dtype_bytes, tile, device, mname, B, B1,
-           bool(autotune) and _autotune.enabled(), _autotune.generation())
-    hit = _CACHE.get(key)
+    tiles_seq = -(-a // tile)                # the model depends on lengths in tiles only, the
+    use_measured = bool(autotune) and _autotune.enabled()   # autotune bucket also on imbalance
+    key = (tiles_seq.tobytes(), _autotune.imbalance_class(int(a.max()), a.size, int(a.sum())),
+           num_heads, num_kv_heads, head_dim, W, float(dtype_bytes), tile, device, mname, B, B1,
+           use_measured, _autotune.generation())
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
     if hit is not None:
-        _CACHE.move_to_end(key)
-        return hit
+        return _copy(hit)
 
     relative = B is None
     if relative:
@@ -278,7 +289,7 @@ def advise_decode_attention(seqlens, num_heads: int, num_kv_heads: int, head_dim
     alts = [{"choice": c[0], "predicted_s": c[1], "partials": c[2], "busiest_tiles": c[3]}
             for c in sorted(cands, key=lambda c: c[1])]
     adv = Advice("decode_attention", dict(pick[0]), reason, None if relative else pick[1], alts, mname)
-    if autotune:
+    if use_measured:
         measured = _measured_schedule(a, num_heads, num_kv_heads, head_dim, dtype_bytes, W, device, tile,
                                       cands, pick, relative)
         if measured is not None:
@@ -286,10 +297,17 @@ def advise_decode_attention(seqlens, num_heads: int, num_kv_heads: int, head_dim
             adv.source = "measured"
             for alt in adv.alternatives:
                 alt["measured_s"] = timings.get(schedule_label(alt["choice"]))
-    _CACHE[key] = adv
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return adv
+    with _CACHE_LOCK:
+        _CACHE[key] = adv
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return _copy(adv)
+
+
+def _copy(adv: Advice) -> Advice:
+    """A copy a caller may edit without changing the memoised advice."""
+    return replace(adv, choice=dict(adv.choice),
+                   alternatives=[dict(x, choice=dict(x["choice"])) for x in adv.alternatives])
 
 
 def schedule_label(choice: dict) -> str:
@@ -309,6 +327,8 @@ def _measured_schedule(a, num_heads, num_kv_heads, head_dim, dtype_bytes, W, dev
                        relative):
     """(choice, reason, predicted_s, timings) from the autotune cache, or None."""
     try:
+        if not _autotune.has_topic("decode_attention", device):
+            return None
         bucket = _autotune.decode_bucket(a.tolist(), num_heads, num_kv_heads, head_dim, dtype_bytes, W,
                                          device, tile)
         entry = _autotune.lookup("decode_attention", bucket, device)
@@ -355,11 +375,18 @@ def advise_kv_format(context: int, num_heads: int, num_kv_heads: int, head_dim: 
     for name, v in (("context", context), ("batch", batch), ("num_layers", num_layers)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-    if memory_budget is not None and not memory_budget > 0:
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
+                                      or not memory_budget > 0):
         raise ValueError(f"memory_budget: expected bytes > 0 or None, got {memory_budget!r}")
+    for k, v in (measured or {}).items():
+        if k not in names or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"measured: expected {{format in {names}: seconds > 0}}, got {k!r}: {v!r}")
     m = get_machine(machine) if machine is not None else default_machine("cpu")
     B = m.mem_bandwidth["read"] if m is not None else 1.0
     mname = m.name if m is not None else "no profile"
+    if m is None and measured:  # relative byte counts and seconds do not compare
+        raise ValueError("measured: needs a machine profile (machine=...) to compare measured seconds "
+                         "with the model's predictions")
     alts, pick = [], None
     floor = names.index(min_quality)
     for i, (name, bits) in enumerate(KV_FORMATS):
@@ -462,9 +489,12 @@ def advise_placement(config, *, batch: int, context: int, machine, device_budget
     """
     from .model import analyze_model
 
-    if not device_budget > 0:
+    if isinstance(device_budget, bool) or not isinstance(device_budget, (int, float)) or not device_budget > 0:
         raise ValueError(f"device_budget: expected bytes > 0, got {device_budget!r}")
-    if cpu_budget is not None and not cpu_budget >= 0:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+    if cpu_budget is not None and (isinstance(cpu_budget, bool) or not isinstance(cpu_budget, (int, float))
+                                   or not cpu_budget >= 0):
         raise ValueError(f"cpu_budget: expected bytes >= 0 or None, got {cpu_budget!r}")
     m = get_machine(machine)
     base = analyze_model(config, batch=batch, context=context, w_bits=w_bits, kv_bits=kv_bits, machine=m)

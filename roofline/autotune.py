@@ -25,15 +25,19 @@ Example
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import re
+import tempfile
+import threading
 import time
 
-__all__ = ["decode_bucket", "lut_bucket", "record", "lookup", "enabled", "path", "generation"]
+__all__ = ["decode_bucket", "lut_bucket", "imbalance_class", "record", "lookup", "has_topic", "enabled",
+           "path", "generation"]
 
-_MEMO: dict[str, dict] = {}
+_MEMO: dict[str, tuple] = {}  # path -> (mtime_ns or None, contents)
 _GENERATION = [0]  # bumped by record(): memoised choices made before it are stale
 
 
@@ -47,16 +51,27 @@ def enabled() -> bool:
     return os.environ.get("PYKERNELS_AUTOTUNE", "1") != "0"
 
 
+_IDENT: dict[str, str] = {}
+
+
 def path(device: str = "cpu") -> str:
-    """The autotune file of this machine (for ``device``)."""
+    """The autotune file of this machine (for ``device``); the machine identity is read once
+    per process, the folder (``XDG_CACHE_HOME``) on every call."""
     from .measure import _identity, cache_dir
 
-    stem = re.sub(r"[^A-Za-z0-9.-]+", "_", _identity(device)).strip("_")[:100]
-    return os.path.join(cache_dir(), f"autotune-{stem}-{device}.json")
+    if device not in _IDENT:
+        _IDENT[device] = re.sub(r"[^A-Za-z0-9.-]+", "_", _identity(device)).strip("_")[:100]
+    return os.path.join(cache_dir(), f"autotune-{_IDENT[device]}-{device}.json")
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def imbalance_class(longest: int, count: int, total: int) -> int:
+    """Longest / mean length rounded up to 1, 2, 4 or 8 (8 = 8 or more), 5% tolerance."""
+    imb = longest * count / total
+    return next(b for b in (1, 2, 4, 8) if imb <= b * 1.05 or b == 8)
 
 
 def decode_bucket(seqlens, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: float,
@@ -65,8 +80,7 @@ def decode_bucket(seqlens, num_heads: int, num_kv_heads: int, head_dim: int, dty
     lens = [int(x) for x in seqlens]
     if not lens or min(lens) < 1:
         raise ValueError(f"seqlens: expected lengths >= 1, got {lens[:8]}")
-    imb = max(lens) * len(lens) / sum(lens)
-    imb_b = next(b for b in (1, 2, 4, 8) if imb <= b * 1.05 or b == 8)
+    imb_b = imbalance_class(max(lens), len(lens), sum(lens))
     return (f"Hq{num_heads}-Hkv{num_kv_heads}-D{head_dim}-e{dtype_bytes:g}-W{num_workers}-{device}"
             f"-B{_pow2(len(lens))}-T{_pow2(-(-max(lens) // tile))}-imb{imb_b}")
 
@@ -78,46 +92,91 @@ def lut_bucket(N: int, K: int, M: int, bits: int, group_size: int, device: str) 
 
 
 def _load(device: str) -> dict:
+    """The file's contents, re-read when its modification time changes (another process may
+    have recorded since)."""
     p = path(device)
-    if p not in _MEMO:
-        try:
-            with open(p) as fh:
-                data = json.load(fh)
-            _MEMO[p] = data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            _MEMO[p] = {}
-    return _MEMO[p]
+    try:
+        mtime = os.stat(p).st_mtime_ns
+    except OSError:
+        mtime = None
+    memo = _MEMO.get(p)
+    if memo is None or memo[0] != mtime:
+        data = {}
+        if mtime is not None:
+            try:
+                with open(p) as fh:
+                    data = json.load(fh)
+            except (OSError, ValueError):
+                data = {}
+        memo = _MEMO[p] = (mtime, data if isinstance(data, dict) else {})
+    return memo[1]
+
+
+def _valid(entry) -> bool:
+    """An entry whose ``best`` is one of its timings and every timing a finite time > 0."""
+    if not isinstance(entry, dict):
+        return False
+    t, best = entry.get("timings"), entry.get("best")
+    return (isinstance(t, dict) and bool(t) and isinstance(best, str) and best in t
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                    for v in t.values()))
+
+
+def has_topic(topic: str, device: str = "cpu") -> bool:
+    """Whether anything is recorded under ``topic`` (a cheap check before computing a bucket)."""
+    return enabled() and bool(_load(device).get(topic))
 
 
 def lookup(topic: str, bucket: str, device: str = "cpu") -> dict | None:
-    """The measured entry of ``topic`` / ``bucket``, or None (also when disabled)."""
+    """The measured entry of ``topic`` / ``bucket``, or None (also when disabled, or when the
+    entry in the file is malformed)."""
     if not enabled():
         return None
-    entry = _load(device).get(topic, {}).get(bucket)
-    if not isinstance(entry, dict) or not isinstance(entry.get("timings"), dict) or not entry["timings"]:
-        return None
-    return entry
+    topic_entries = _load(device).get(topic)
+    entry = topic_entries.get(bucket) if isinstance(topic_entries, dict) else None
+    return entry if _valid(entry) else None
+
+
+_LOCK = threading.Lock()
 
 
 def record(topic: str, bucket: str, timings: dict, device: str = "cpu", note: str = "") -> dict:
     """Store measured ``timings`` ({choice label: seconds}) for ``topic`` / ``bucket``.
 
     Returns the stored entry ``{"best", "timings", "recorded", "note"}``. Entries of other
-    buckets and topics in the file are kept; a crash never leaves a half-written file.
+    buckets and topics in the file are kept (read, merge and write happen under a lock: a
+    thread lock and ``flock`` on a lock file beside it, for other processes); the file is
+    replaced by rename, so a crash never leaves it half-written.
     """
-    clean = {str(k): float(v) for k, v in timings.items() if v is not None and math.isfinite(float(v)) and v > 0}
+    clean = {}
+    for k, v in timings.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
+            clean[str(k)] = float(v)
     if not clean:
         raise ValueError(f"timings: expected at least one finite time > 0, got {timings!r}")
     p = path(device)
-    _MEMO.pop(p, None)
-    data = _load(device)           # the file as it is now (another process may have added)
-    entry = {"best": min(clean, key=clean.get), "timings": clean,
-             "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "note": note}
-    data.setdefault(topic, {})[bucket] = entry
     os.makedirs(os.path.dirname(p), exist_ok=True)
-    tmp = f"{p}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-    os.replace(tmp, p)
-    _GENERATION[0] += 1
+    entry = {"best": min(clean, key=clean.get), "timings": clean,
+             "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "note": str(note)}
+    with _LOCK, open(p + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            _MEMO.pop(p, None)
+            data = json.loads(json.dumps(_load(device)))  # a private copy of the file as it is now
+            if not isinstance(data.get(topic), dict):
+                data[topic] = {}
+            data[topic][bucket] = entry
+            fd, tmp = tempfile.mkstemp(prefix=os.path.basename(p) + ".", suffix=".tmp",
+                                       dir=os.path.dirname(p))
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(data, fh, indent=1)
+                os.replace(tmp, p)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            _MEMO.pop(p, None)
+            _GENERATION[0] += 1
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return entry

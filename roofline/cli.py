@@ -22,6 +22,16 @@ from .measure import probe
 from .model import ModelAnalysis, analyze_model
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {v}")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="roofline", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -60,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--model", metavar="CONFIG.json", help="HF config.json to predict and advise for")
     r.add_argument("--batch", type=int, default=1)
     r.add_argument("--context", type=int, default=16384)
-    r.add_argument("--threads", type=int, default=None, help="CPU workers the advice plans for")
+    r.add_argument("--threads", type=_positive_int, default=None, help="CPU workers the advice plans for")
     return ap
 
 
@@ -141,7 +151,7 @@ def _report(ap, args) -> int:
             with open(args.model) as fh:
                 cfg = json.load(fh)
             name = os.path.basename(os.path.dirname(os.path.abspath(args.model))) or args.model
-            for kv in (16, 4):
+            for kv in (16, 4):  # analyze_model validates the config and names a missing key
                 a = analyze_model(cfg, batch=args.batch, context=args.context, kv_bits=kv, machine=machine)
                 analyses.append(dict(a.to_dict(), model=name))
             notes.append(f"Predicted for {args.model}: {analyses[0]['tokens_per_s']:.1f} tokens/s "
@@ -158,10 +168,8 @@ def _report(ap, args) -> int:
         paths = report(results, machine, args.out, recommendations=recs, analyses=analyses, notes=notes)
     except json.JSONDecodeError as exc:
         ap.error(f"--model: {args.model!r} is not valid JSON: {exc}")
-    except KeyError as exc:
-        ap.error(f"--model: {args.model!r} has no key {exc}")
-    except (ValueError, TypeError, OSError) as exc:
-        ap.error(str(exc))
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        ap.error(f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc))
     for k, v in paths.items():
         print(f"{k}: {v}")
     return 0

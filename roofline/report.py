@@ -43,6 +43,7 @@ import html
 import io
 import json
 import math
+import numbers
 import os
 import time
 
@@ -84,13 +85,23 @@ def _family(group: str) -> str:
     return group.rsplit("-", 1)[0] if group.rsplit("-", 1)[-1].isdigit() else group
 
 
+def _device_type(device) -> str:
+    """"cuda:0" -> "cuda" (rows and machine keys are compared by device type)."""
+    return str(device or "cpu").split(":", 1)[0]
+
+
 def _machines(machine) -> dict[str, MachineProfile]:
     if isinstance(machine, dict) and not isinstance(machine, MachineProfile):
         if not machine:
             raise ValueError("machine: expected a MachineProfile, a HARDWARE name or a non-empty "
                              "dict device -> MachineProfile, got {}")
-        return {str(k): get_machine(v) for k, v in machine.items()}
+        return {_device_type(k): get_machine(v) for k, v in machine.items()}
     return {"cpu": get_machine(machine)}
+
+
+def _finite(v, allow_zero: bool) -> bool:
+    return (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            and (v >= 0 if allow_zero else v > 0))
 
 
 def collect_points(rows: list[dict], machine) -> list[dict]:
@@ -107,12 +118,17 @@ def collect_points(rows: list[dict], machine) -> list[dict]:
         seconds = _row_seconds(row)
         if seconds is None or not row.get("bytes"):
             continue
-        device = str(row.get("device") or "cpu")
+        device = _device_type(row.get("device"))
         base = {"label": str(row.get("label", "")), "method": str(row.get("method", "")),
                 "group": _group(row), "device": device, "baseline": _is_baseline(row)}
-        m = machines.get(device, machines.get("cpu") if len(machines) == 1 else None)
+        m = machines.get(device, next(iter(machines.values())) if len(machines) == 1 else None)
         if m is None:
             out.append(dict(base, error=f"no machine for device {device!r}"))
+            continue
+        bad = [k for k, v, zero in (("seconds", seconds, False), ("bytes", row["bytes"], False),
+                                    ("flops", row.get("flops") or 0.0, True)) if not _finite(v, zero)]
+        if bad:
+            out.append(dict(base, error=f"not placed: {', '.join(bad)} not a finite number > 0"))
             continue
         dt = str(row.get("roof_dtype") or row.get("dtype") or "bf16")
         dt = _DTYPE_NAMES.get(dt.replace("torch.", ""), dt)
@@ -157,6 +173,11 @@ def _fmt_rate(v: float, unit: str) -> str:
         if v >= scale:
             return f"{v / scale:.3g} {p}{unit}"
     return f"{v:.3g} {unit}"
+
+
+def _tex_safe(text: str) -> str:
+    """Chart text with ``$`` escaped (matplotlib would read it as math mode)."""
+    return str(text).replace("$", r"\$")
 
 
 def _place_labels(ax, pts, texts, fontsize=7.5):
@@ -225,7 +246,7 @@ def roofline_chart_svg(points: list[dict], machine: MachineProfile, title: str) 
             if group:
                 ax.scatter([p["intensity"] for p in group], [p["achieved_flops"] / 1e9 for p in group],
                            s=34, facecolors=face, edgecolors=color[m], linewidths=1.3, zorder=3,
-                           label=m + (" (baseline)" if face == "none" else ""))
+                           label=_tex_safe(m) + (" (baseline)" if face == "none" else ""))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, hi)
@@ -233,7 +254,7 @@ def roofline_chart_svg(points: list[dict], machine: MachineProfile, title: str) 
     ax.set_ylim(10 ** math.floor(math.log10(min(min(ys), lo * bw / 1e9))), top / 1e9 * 3)
     ax.set_xlabel("arithmetic intensity (FLOP / byte of memory traffic)")
     ax.set_ylabel("achieved performance (GFLOP/s)")
-    ax.set_title(title, fontsize=11)
+    ax.set_title(_tex_safe(title), fontsize=11)
     ax.grid(True, which="major", color="#ddd", lw=0.6)
     if pts:  # below the axes: never over a point or a label
         ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13),
@@ -251,7 +272,7 @@ def efficiency_chart_svg(points: list[dict], title: str) -> str:
     n = max(1, len(pts))
     fig, ax = plt.subplots(figsize=(8.6, 0.9 + 0.26 * n), dpi=100)
     effs = [100 * p["efficiency"] for p in pts]
-    names = [f"{p['label']}  {p['method']}" for p in pts]
+    names = [_tex_safe(f"{p['label']}  {p['method']}") for p in pts]
     colors = ["#bbb" if p["baseline"] else "#1f77b4" for p in pts]
     ys = list(range(len(pts)))[::-1]
     ax.barh(ys, effs, color=colors, height=0.7)
@@ -262,7 +283,7 @@ def efficiency_chart_svg(points: list[dict], title: str) -> str:
     ax.axvline(100, color="#444", lw=1, ls="--")
     ax.set_xlim(0, max([110.0] + [e * 1.25 for e in effs]))
     ax.set_xlabel("efficiency: roofline-attainable time / measured time (%)")
-    ax.set_title(title + "  (blue: pykernels, grey: baselines)", fontsize=10)
+    ax.set_title(_tex_safe(title) + "  (blue: pykernels, grey: baselines)", fontsize=10)
     return _svg(fig)
 
 
@@ -555,8 +576,23 @@ def report(results, machine, out_dir: str, *, recommendations=(), analyses=(), t
              "json": os.path.join(out_dir, "report.json")}
     _write(paths["html"], "\n".join(H))
     _write(paths["markdown"], "\n".join(M) + "\n")
-    _write(paths["json"], json.dumps(doc, indent=1, default=str))
+    _write(paths["json"], json.dumps(_jsonable(doc), indent=1, allow_nan=False))
     return paths
+
+
+def _jsonable(x):
+    """Strict JSON: numpy scalars as numbers, non-finite floats as null, other objects as str."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and callable(x.item) and getattr(x, "ndim", None) == 0:
+        x = x.item()  # numpy / torch scalar
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if x is None or isinstance(x, (str, int, bool)):
+        return x
+    return str(x)
 
 
 def _write(path: str, text: str) -> None:

@@ -5,6 +5,7 @@ The decode-attention model is checked against the schedule the kernels really ru
 lean and for split must be the plan's own.
 """
 
+import json
 import math
 import os
 
@@ -78,7 +79,12 @@ def test_decode_attention_relative_without_a_profile_and_cache():
     assert a.choice["method"] == "lean"  # B1 unknown: each worker streams B / W
     again = advise_decode_attention([32768, 1024, 512], 8, 1, 128, num_workers=2,
                                     machine=MachineProfile("bw only", {}, {"read": 1e10}))
-    assert again is a  # cached per (lengths in tiles, shape, machine)
+    assert again == a and again is not a  # memoised, handed out as a copy
+    again.choice["method"] = "split"       # so a caller's edit does not leak into later calls
+    again.alternatives[0]["choice"]["num_splits"] = 99
+    third = advise_decode_attention([32768, 1024, 512], 8, 1, 128, num_workers=2,
+                                    machine=MachineProfile("bw only", {}, {"read": 1e10}))
+    assert third == a
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -192,16 +198,45 @@ def test_record_and_lookup(autotune_home, tmp_path, monkeypatch):
     monkeypatch.setattr(at, "_MEMO", {})  # a new process reads the file
     assert at.lookup("decode_attention", "b1")["best"] == "split4"
     assert at.lookup("decode_attention", "b2")["best"] == "lean"
-    files = os.listdir(os.path.dirname(at.path()))
-    assert files == [os.path.basename(at.path())]  # no temporary file left
+    files = sorted(os.listdir(os.path.dirname(at.path())))
+    name = os.path.basename(at.path())
+    assert files == [name, name + ".lock"]  # no temporary file left
     monkeypatch.setenv("PYKERNELS_AUTOTUNE", "0")
     assert at.lookup("decode_attention", "b1") is None
     with pytest.raises(ValueError, match="timings"):
         at.record("decode_attention", "b3", {"lean": 0.0})
-    open(at.path(), "w").write("{not json")
-    monkeypatch.setattr(at, "_MEMO", {})
     monkeypatch.setenv("PYKERNELS_AUTOTUNE", "1")
+    # malformed entries (edited by hand, written by another version) are no result, not a crash
+    for bad in ({"best": "split2", "timings": {"lean": 1e-3}}, {"best": None, "timings": {"lean": 1e-3}},
+                {"timings": {"lean": 1e-3}}, {"best": "lean", "timings": {"lean": "fast"}},
+                {"best": "lean", "timings": {"lean": float("inf")}}, [1, 2]):
+        open(at.path(), "w").write(json.dumps({"decode_attention": {"b1": bad}}))
+        assert at.lookup("decode_attention", "b1") is None
+        assert advise_decode_attention([100], 8, 1, 128, num_workers=2, machine=CPU).source == "model"
+    open(at.path(), "w").write("{not json")
     assert at.lookup("decode_attention", "b1") is None  # a corrupt file is no result, not a crash
+
+
+def test_record_from_threads_keeps_every_entry(autotune_home):
+    import threading
+
+    at = autotune_home
+    errors = []
+
+    def work(t):
+        try:
+            for i in range(20):
+                at.record("decode_attention", f"t{t}-{i}", {"lean": 1e-3 * (i + 1)})
+        except Exception as e:  # noqa: BLE001  collected and asserted below
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    data = json.load(open(at.path()))
+    assert len(data["decode_attention"]) == 80
 
 
 def test_measured_result_wins_over_the_model(autotune_home):
@@ -224,6 +259,11 @@ def test_measured_result_wins_over_the_model(autotune_home):
     import torch
     q = torch.zeros(3, 8, 128, dtype=torch.bfloat16)
     assert _auto_choice(torch.tensor(lens, dtype=torch.int32), 1, 2, 64, q, 2) == {"method": "split", "num_splits": 4}
+    # lengths of the same tiles but another imbalance class are another bucket: the model decides
+    assert _auto_choice(torch.tensor([32768, 32768, 32768], dtype=torch.int32), 1, 2, 64, q, 2)["method"] == "lean"
+    import os as _os
+    _os.environ["PYKERNELS_AUTOTUNE"] = "0"  # restored by the fixture's monkeypatch
+    assert _auto_choice(torch.tensor(lens, dtype=torch.int32), 1, 2, 64, q, 2)["method"] == "lean"
 
 
 def test_backend_auto_follows_measured_results(monkeypatch):

@@ -114,6 +114,30 @@ def test_memory_only_machine_has_no_roofline_chart(tmp_path):
     assert pts[0]["efficiency"] == pytest.approx(0.5) and pts[0]["bound"] == "memory"
 
 
+def test_odd_rows_and_labels(tmp_path):
+    """Bad numbers in one row never lose the report; labels are escaped in HTML and charts; the
+    JSON is strict (no NaN tokens, numpy scalars as numbers)."""
+    import numpy as np
+
+    rows = _rows()[:2] + [
+        dict(_rows()[0], method="nan-bytes", bytes=float("nan")),
+        dict(_rows()[0], method="inf-flops", flops=float("inf")),
+        dict(_rows()[0], method="neg-flops", flops=-5.0),
+        dict(_rows()[0], label='<b>"x" & $y_{$', method="np", median_ms=np.float64(2.0), flops=np.int64(10**6)),
+        dict(_rows()[0], method="on-gpu0", device="cuda:0"),
+    ]
+    paths = report(rows, {"cpu": TOY, "cuda": "H100-SXM"}, str(tmp_path))
+    doc = json.loads(open(paths["json"]).read())  # strict parse
+    by = {p["method"]: p for p in doc["points"]}
+    for m in ("nan-bytes", "inf-flops", "neg-flops"):
+        assert "not a finite number" in by[m]["error"]
+    assert by["np"]["efficiency"] == pytest.approx(0.5) and by["np"]["seconds"] == 2e-3
+    assert by["on-gpu0"]["machine"] == "H100-SXM"
+    assert "NaN" not in open(paths["json"]).read()
+    page = open(paths["html"]).read()
+    assert "<b>\"x\"" not in page and "&lt;b&gt;&quot;x&quot; &amp; $y_{$" in page
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(TypeError, match="results"):
         report([1.0], TOY, str(tmp_path))
@@ -208,6 +232,7 @@ def test_cli_report(tmp_path, capsys):
     (["--results", "/no/such.json"], "--results"),
     (["--model", "/no/such/config.json"], "--model"),
     (["--device", "no-such-gpu"], "machine"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_cli_report_errors(tmp_path, capsys, args, match):
     from roofline.cli import main
