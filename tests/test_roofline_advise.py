@@ -70,7 +70,10 @@ def test_decode_attention_choices_and_reasons():
             x["predicted_s"] for x in adv.alternatives if x["choice"] == adv.choice)
     # many workers, one sequence: splitting it is what flash-decoding is for
     d = advise_decode_attention([16384], 8, 1, 128, num_workers=16, machine="H100-SXM", device="cuda")
-    assert d.choice["method"] == "lean" or d.choice["num_splits"] >= 16
+    assert d.choice["method"] == "lean" and d.alternatives[0]["busiest_tiles"] == 16  # 256 tiles / 16
+    s16 = next(x for x in d.alternatives if x["choice"] == {"method": "split", "num_splits": 16})
+    assert s16["busiest_tiles"] == 16 and s16["predicted_s"] < next(
+        x["predicted_s"] for x in d.alternatives if x["choice"]["num_splits"] == 1) / 8
 
 
 def test_decode_attention_relative_without_a_profile_and_cache():
