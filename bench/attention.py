@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from pykernels.memory import empty_cache_tensor, hugepages_enabled, thp_mode
 
+from roofline.advise import parse_schedule_label
 from roofline.probe import CpuLoadMeter, llc_bytes
 
 from .roof import annotate
@@ -58,10 +59,10 @@ ALL_METHODS = PK_METHODS + TORCH_METHODS
 
 
 def fixed_splits(method: str) -> int | None:
-    """S of a ``"split<S>"`` method name (``method="split", num_splits=S``), else None."""
-    if method.startswith("split") and method[5:].isdigit() and int(method[5:]) >= 1:
-        return int(method[5:])
-    return None
+    """S of a ``"split<S>"`` method name (``method="split", num_splits=S``; the advisor's and
+    autotune's schedule labels), else None."""
+    choice = parse_schedule_label(method)
+    return choice["num_splits"] if choice and choice["method"] == "split" else None
 
 
 def is_pk_method(method: str) -> bool:

@@ -45,7 +45,7 @@ from .cost import kv_bytes_per_token, lut_gemv_cost
 from .hardware import MachineProfile, get_machine
 from .place import roofline_time
 
-__all__ = ["Advice", "as_seqlens", "schedule_label", "advise_decode_attention", "advise_kv_format", "advise_lut",
+__all__ = ["Advice", "as_seqlens", "schedule_label", "parse_schedule_label", "advise_decode_attention", "advise_kv_format", "advise_lut",
            "advise_placement", "default_machine"]
 
 # per piece of work (claiming a task, setting up a (sequence, kv-head) range): measured order of
@@ -315,7 +315,8 @@ def schedule_label(choice: dict) -> str:
     return "lean" if choice["method"] == "lean" else f"split{choice['num_splits']}"
 
 
-def _parse_label(label: str) -> dict | None:
+def parse_schedule_label(label: str) -> dict | None:
+    """Inverse of :func:`schedule_label`: ``{"method", "num_splits"}``, or None for another name."""
     if label == "lean":
         return {"method": "lean", "num_splits": None}
     if label.startswith("split") and label[5:].isdigit() and int(label[5:]) >= 1:
@@ -336,7 +337,7 @@ def _measured_schedule(a, num_heads, num_kv_heads, head_dim, dtype_bytes, W, dev
         return None
     if entry is None:
         return None
-    choice = _parse_label(entry["best"])
+    choice = parse_schedule_label(entry["best"])
     if choice is None:
         return None
     model = next((c for c in cands if c[0] == choice), None)

@@ -137,19 +137,29 @@ def _load_results(ap, paths: list[str]):
     return rows
 
 
+def _read_model(ap, path: str) -> dict:
+    """The HF config.json given as --model; a usage error (exit 2) if missing or not JSON."""
+    if not os.path.isfile(path):
+        ap.error(f"--model: {path!r} is not a file")
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        ap.error(f"--model: {path!r} is not valid JSON: {exc}")
+    except OSError as exc:
+        ap.error(f"--model: {exc}")
+
+
 def _report(ap, args) -> int:
     from .advise import advise_decode_attention, advise_kv_format, advise_lut
     from .report import report
 
     results = _load_results(ap, args.results)
-    if args.model and not os.path.isfile(args.model):
-        ap.error(f"--model: {args.model!r} is not a file")
+    cfg = _read_model(ap, args.model) if args.model else None
     try:
         machine = probe(quick=True) if args.device == "this" else args.device
         recs, analyses, notes = [], [], []
-        if args.model:
-            with open(args.model) as fh:
-                cfg = json.load(fh)
+        if cfg is not None:
             name = os.path.basename(os.path.dirname(os.path.abspath(args.model))) or args.model
             for kv in (16, 4):  # analyze_model validates the config and names a missing key
                 a = analyze_model(cfg, batch=args.batch, context=args.context, kv_bits=kv, machine=machine)
@@ -166,8 +176,6 @@ def _report(ap, args) -> int:
                                          num_layers=cfg["num_hidden_layers"], machine=machine))
             recs.append(advise_lut(cfg["hidden_size"], cfg["intermediate_size"], M=args.batch, machine=machine))
         paths = report(results, machine, args.out, recommendations=recs, analyses=analyses, notes=notes)
-    except json.JSONDecodeError as exc:
-        ap.error(f"--model: {args.model!r} is not valid JSON: {exc}")
     except (ValueError, TypeError, KeyError, OSError) as exc:
         ap.error(f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc))
     for k, v in paths.items():
@@ -202,15 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return _report(ap, args)
 
-    if not os.path.isfile(args.model):
-        ap.error(f"--model: {args.model!r} is not a file")
+    cfg = _read_model(ap, args.model)
     kv_bits = args.kv_bits if args.kv_bits == "fp8" else int(args.kv_bits)
     try:
         machine = probe(quick=True) if args.device == "this" else args.device
-        r = analyze_model(args.model, batch=args.batch, context=args.context, phase=args.phase,
+        r = analyze_model(cfg, batch=args.batch, context=args.context, phase=args.phase,
                           w_bits=args.w_bits, kv_bits=kv_bits, machine=machine, tp=args.tp)
-    except json.JSONDecodeError as exc:
-        ap.error(f"--model: {args.model!r} is not valid JSON: {exc}")
     except (ValueError, TypeError, OSError) as exc:
         ap.error(str(exc))
     if args.json:

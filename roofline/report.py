@@ -309,6 +309,15 @@ def _advice_dict(a) -> dict:
     return a.to_dict() if hasattr(a, "to_dict") else dict(a)
 
 
+_REC_HEADS = ["topic", "choice", "predicted", "why"]
+
+
+def _rec_cells(r: dict) -> list[str]:
+    """A recommendation's table cells (HTML and Markdown alike)."""
+    return [str(r.get("topic", "")), _choice_text(r.get("choice")),
+            "-" if r.get("predicted_s") is None else f"{r['predicted_s'] * 1e3:.3f} ms", str(r.get("reason", ""))]
+
+
 def _choice_text(choice) -> str:
     if isinstance(choice, dict):
         return ", ".join(f"{k}={v}" for k, v in choice.items())
@@ -523,10 +532,7 @@ def report(results, machine, out_dir: str, *, recommendations=(), analyses=(), t
         H.append("</table>")
     if recs:
         H.append("<h2 id=\"recommendations\">Recommendations (advisor)</h2>")
-        H.append(_html_table(["topic", "choice", "predicted", "why"],
-                             [[r.get("topic", ""), _choice_text(r.get("choice")),
-                               "-" if r.get("predicted_s") is None else f"{r['predicted_s'] * 1e3:.3f} ms",
-                               r.get("reason", "")] for r in recs]))
+        H.append(_html_table(_REC_HEADS, [_rec_cells(r) for r in recs]))
     if ans:
         H.append("<h2 id=\"predictions\">Model predictions (analyze_model)</h2>")
         H.append(_html_table(_ANALYSIS_HEADS, [_analysis_cells(d) for d in ans], num_from=3))
@@ -551,11 +557,7 @@ def report(results, machine, out_dir: str, *, recommendations=(), analyses=(), t
         M += ["## Targets", ""] + _md_table(["suite", "target", "figure", "status", "note"],
                                             [_target_cells(t) for t in targets]) + [""]
     if recs:
-        M += ["## Recommendations (advisor)", ""] + _md_table(
-            ["topic", "choice", "predicted", "why"],
-            [[r.get("topic", ""), _choice_text(r.get("choice")),
-              "-" if r.get("predicted_s") is None else f"{r['predicted_s'] * 1e3:.3f} ms",
-              r.get("reason", "")] for r in recs]) + [""]
+        M += ["## Recommendations (advisor)", ""] + _md_table(_REC_HEADS, [_rec_cells(r) for r in recs]) + [""]
     if ans:
         M += ["## Model predictions (analyze_model)", ""] + \
             _md_table(_ANALYSIS_HEADS, [_analysis_cells(d) for d in ans]) + [""]
