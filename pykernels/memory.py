@@ -25,6 +25,8 @@ import sys
 
 import torch
 
+from roofline.probe import proc_kib_field
+
 __all__ = ["empty_hugepages", "empty_cache_tensor", "hugepage_bytes", "hugepages_enabled", "thp_mode"]
 
 _MADV_HUGEPAGE = 14  # linux/mman.h
@@ -125,11 +127,4 @@ def empty_cache_tensor(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
 
 def hugepage_bytes() -> int | None:
     """Bytes of this process's anonymous memory now on transparent huge pages (Linux), else None."""
-    try:
-        with open("/proc/self/smaps_rollup") as fh:
-            for line in fh:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return proc_kib_field("/proc/self/smaps_rollup", "AnonHugePages")

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-__all__ = ["probe_memory_bandwidth", "machine_info", "llc_bytes", "CpuLoadMeter"]
+__all__ = ["probe_memory_bandwidth", "machine_info", "llc_bytes", "CpuLoadMeter", "proc_kib_field"]
 
 _MiB = 1 << 20
 _FALLBACK_LLC = 32 * _MiB  # used only when neither sysfs nor lscpu says
@@ -106,15 +106,21 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _mem_total_bytes() -> int | None:
+def proc_kib_field(path: str, field: str) -> int | None:
+    """Bytes of a ``field:  N kB`` line of a /proc file (``/proc/meminfo``,
+    ``/proc/self/smaps_rollup``), or None where the file or the field is missing."""
     try:
-        with open("/proc/meminfo") as fh:
+        with open(path) as fh:
             for line in fh:
-                if line.startswith("MemTotal:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError, IndexError):
+        return None
     return None
+
+
+def _mem_total_bytes() -> int | None:
+    return proc_kib_field("/proc/meminfo", "MemTotal")
 
 
 def machine_info() -> dict:
