@@ -3,8 +3,8 @@
 Each backend declares the devices it runs on and an availability check that never raises.
 ``backend="auto"`` takes the first backend, in the order below, that is available and accepts
 the call, unless several can and a measured autotune result (``roofline.autotune``) names the
-fastest for the call's shape bucket; the CPU path never falls back to the slow pure-torch reference silently (ask for it
-with ``backend="reference"``). An explicit backend that cannot serve raises
+fastest for the call's shape bucket; the CPU path never falls back to the slow pure-torch
+reference silently (ask for it with ``backend="reference"``). An explicit backend that cannot serve raises
 ``NotImplementedError`` listing every backend's reason.
 """
 from __future__ import annotations
