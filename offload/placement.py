@@ -1,0 +1,359 @@
+"""Which units of a model stay resident and which stream from disk, under hard memory budgets.
+
+A model is cut into *units*, each read as a whole: ``embed`` (the embedding table), one
+``layer.{i}`` per decoder layer and ``head`` (final norm + lm_head). Every decode step needs
+every layer and the head once, so a byte that is not resident costs one disk read per step,
+whichever unit it belongs to; the embedding is only indexed (one row per token), so a streamed
+embedding costs one checksum page per token instead of the whole table. The planner therefore
+keeps the head first, then as many layers as fit, and the embedding last, after reserving what
+decoding needs anyway: the KV cache, the streaming slots and a workspace for activations.
+
+The prediction per token is the roofline's: ``max(disk bytes / disk bandwidth, compute time)``
+where compute is ``roofline.analyze_model``'s in-memory decode step on this machine's profile
+(I/O and compute overlap in the streaming executor).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["Placement", "plan_placement", "parse_bytes", "estimate_unit_bytes", "workspace_bytes", "PREFILL_CHUNK"]
+
+_MiB = 1 << 20
+#: Prompts are processed in chunks of this many tokens (each chunk is one pass over the layers),
+#: so the activations of one forward are bounded whatever the prompt length.
+PREFILL_CHUNK = 64
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+def parse_bytes(value, name: str = "budget") -> int:
+    """``2 << 30``, ``"2GiB"``, ``"512 MiB"``, ``"1.5GB"`` -> bytes (int >= 0).
+
+    Raises ValueError naming ``name`` for anything else (negative, NaN, unknown unit).
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected bytes (int) or a size string like '2GiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}: expected bytes >= 0, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+        if m and m.group(2).upper() in _UNITS | {"": 1}:
+            return int(float(m.group(1)) * _UNITS.get(m.group(2).upper(), 1))
+        raise ValueError(f"{name}: cannot parse {value!r} as a size (e.g. '512MiB', '2GiB', '1.5GB')")
+    raise TypeError(f"{name}: expected bytes (int) or a size string like '2GiB', got {type(value).__name__}")
+
+
+def _cfg(config) -> dict:
+    from roofline.model import _load_config
+
+    return _load_config(config)
+
+
+def workspace_bytes(config, batch: int, context: int, chunk: int = PREFILL_CHUNK) -> int:
+    """Activations and scratch of one forward of ``batch`` x ``chunk`` tokens, reserved in the
+    budget: 8 MiB of kernel scratch + float32 hidden/q/k/v/attention out (4 x hidden), MLP
+    (3 x intermediate) and logits (vocab) per token, + attention scores per query and head."""
+    c = _cfg(config)
+    per_tok = 4 * c["hidden_size"] + 3 * c["intermediate_size"] + c["vocab_size"]
+    scores = c["num_attention_heads"] * context
+    return 8 * _MiB + 4 * batch * chunk * (per_tok + scores)
+
+
+def estimate_unit_bytes(config, *, weight_bits=None, group_size: int = 128, dtype_bytes: int = 2,
+                        quantize_head: bool = False) -> dict[str, int]:
+    """Bytes of each unit as the store holds it (4 KiB alignment ignored): used when no store
+    exists yet; ``load_model`` plans with the store's exact sizes."""
+    c = _cfg(config)
+    H, L, V = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    nh = c["num_attention_heads"]
+    hd = c.get("head_dim") or H // nh
+    kvh = c.get("num_key_value_heads") or nh
+    ffn = c["intermediate_size"]
+
+    def mat(n, k, quant):
+        if not quant or weight_bits is None:
+            return n * k * dtype_bytes
+        return n * k * weight_bits // 8 + n * math.ceil(k / group_size) * 4
+
+    bias = (nh + 2 * kvh) * hd * dtype_bytes if (c.get("attention_bias") or c.get("model_type") == "qwen2") else 0
+    layer = (mat(nh * hd, H, True) + 2 * mat(kvh * hd, H, True) + mat(H, nh * hd, True)
+             + 3 * mat(ffn, H, True) + 2 * H * dtype_bytes + bias)
+    out = {"embed": V * H * dtype_bytes}
+    out.update({f"layer.{i}": layer for i in range(L)})
+    out["head"] = H * dtype_bytes + mat(V, H, quantize_head)
+    return out
+
+
+@dataclass
+class Placement:
+    """Where every unit lives, what the budgets hold, and the predicted cost per decode step.
+
+    Attributes
+    ----------
+    device : "cpu" or "cuda" (where the layers compute).
+    tiers : unit -> "cpu" | "gpu" | "disk" ("disk" = streamed through the slots every step;
+        for ``embed``, rows are read per token).
+    unit_bytes : unit -> bytes one full read of it moves.
+    budgets : tier -> bytes (None: no limit given).
+    slots, slot_bytes : the streaming ring (0 slots when nothing streams).
+    kv_bytes : KV cache reserved for ``batch`` sequences of ``context`` tokens.
+    workspace_bytes : activations and scratch reserved per forward.
+    used : tier -> bytes the manager holds there (resident units + slots + KV + workspace).
+    disk_bytes_per_token : bytes read from disk per decode step.
+    disk_bandwidth, predicted_s, bound_s, compute_s : seconds per decode step (None without
+        a measured profile); ``bound_s`` is the disk bound ``disk bytes / disk bandwidth``.
+    reasons : unit -> one sentence.
+    """
+
+    device: str
+    tiers: dict
+    unit_bytes: dict
+    budgets: dict
+    slots: int
+    slot_bytes: int
+    kv_bytes: int
+    workspace_bytes: int
+    used: dict
+    disk_bytes_per_token: int
+    batch: int
+    context: int
+    weight_bits: int | None
+    kv_bits: object
+    disk_bandwidth: float | None = None
+    compute_s: float | None = None
+    bound_s: float | None = None
+    predicted_s: float | None = None
+    machine: str | None = None
+    reasons: dict = field(default_factory=dict)
+
+    def streamed(self) -> list[str]:
+        """Units read from disk every step, in model order (``embed`` excluded)."""
+        return [u for u, t in self.tiers.items() if t == "disk" and u != "embed"]
+
+    def resident(self, tier: str = "cpu") -> list[str]:
+        return [u for u, t in self.tiers.items() if t == tier]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def explain(self) -> str:
+        """A few lines: budgets, what is resident, what streams, the predicted step."""
+        gib = lambda b: f"{b / 2**20:.0f} MiB"
+        lines = []
+        for tier in ("gpu", "cpu"):
+            if tier in self.used:
+                cap = self.budgets.get(tier)
+                lines.append(f"{tier}: holds {gib(self.used[tier])} of "
+                             f"{'no limit' if cap is None else gib(cap)} "
+                             f"({', '.join(_ranges(self.resident(tier))) or 'no weights'}; KV {gib(self.kv_bytes)}, "
+                             f"{self.slots} streaming slots x {gib(self.slot_bytes)}, "
+                             f"workspace {gib(self.workspace_bytes)})")
+        st = self.streamed()
+        lines.append(f"disk: streams {', '.join(_ranges(st)) or 'nothing'} = {gib(self.disk_bytes_per_token)} "
+                     f"per decode step; embedding {'rows read per token' if self.tiers['embed'] == 'disk' else 'resident'}")
+        if self.predicted_s is not None:
+            io = (f"disk {gib(self.disk_bytes_per_token)} / {self.disk_bandwidth / 1e9:.2f} GB/s = "
+                  f"{self.bound_s * 1e3:.1f} ms" if self.bound_s is not None else "no disk reads")
+            lines.append(f"predicted {self.predicted_s * 1e3:.1f} ms per decode step on {self.machine}: "
+                         f"max({io}, compute {self.compute_s * 1e3:.1f} ms) with I/O overlapped")
+        else:
+            lines.append("no prediction: no measured machine profile (run `roofline probe`)")
+        return "\n".join(lines)
+
+
+def _ranges(units: list[str]) -> list[str]:
+    """['layer.0', 'layer.1', 'layer.2', 'head'] -> ['layers 0-2', 'head']."""
+    idx = [int(u.split(".")[1]) for u in units if u.startswith("layer.")]
+    out, i = [], 0
+    while i < len(idx):
+        j = i
+        while j + 1 < len(idx) and idx[j + 1] == idx[j] + 1:
+            j += 1
+        out.append(f"layer {idx[i]}" if i == j else f"layers {idx[i]}-{idx[j]}")
+        i = j + 1
+    return out + [u for u in units if not u.startswith("layer.")]
+
+
+def _spread(n_layers: int, n_stream: int) -> set[int]:
+    """Indices of ``n_stream`` layers spread evenly over ``n_layers`` (so resident layers'
+    compute time is spread between streamed ones)."""
+    if n_stream <= 0:
+        return set()
+    return {min(n_layers - 1, int((k + 0.5) * n_layers / n_stream)) for k in range(n_stream)}
+
+
+def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, context: int = 2048,
+                   weight_bits=None, kv_bits=None, group_size: int = 128, device: str = "cpu",
+                   unit_bytes: dict | None = None, slots: int = 2, page_bytes: int = 4 * _MiB,
+                   dtype_bytes: int = 2, disk_bandwidth: float | None = None,
+                   mode: str = "auto") -> Placement:
+    """Decide which units stay in CPU memory and which stream from disk each decode step.
+
+    Parameters
+    ----------
+    config : HF ``config.json`` dict or path.
+    machine : ``roofline.MachineProfile``, a ``roofline.HARDWARE`` name, or None (this machine's
+        cached profile, if ``roofline probe`` ran; else no prediction).
+    budgets : {"cpu": bytes or "2GiB", "gpu": ...}; a missing "cpu" means no limit.
+    batch, context : the KV reserved is for ``batch`` sequences of ``context`` tokens.
+    weight_bits, kv_bits, group_size : the store's weight format and the KV format.
+    device : "cpu" (the CUDA executor is not written yet: "cuda" raises NotImplementedError).
+    unit_bytes : exact unit sizes (``Store.unit_nbytes``); default: :func:`estimate_unit_bytes`.
+    slots : streaming buffers (2 = double buffering), each as large as the largest streamed unit.
+    dtype_bytes : bytes per element of the compute dtype (activations, dense KV).
+    disk_bandwidth : cold read bytes/s of the store's disk; default from ``machine``.
+    mode : "auto" (most resident within budget), "disk" (stream every layer and the head: the
+        least memory), "memory" (everything resident; ValueError if it does not fit).
+
+    Returns
+    -------
+    Placement (``.explain()`` says why).
+    """
+    from pykernels.kv_cache import QuantizedKVCache  # noqa: F401  (kv_bits validated by the cache later)
+    from roofline.cost import kv_bytes_per_token
+
+    if device == "cuda":
+        raise NotImplementedError("device='cuda': the GPU tier of the offload executor is not written yet "
+                                  "(only device='cpu' streams); see the README's status table")
+    if device != "cpu":
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+    if mode not in ("auto", "disk", "memory"):
+        raise ValueError(f"mode: expected 'auto', 'disk' or 'memory', got {mode!r}")
+    for name, v, lo in (("batch", batch, 1), ("context", context, 1), ("slots", slots, 2),
+                        ("page_bytes", page_bytes, 4096)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+    if weight_bits not in (None, 1, 2, 3, 4):
+        raise ValueError(f"weight_bits: expected None, 1, 2, 3 or 4, got {weight_bits!r}")
+    if kv_bits not in (None, 8, 4, 2, "fp8"):
+        raise ValueError(f"kv_bits: expected None, 8, 4, 2 or 'fp8', got {kv_bits!r}")
+    budgets = dict(budgets or {})
+    for k in budgets:
+        if k not in ("cpu", "gpu"):
+            raise ValueError(f"budgets: unknown tier {k!r} (expected 'cpu' and/or 'gpu')")
+    if budgets.get("gpu") not in (None, 0, "0"):
+        raise ValueError("budgets: a 'gpu' budget needs device='cuda' (not written yet)")
+    cpu_cap = None if budgets.get("cpu") is None else parse_bytes(budgets["cpu"], "budgets['cpu']")
+    c = _cfg(config)
+    L = c["num_hidden_layers"]
+    ub = dict(unit_bytes) if unit_bytes is not None else estimate_unit_bytes(
+        c, weight_bits=weight_bits, group_size=group_size, dtype_bytes=dtype_bytes)
+    need = ["embed", *(f"layer.{i}" for i in range(L)), "head"]
+    missing = [u for u in need if u not in ub]
+    if missing:
+        raise ValueError(f"unit_bytes: missing {missing[:3]}")
+    nh = c["num_attention_heads"]
+    hd = c.get("head_dim") or c["hidden_size"] // nh
+    kvh = c.get("num_key_value_heads") or nh
+    per_tok = kv_bytes_per_token(kvh, hd, 16 if kv_bits is None else kv_bits)
+    if kv_bits is None:
+        per_tok = per_tok * dtype_bytes / 2
+    kv = int(math.ceil(per_tok * L * batch * context))
+    ws = workspace_bytes(c, batch, context)
+    fixed = kv + ws
+    cap = math.inf if cpu_cap is None else cpu_cap
+    reasons = {}
+    tiers = {u: "cpu" for u in need}
+    layers = [f"layer.{i}" for i in range(L)]
+
+    def slot_cost(streamed):
+        return slots * max((ub[u] for u in streamed), default=0) if streamed else 0
+
+    if mode == "memory" or (mode == "auto" and fixed + sum(ub.values()) <= cap):
+        total = fixed + sum(ub.values())
+        if total > cap:
+            raise ValueError(f"budgets['cpu']: placement='memory' needs {total / _MiB:.0f} MiB "
+                             f"(weights {sum(ub.values()) / _MiB:.0f} + KV {kv / _MiB:.0f} + workspace "
+                             f"{ws / _MiB:.0f}), budget is {cap / _MiB:.0f} MiB")
+        for u in need:
+            reasons[u] = "everything fits in the CPU budget"
+        streamed = []
+    else:
+        if mode == "disk":
+            streamed = layers + ["head"]
+            for u in streamed:
+                reasons[u] = "placement='disk': streamed every step"
+        else:
+            # head first (read whole every step), then layers; the embedding last (only rows are read).
+            left = cap - fixed - slots * max(ub[u] for u in layers)
+            if left < 0:
+                raise ValueError(
+                    f"budgets['cpu']: {cap / _MiB:.0f} MiB cannot hold the KV cache ({kv / _MiB:.0f} MiB for "
+                    f"batch={batch}, context={context}), the workspace ({ws / _MiB:.0f} MiB) and "
+                    f"{slots} streaming slots of {max(ub[u] for u in layers) / _MiB:.0f} MiB: at least "
+                    f"{(fixed + slots * max(ub[u] for u in layers)) / _MiB:.0f} MiB is needed")
+            streamed = []
+            if ub["head"] <= left:
+                left -= ub["head"]
+                reasons["head"] = "resident: read whole every step, kept first"
+            else:
+                streamed.append("head")
+                reasons["head"] = "streamed: does not fit beside the slots and KV"
+            n_res = 0
+            for u in layers:
+                if ub[u] <= left:
+                    left -= ub[u]
+                    n_res += 1
+            stream_idx = _spread(L, L - n_res)
+            for i, u in enumerate(layers):
+                if i in stream_idx:
+                    streamed.append(u)
+                    reasons[u] = "streamed: the CPU budget is full"
+                else:
+                    reasons[u] = "resident in CPU memory"
+            if slot_cost(streamed) < slots * max(ub[u] for u in layers):
+                left += slots * max(ub[u] for u in layers) - slot_cost(streamed)
+            if ub["embed"] <= left:
+                reasons["embed"] = "resident: budget left after the layers"
+            else:
+                tiers["embed"] = "disk"
+                reasons["embed"] = "on disk: only the rows of the input tokens are read (one page each)"
+        for u in streamed:
+            tiers[u] = "disk"
+    streamed = [u for u in need if tiers[u] == "disk" and u != "embed"]
+    slot_bytes = max((ub[u] for u in streamed), default=0)
+    n_slots = slots if streamed else 0
+    used_cpu = fixed + n_slots * slot_bytes + sum(ub[u] for u in need if tiers[u] == "cpu")
+    if cpu_cap is not None and used_cpu > cpu_cap:
+        raise ValueError(f"budgets['cpu']: {cpu_cap / _MiB:.0f} MiB is too small: the least this model needs "
+                         f"with everything streamed is {used_cpu / _MiB:.0f} MiB (KV {kv / _MiB:.0f}, "
+                         f"slots {n_slots} x {slot_bytes / _MiB:.0f}, workspace {ws / _MiB:.0f})")
+    disk_tok = sum(ub[u] for u in streamed) + (batch * page_bytes if tiers["embed"] == "disk" else 0)
+    p = Placement(device=device, tiers=tiers, unit_bytes=ub, budgets={"cpu": cpu_cap}, slots=n_slots,
+                  slot_bytes=slot_bytes, kv_bytes=kv, workspace_bytes=ws, used={"cpu": used_cpu},
+                  disk_bytes_per_token=disk_tok, batch=batch, context=context, weight_bits=weight_bits,
+                  kv_bits=kv_bits, reasons=reasons)
+    _predict(p, c, machine, disk_bandwidth, dtype_bytes)
+    return p
+
+
+def _predict(p: Placement, c: dict, machine, disk_bandwidth, dtype_bytes) -> None:
+    """Fill the prediction fields from the roofline (in place); nothing without a profile."""
+    from roofline.advise import default_machine
+    from roofline.hardware import get_machine
+    from roofline.model import analyze_model
+
+    m = default_machine("cpu") if machine is None else get_machine(machine)
+    if m is None:
+        return
+    bw = disk_bandwidth
+    if bw is None:
+        reads = [d.get("read") for d in m.disk.values() if d.get("read")]
+        bw = max(reads) if reads else m.links.get("disk_read")
+    try:
+        a = analyze_model(c, batch=p.batch, context=p.context, w_bits=p.weight_bits or 16,
+                          kv_bits=16 if p.kv_bits is None else p.kv_bits, machine=m)
+    except ValueError:
+        return
+    p.machine = m.name
+    p.compute_s = a.time_s
+    p.disk_bandwidth = bw
+    if p.disk_bytes_per_token and bw:
+        p.bound_s = p.disk_bytes_per_token / bw
+        p.predicted_s = max(p.bound_s, a.time_s)
+    elif not p.disk_bytes_per_token:
+        p.predicted_s = a.time_s
