@@ -15,6 +15,8 @@ Examples
     pykernels-bench kv --seqlens 32768 --formats int4,int2 --group-size 64 --sink 1
     pykernels-bench kv --accuracy                # synthetic outlier set: KIVI vs per-token RTN
     pykernels-bench kv --sweep                   # the issue's KV suites 1-3 (speed, memory, accuracy)
+    pykernels-bench offload bench                # stream a 1.1B Llama under 512 MiB (= python -m offload)
+    pykernels-bench offload generate CKPT --budget 512MiB --tokens 16
 """
 
 from __future__ import annotations
@@ -403,10 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="per configuration, wait up to this long for other processes to go idle")
     pk_.add_argument("--json", default=None, help="write rows (and probe) as JSON here")
     pk_.set_defaults(func=cmd_kv, seqlens_given=False)
+    sub.add_parser("offload", help="tiered offload: demo, convert, plan, generate, bench (see python -m offload -h)")
     return p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["offload"]:  # the offload package's own CLI (python -m offload)
+        from offload.cli import main as offload_main
+        return offload_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

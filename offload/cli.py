@@ -1,0 +1,133 @@
+"""``python -m offload`` (also ``pykernels-bench offload``): demo checkpoints, conversion, placement
+plans, generation and the streaming benchmark from the shell.
+
+Examples
+--------
+    python -m offload demo /data/tinyllama-demo --preset 1b
+    python -m offload convert /data/tinyllama-demo /data/store-w4 --weight-bits 4
+    python -m offload plan /data/tinyllama-demo --budget 512MiB --weight-bits 4
+    python -m offload generate /data/tinyllama-demo --budget 512MiB --prompt-ids 1,2,3 --tokens 16
+    python -m offload bench            # issue 6's benchmark (1.1B preset, 512 MiB budget)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _bits(v):
+    return None if v in (None, "none", "16") else int(v)
+
+
+def _kv(v):
+    return None if v in (None, "none", "16") else ("fp8" if v == "fp8" else int(v))
+
+
+def cmd_demo(a) -> int:
+    import torch
+
+    from .checkpoint import demo_checkpoint
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
+    print(demo_checkpoint(a.path, preset=a.preset, dtype=dt, seed=a.seed, progress=True))
+    return 0
+
+
+def cmd_convert(a) -> int:
+    from .store import convert
+    with convert(a.checkpoint, a.store_dir, weight_bits=_bits(a.weight_bits), group_size=a.group_size,
+                 quantize_head=a.quantize_head, progress=True) as st:
+        print(f"{a.store_dir}: {len(st.unit_names())} units, "
+              f"{sum(st.unit_nbytes(u) for u in st.unit_names()) / 2**20:.0f} MiB")
+    return 0
+
+
+def _load(a, **kw):
+    from .model import load_model
+    budgets = {"cpu": a.budget} if a.budget else None
+    return load_model(a.path, budgets=budgets, weight_bits=_bits(a.weight_bits), kv_bits=_kv(a.kv_bits),
+                      store_dir=a.store_dir, placement=a.placement, max_context=a.max_context,
+                      group_size=a.group_size, progress=True, **kw)
+
+
+def cmd_plan(a) -> int:
+    with _load(a) as m:
+        print(m.placement.explain())
+        if a.json:
+            print(json.dumps(m.placement.to_dict(), indent=1, default=str))
+    return 0
+
+
+def cmd_generate(a) -> int:
+    import torch
+
+    ids = torch.tensor([[int(t) for t in a.prompt_ids.split(",")]])
+    with _load(a) as m:
+        print(m.placement.explain(), file=sys.stderr)
+        out = m.generate(ids, a.tokens, do_sample=a.sample, temperature=a.temperature, top_k=a.top_k,
+                         top_p=a.top_p, seed=a.seed, streamer=lambda t: print(int(t[0]), end=" ", flush=True))
+        print()
+        print(json.dumps(m.stats.summary(), default=str), file=sys.stderr)
+        del out
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from bench.offload import main as bench_main
+    return bench_main((["--quick"] if a.quick else []) + (["--json", a.json] if a.json else []))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m offload", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="write a deterministic random-init Llama checkpoint (HF format)")
+    d.add_argument("path")
+    d.add_argument("--preset", default="1b", help="tiny | small | 1b")
+    d.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    c = sub.add_parser("convert", help="convert an HF checkpoint into a checksummed store (resumable)")
+    c.add_argument("checkpoint")
+    c.add_argument("store_dir")
+    c.add_argument("--weight-bits", default=None, help="none | 1 | 2 | 3 | 4")
+    c.add_argument("--group-size", type=int, default=128)
+    c.add_argument("--quantize-head", action="store_true")
+    c.set_defaults(func=cmd_convert)
+    for name, fn, hlp in (("plan", cmd_plan, "show where each unit would live and the predicted step"),
+                          ("generate", cmd_generate, "generate tokens, streaming weights under the budget")):
+        g = sub.add_parser(name, help=hlp)
+        g.add_argument("path", help="HF checkpoint directory or store directory")
+        g.add_argument("--budget", default=None, help="CPU budget, e.g. 512MiB (default: no limit)")
+        g.add_argument("--weight-bits", default=None)
+        g.add_argument("--kv-bits", default=None, help="none | 8 | 4 | 2 | fp8")
+        g.add_argument("--group-size", type=int, default=128)
+        g.add_argument("--store-dir", default=None)
+        g.add_argument("--placement", default="auto", choices=["auto", "disk", "memory"])
+        g.add_argument("--max-context", type=int, default=None)
+        g.set_defaults(func=fn)
+        if name == "plan":
+            g.add_argument("--json", action="store_true")
+        else:
+            g.add_argument("--prompt-ids", default="1", help="comma-separated token ids")
+            g.add_argument("--tokens", type=int, default=16)
+            g.add_argument("--sample", action="store_true")
+            g.add_argument("--temperature", type=float, default=1.0)
+            g.add_argument("--top-k", type=int, default=None)
+            g.add_argument("--top-p", type=float, default=None)
+            g.add_argument("--seed", type=int, default=None)
+    b = sub.add_parser("bench", help="issue 6's benchmark: bf16 / 4-bit streaming, accelerate, in-memory")
+    b.add_argument("--quick", action="store_true", help="the small preset under 64 MiB (smoke run)")
+    b.add_argument("--json", default=None)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.func(a)
+    except (ValueError, TypeError, OSError, NotImplementedError) as e:  # bad input: one clear line
+        print(f"python -m offload {a.command}: error: {e}", file=sys.stderr)
+        return 2
