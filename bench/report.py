@@ -5,10 +5,10 @@ tables: ``roofline.report``), ``report.json`` (probe, machine, every row and its
 targets, what ran where) and ``report.md`` (the same tables, PASS/MISS per target with its figure).
 Bounded to a few minutes on a 2-core machine. Suites are ``bench.probe_check.SUITES`` (the probe
 against an independent numpy measurement), ``bench.attention.SUITES``, ``bench.lut.SUITES``,
-``bench.kvquant.SUITES``, then ``bench.advisor.SUITES`` (the roofline advisor's picks against
-exhaustive sweeps); each entry is (name, title, fn(ctx) -> {"rows", "targets", "notes"}); later
+``bench.kvquant.SUITES``, ``bench.advisor.SUITES`` (the roofline advisor's picks against
+exhaustive sweeps), then ``bench.offload.SUITES`` (a ~1.1B Llama streamed from disk); each entry is (name, title, fn(ctx) -> {"rows", "targets", "notes"}); later
 issues append their own lists. ``--suites`` takes names (``lut-2``), numbers (``2``: that suite
-of every family) or families (``probe``, ``attention``, ``lut``, ``kv``, ``advisor``).
+of every family) or families (``probe``, ``attention``, ``lut``, ``kv``, ``advisor``, ``offload``).
 """
 
 from __future__ import annotations
@@ -105,6 +105,23 @@ def _md_table_kv(rows: list[dict]) -> list[str]:
          else f"{r['mem_bytes_per_token']:.0f}")])
 
 
+def _md_table_offload(rows: list[dict]) -> list[str]:
+    """bench.offload rows: one configuration per row (its own subprocess)."""
+    out = ["| config | engine | tok/s | median step ms | disk MiB/step | storage reads MiB/forward | "
+           "peak RSS over base MiB | base MiB | stall % |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['label']} | {r['method']} | not run: {r['error']} | | | | | | |")
+            continue
+        dev = r.get("device_bytes_per_forward")
+        out.append(f"| {r['label']} | {r['engine']} | {r['tokens_per_s']:.3f} | {1e3 * r['median_step_s']:.1f} | "
+                   + ("-" if r.get("disk_bytes_per_step") is None else f"{r['disk_bytes_per_step'] / 2**20:.0f}")
+                   + f" | {'-' if dev is None else f'{dev / 2**20:.0f}'} | {r['rss_over_base'] / 2**20:.0f} | "
+                   f"{r['base_rss'] / 2**20:.0f} | "
+                   + ("-" if r.get("stall_fraction") is None else f"{100 * r['stall_fraction']:.0f}") + " |")
+    return out
+
+
 _KV_METHOD = ("Quantized KV (suites kv-*): KIVI cache (keys per channel in groups of gs tokens, values per "
               "token in groups of gs channels, fp16 scales and zeros; fp8 e4m3 with one fp32 scale per group "
               "of gs tokens and head) with a bf16 residual window; bytes read = codes + scales + zeros of the "
@@ -182,6 +199,8 @@ def markdown_body(rep: dict) -> str:
                     part = [r for r in rows if r.get("kv_table") == kind]
                     if part:
                         L += _md_table_kv(part) + [""]
+            elif any("engine" in r for r in rows):     # bench.offload rows
+                L += _md_table_offload(rows) + [""]
             elif any("probe_GB_s" in r for r in rows):  # bench.probe_check rows
                 L += _md_table_probe(rows) + [""]
             elif any("kind" in r for r in rows):       # bench.lut rows
@@ -205,6 +224,7 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
     from . import attention as A
     from . import kvquant as KV
     from . import lut as LU
+    from . import offload as OF
     from . import probe_check as PC
     from .roof import run_machine
 
@@ -231,7 +251,7 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
                           machine=machine)
     results = []
     for name, title, fn in (list(PC.SUITES) + list(A.SUITES) + list(LU.SUITES) + list(KV.SUITES)
-                            + list(AD.SUITES)):
+                            + list(AD.SUITES) + list(OF.SUITES)):
         entry = {"name": name, "title": title}
         if suites and not {name, name.split("-")[-1], name.split("-")[0]} & set(suites):
             entry["skipped"] = "not selected"

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--top-p", type=float, default=None)
             g.add_argument("--seed", type=int, default=None)
     b = sub.add_parser("bench", help="issue 6's benchmark: bf16 / 4-bit streaming, accelerate, in-memory")
-    b.add_argument("--quick", action="store_true", help="the small preset under 64 MiB (smoke run)")
+    b.add_argument("--quick", action="store_true", help="the small preset under 12 MiB (smoke run)")
     b.add_argument("--json", default=None)
     b.set_defaults(func=cmd_bench)
     return p

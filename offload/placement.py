@@ -213,7 +213,6 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
     -------
     Placement (``.explain()`` says why).
     """
-    from pykernels.kv_cache import QuantizedKVCache  # noqa: F401  (kv_bits validated by the cache later)
     from roofline.cost import kv_bytes_per_token
 
     if device == "cuda":

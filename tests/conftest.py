@@ -55,10 +55,11 @@ def roofline_cache_home(tmp_path_factory):
 @pytest.fixture
 def no_full_size_suites(monkeypatch):
     """Empty the suite lists of bench.report whose shapes are full size and not chosen by the
-    test (the probe check and the advisor sweeps; tests/test_probe_check.py and
-    tests/test_bench_advisor.py run them on small shapes)."""
-    from bench import advisor, probe_check
+    test (the probe check, the advisor sweeps and the offload benchmark; tests/test_probe_check.py,
+    tests/test_bench_advisor.py and tests/test_bench_offload.py run them on small shapes)."""
+    from bench import advisor, offload, probe_check
 
     monkeypatch.setattr(advisor, "SUITES", [])
+    monkeypatch.setattr(offload, "SUITES", [])  # tests/test_bench_offload.py runs its quick form
     monkeypatch.setattr(probe_check, "SUITES", [])
 
