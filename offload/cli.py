@@ -17,11 +17,32 @@ import sys
 
 
 def _bits(v):
-    return None if v in (None, "none", "16") else int(v)
+    """--weight-bits: none | 1 | 2 | 3 | 4."""
+    if v in (None, "none", "16"):
+        return None
+    if v not in ("1", "2", "3", "4"):
+        raise argparse.ArgumentTypeError(f"expected none, 1, 2, 3 or 4, got {v!r}")
+    return int(v)
 
 
 def _kv(v):
-    return None if v in (None, "none", "16") else ("fp8" if v == "fp8" else int(v))
+    """--kv-bits: none | 8 | 4 | 2 | fp8."""
+    if v in (None, "none", "16"):
+        return None
+    if v not in ("8", "4", "2", "fp8"):
+        raise argparse.ArgumentTypeError(f"expected none, 8, 4, 2 or fp8, got {v!r}")
+    return v if v == "fp8" else int(v)
+
+
+def _ids(v):
+    """--prompt-ids: comma-separated token ids."""
+    try:
+        ids = [int(t) for t in v.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer token ids, got {v!r}") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"expected token ids >= 0, got {v!r}")
+    return ids
 
 
 def cmd_demo(a) -> int:
@@ -35,7 +56,7 @@ def cmd_demo(a) -> int:
 
 def cmd_convert(a) -> int:
     from .store import convert
-    with convert(a.checkpoint, a.store_dir, weight_bits=_bits(a.weight_bits), group_size=a.group_size,
+    with convert(a.checkpoint, a.store_dir, weight_bits=a.weight_bits, group_size=a.group_size,
                  quantize_head=a.quantize_head, progress=True) as st:
         print(f"{a.store_dir}: {len(st.unit_names())} units, "
               f"{sum(st.unit_nbytes(u) for u in st.unit_names()) / 2**20:.0f} MiB")
@@ -45,23 +66,42 @@ def cmd_convert(a) -> int:
 def _load(a, **kw):
     from .model import load_model
     budgets = {"cpu": a.budget} if a.budget else None
-    return load_model(a.path, budgets=budgets, weight_bits=_bits(a.weight_bits), kv_bits=_kv(a.kv_bits),
+    return load_model(a.path, budgets=budgets, weight_bits=a.weight_bits, kv_bits=a.kv_bits,
                       store_dir=a.store_dir, placement=a.placement, max_context=a.max_context,
                       group_size=a.group_size, progress=True, **kw)
 
 
 def cmd_plan(a) -> int:
-    with _load(a) as m:
-        print(m.placement.explain())
-        if a.json:
-            print(json.dumps(m.placement.to_dict(), indent=1, default=str))
+    """Plan without converting: exact unit sizes from a store, estimates from a checkpoint."""
+    from .checkpoint import Checkpoint
+    from .model import _is_store
+    from .placement import plan_placement
+    from .store import Store
+
+    if _is_store(a.path):
+        with Store(a.path) as st:
+            cfg, ub, bits = st.config, {u: st.unit_nbytes(u) for u in st.unit_names()}, st.weight_bits
+        how = "unit sizes from the store"
+    else:
+        cfg, bits = Checkpoint(a.path).config, a.weight_bits
+        ub = None
+        how = "unit sizes estimated from config.json (convert for exact ones)"
+    db = 4 if (cfg.get("torch_dtype") or cfg.get("dtype")) == "float32" else 2
+    ctx = a.max_context or min(cfg.get("max_position_embeddings") or 4096, 4096)
+    p = plan_placement(cfg, None, {"cpu": a.budget} if a.budget else None, context=ctx, weight_bits=bits,
+                       kv_bits=a.kv_bits, group_size=a.group_size, unit_bytes=ub, dtype_bytes=db,
+                       mode=a.placement)
+    print(p.explain())
+    print(f"({how})")
+    if a.json:
+        print(json.dumps(p.to_dict(), indent=1, default=str))
     return 0
 
 
 def cmd_generate(a) -> int:
     import torch
 
-    ids = torch.tensor([[int(t) for t in a.prompt_ids.split(",")]])
+    ids = torch.tensor([a.prompt_ids])
     with _load(a) as m:
         print(m.placement.explain(), file=sys.stderr)
         out = m.generate(ids, a.tokens, do_sample=a.sample, temperature=a.temperature, top_k=a.top_k,
@@ -91,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert an HF checkpoint into a checksummed store (resumable)")
     c.add_argument("checkpoint")
     c.add_argument("store_dir")
-    c.add_argument("--weight-bits", default=None, help="none | 1 | 2 | 3 | 4")
+    c.add_argument("--weight-bits", type=_bits, default=None, help="none | 1 | 2 | 3 | 4")
     c.add_argument("--group-size", type=int, default=128)
     c.add_argument("--quantize-head", action="store_true")
     c.set_defaults(func=cmd_convert)
@@ -100,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         g = sub.add_parser(name, help=hlp)
         g.add_argument("path", help="HF checkpoint directory or store directory")
         g.add_argument("--budget", default=None, help="CPU budget, e.g. 512MiB (default: no limit)")
-        g.add_argument("--weight-bits", default=None)
-        g.add_argument("--kv-bits", default=None, help="none | 8 | 4 | 2 | fp8")
+        g.add_argument("--weight-bits", type=_bits, default=None, help="none | 1 | 2 | 3 | 4")
+        g.add_argument("--kv-bits", type=_kv, default=None, help="none | 8 | 4 | 2 | fp8")
         g.add_argument("--group-size", type=int, default=128)
         g.add_argument("--store-dir", default=None)
         g.add_argument("--placement", default="auto", choices=["auto", "disk", "memory"])
@@ -110,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "plan":
             g.add_argument("--json", action="store_true")
         else:
-            g.add_argument("--prompt-ids", default="1", help="comma-separated token ids")
+            g.add_argument("--prompt-ids", type=_ids, default=[1], help="comma-separated token ids")
             g.add_argument("--tokens", type=int, default=16)
             g.add_argument("--sample", action="store_true")
             g.add_argument("--temperature", type=float, default=1.0)

@@ -86,6 +86,8 @@ class Streamer:
         """Block until ``unit`` is read and verified; -> (slot, buffer)."""
         if self._error is not None:
             raise self._error
+        if self._stop.is_set():
+            raise RuntimeError("offload executor: closed")
         want = self.order[self._pos]
         if unit != want:
             raise RuntimeError(f"offload executor: {unit!r} requested, {want!r} is next in the stream order")
@@ -95,6 +97,8 @@ class Streamer:
                 got, slot, err = self._ready.get(timeout=0.5)
                 break
             except queue.Empty:
+                if self._stop.is_set():
+                    raise RuntimeError("offload executor: closed") from None
                 if not self._thread.is_alive():
                     self._error = RuntimeError("offload executor: the prefetch thread stopped")
                     raise self._error from None
@@ -102,7 +106,9 @@ class Streamer:
         if err is not None:
             self._error = err
             raise err
-        assert got == unit, (got, unit)
+        if got != unit:  # never compute a layer on another layer's weights
+            self._error = RuntimeError(f"offload executor: read {got!r} where {unit!r} was due (stream out of order)")
+            raise self._error
         self._pos = (self._pos + 1) % len(self.order)
         return slot, self.bufs[slot]
 
@@ -124,11 +130,5 @@ class Streamer:
         self._free.put(None)
         self._thread.join(timeout=30)
         self._pool.shutdown(wait=True)
-        self.bufs = []
+        # the slot buffers stay until the Streamer is collected: a caller may still hold views
 
-    def __del__(self):
-        try:
-            if self._thread.is_alive():
-                self.close()
-        except Exception:
-            pass

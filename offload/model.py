@@ -13,7 +13,9 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
+import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -108,8 +110,9 @@ class OffloadedModel:
         self._bufs = []
         self._streamer = None
         self._closed = False
+        self._lock = threading.RLock()  # a forward pass vs close() from another thread
         cfg = self.config
-        self.rope = llama.Rope(cfg, placement.batch * placement.context, dtype=torch.float32)
+        self.rope = llama.Rope(cfg, placement.context, dtype=torch.float32)
         for unit, tier in placement.tiers.items():
             if tier == "cpu":
                 buf = store.alloc(store.unit_nbytes(unit))
@@ -119,6 +122,8 @@ class OffloadedModel:
         streamed = placement.streamed()
         if streamed:
             self._streamer = Streamer(store, streamed, placement.slots, placement.slot_bytes, io_threads)
+        # a model dropped without close() still stops its reader threads and closes its files
+        self._finalizer = weakref.finalize(self, _release, self._streamer, store)
         self._embed_name = next(iter(store.units["embed"]["tensors"]))
 
     # ------------------------------------------------------------------ weights
@@ -138,23 +143,27 @@ class OffloadedModel:
 
     # ------------------------------------------------------------------ public
     def new_cache(self, batch: int, capacity: int) -> "llama.KVCache":
-        """A KV cache for ``batch`` sequences of up to ``capacity`` tokens (within the KV the
-        placement reserved: ``batch * capacity <= placement.batch * placement.context``)."""
+        """A KV cache for ``batch`` sequences of up to ``capacity`` tokens, within what the
+        placement reserved in the budget (``batch <= placement.batch``, ``capacity <=
+        placement.context``: KV, workspace and RoPE tables were sized for those)."""
         for name, v in (("batch", batch), ("capacity", capacity)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
         p = self.placement
-        if batch * capacity > p.batch * p.context:
-            raise ValueError(f"capacity: batch {batch} x {capacity} tokens exceeds the KV reserved in the budget "
-                             f"({p.batch} x {p.context}); pass max_batch / max_context to load_model")
+        if batch > p.batch:
+            raise ValueError(f"batch: {batch} sequences, but the budget was planned for max_batch={p.batch} "
+                             f"(KV and activations); pass max_batch to load_model")
+        if capacity > p.context:
+            raise ValueError(f"capacity: {capacity} tokens, but the budget was planned for max_context={p.context}; "
+                             f"pass max_context to load_model")
         return llama.KVCache(self.config, batch, capacity, dtype=self.dtype, kv_bits=self.kv_bits,
                              group_size=self.kv_group_size, residual=self.kv_residual)
 
     def _check_ids(self, input_ids) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor):
             try:
-                input_ids = torch.as_tensor(input_ids, dtype=torch.long)
-            except (TypeError, ValueError) as e:
+                input_ids = torch.as_tensor(input_ids)  # no dtype: floats must not be truncated to ids
+            except (TypeError, ValueError, RuntimeError) as e:
                 raise TypeError(f"input_ids: expected token ids [B, T], got {type(input_ids).__name__}") from e
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"input_ids: expected an integer tensor, got {input_ids.dtype}")
@@ -169,11 +178,15 @@ class OffloadedModel:
         return input_ids.long().cpu()
 
     @torch.inference_mode()
-    def forward(self, input_ids, cache=None, *, last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids, cache=None, *, last_only: bool = False, _phase: str | None = None) -> torch.Tensor:
         """Logits float32 [B, T, vocab] (``[B, 1, vocab]`` with ``last_only``) of ``input_ids``
         [B, T] appended to ``cache`` (a fresh cache of T tokens when None)."""
-        if self._closed:
-            raise RuntimeError("OffloadedModel: closed")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("OffloadedModel: closed")
+            return self._forward(input_ids, cache, last_only, _phase)
+
+    def _forward(self, input_ids, cache, last_only, _phase):
         ids = self._check_ids(input_ids)
         B, T = ids.shape
         if cache is None:
@@ -181,7 +194,7 @@ class OffloadedModel:
         if cache.length + T > cache.capacity:
             raise ValueError(f"input_ids: {T} tokens do not fit the cache ({cache.length} of {cache.capacity} used)")
         if T > PREFILL_CHUNK:  # bounded activations: one pass over the layers per chunk
-            outs = [self.forward(ids[:, s:s + PREFILL_CHUNK], cache, last_only=last_only)
+            outs = [self._forward(ids[:, s:s + PREFILL_CHUNK], cache, last_only, "prefill")
                     for s in range(0, T, PREFILL_CHUNK)]
             return outs[-1] if last_only else torch.cat(outs, 1)
         st = self._streamer
@@ -199,7 +212,7 @@ class OffloadedModel:
         cache.advance(T)
         st = self._streamer
         self.stats.steps.append({
-            "phase": "decode" if T == 1 else "prefill", "tokens": B * T, "wall_s": time.perf_counter() - t0,
+            "phase": _phase or ("decode" if T == 1 else "prefill"), "tokens": B * T, "wall_s": time.perf_counter() - t0,
             "stall_s": (st.stall_s - stall0) if st else 0.0, "io_busy_s": (st.io_busy_s - busy0) if st else 0.0,
             "read_bytes": (st.bytes_read - read0) if st else 0, "disk_bytes": self._disk, "cpu_bytes": self._cpu})
         return logits
@@ -219,8 +232,9 @@ class OffloadedModel:
         cfg = self.config
         for i in range(cfg.num_layers):
             unit = f"layer.{i}"
-            w, slot = self._take(unit)
+            w = slot = None
             try:
+                w, slot = self._take(unit)
                 h = llama.layer_forward(cfg, w, h, positions, cache, i, self.rope)
             finally:
                 del w
@@ -230,8 +244,9 @@ class OffloadedModel:
                 cpu += self._unit_bytes(unit)
             else:
                 disk += self._unit_bytes(unit)
-        w, slot = self._take("head")
+        w = slot = None
         try:
+            w, slot = self._take("head")
             hs = h[:, -1:] if last_only else h
             logits = llama.final_logits(cfg, w["norm.weight"], w["lm_head.weight"], hs)
         finally:
@@ -268,38 +283,77 @@ class OffloadedModel:
             self._streamer.release(slot)
             raise
 
+    def stream_pass(self) -> float:
+        """Read every streamed unit once, in order, without computing; -> seconds. The I/O
+        ceiling of one decode step on this disk right now (0.0 when nothing streams): a
+        decode step's time divided by this says how well compute hides behind the reads."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("OffloadedModel: closed")
+            return self._stream_pass()
+
+    def _stream_pass(self) -> float:
+        st = self._streamer
+        if st is None:
+            return 0.0
+        if not st.at_start():
+            st.skip_to_start()
+        t0 = time.perf_counter()
+        for unit in st.order:
+            slot, _ = st.acquire(unit)
+            st.release(slot)
+        return time.perf_counter() - t0
+
     def iter_generate(self, input_ids, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                       eos_token_id: int | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token ids [B] one step at a time (prefill first, then one decode step
         per token). Greedy unless ``do_sample``; sampling uses ``temperature``, ``top_k``,
-        ``top_p`` and a generator seeded with ``seed``. Sequences that produced
-        ``eos_token_id`` keep producing it."""
+        ``top_p`` and a private generator seeded with ``seed`` (torch's global RNG is never
+        touched). Sequences that produced ``eos_token_id`` keep producing it; generation stops
+        when all have. Arguments are checked here, before the first step."""
         ids = self._check_ids(input_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        if not isinstance(do_sample, bool):
+            raise TypeError(f"do_sample: expected a bool, got {do_sample!r}")
         if do_sample:
-            if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+            if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0
+                    or not math.isfinite(temperature)):
                 raise ValueError(f"temperature: expected a float > 0, got {temperature!r}")
             if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
                 raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
-            if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                                      or not 0 < top_p <= 1):
                 raise ValueError(f"top_p: expected a float in (0, 1] or None, got {top_p!r}")
-        if max_new_tokens == 0:
-            return
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed: expected an int >= 0 or None, got {seed!r}")
+        if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
+                                         or not 0 <= eos_token_id < self.config.vocab_size):
+            raise ValueError(f"eos_token_id: expected a token id in [0, {self.config.vocab_size}) or None, "
+                             f"got {eos_token_id!r}")
         B, T = ids.shape
-        cache = self.new_cache(B, T + max_new_tokens)
-        gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-        done = torch.zeros(B, dtype=torch.bool)
+        cache = self.new_cache(B, T + max_new_tokens) if max_new_tokens else None
+        gen = None
+        if do_sample:
+            gen = torch.Generator()
+            if seed is None:
+                gen.seed()  # fresh entropy for this generator only
+            else:
+                gen.manual_seed(seed)
+        return self._steps(ids, cache, max_new_tokens, do_sample, temperature, top_k, top_p, gen, eos_token_id)
+
+    def _steps(self, ids, cache, n, do_sample, temperature, top_k, top_p, gen, eos):
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
         x = ids
-        for step in range(max_new_tokens):
+        for _ in range(n):
             logits = self.forward(x, cache, last_only=True)[:, -1]
             nxt = self._pick(logits, do_sample, temperature, top_k, top_p, gen)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
+            if eos is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                done |= nxt == eos
             yield nxt
-            if eos_token_id is not None and bool(done.all()):
+            if eos is not None and bool(done.all()):
                 return
             x = nxt.unsqueeze(1)
 
@@ -308,6 +362,8 @@ class OffloadedModel:
 
         ``streamer``: called with each step's new ids [B] as soon as it exists. Other keywords
         as :meth:`iter_generate`."""
+        if streamer is not None and not callable(streamer):
+            raise TypeError(f"streamer: expected a callable or None, got {type(streamer).__name__}")
         ids = self._check_ids(input_ids)
         out = [ids]
         for nxt in self.iter_generate(ids, max_new_tokens, **kw):
@@ -333,16 +389,15 @@ class OffloadedModel:
         return torch.multinomial(torch.softmax(z, -1), 1, generator=gen).squeeze(-1)
 
     def close(self) -> None:
-        """Stop the reader threads and free the buffers; the store's files stay."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._streamer is not None:
-            self._streamer.close()
-            self._streamer = None
-        self._resident.clear()
-        self._bufs.clear()
-        self.store.close()
+        """Stop the reader threads and free the buffers; the store's files stay. A forward
+        running in another thread finishes first; later calls raise "closed"."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._finalizer()
+            self._resident.clear()
+            self._bufs.clear()
 
     def __enter__(self):
         return self
@@ -354,6 +409,45 @@ class OffloadedModel:
         c = self.config
         return (f"OffloadedModel({c.model_type}, {c.num_layers} layers, hidden {c.hidden_size}, "
                 f"{len(self.placement.streamed())} units streamed, dtype {self.dtype})")
+
+
+def _release(streamer, store) -> None:
+    """Finalizer of an OffloadedModel (holds no reference to the model itself)."""
+    if streamer is not None:
+        streamer.close()
+    store.close()
+
+
+def _check_placement(plan: Placement, store) -> None:
+    """A Placement given by the caller must describe this store (units, sizes, slots)."""
+    units = set(store.unit_names())
+    if set(plan.tiers) != units:
+        raise ValueError(f"placement: its units {sorted(plan.tiers)[:4]}... are not this store's {sorted(units)[:4]}...")
+    bad = {u: t for u, t in plan.tiers.items() if t not in ("cpu", "disk")}
+    if bad:
+        raise ValueError(f"placement: tiers {bad} (only 'cpu' and 'disk' on device='cpu')")
+    wrong = [u for u in units if plan.unit_bytes.get(u) != store.unit_nbytes(u)]
+    if wrong:
+        u = wrong[0]
+        raise ValueError(f"placement: unit_bytes[{u!r}] = {plan.unit_bytes.get(u)} but the store's unit is "
+                         f"{store.unit_nbytes(u)} bytes: plan with unit_bytes from this store")
+    st = plan.streamed()
+    if st and (plan.slots < 2 or plan.slot_bytes < max(store.unit_nbytes(u) for u in st)):
+        raise ValueError(f"placement: {plan.slots} slots of {plan.slot_bytes} bytes cannot stream units of up to "
+                         f"{max(store.unit_nbytes(u) for u in st)} bytes")
+
+
+def _store_dtype(store) -> torch.dtype:
+    """The one float dtype of the store's unquantized weights (norms, biases, dense matrices)."""
+    seen = set()
+    for u in store.unit_names():
+        for name, t in store.units[u]["tensors"].items():
+            if name.endswith((".weight", ".bias")):
+                seen.add(t["dtype"])
+    if len(seen) != 1 or next(iter(seen)) not in _DTYPES:
+        raise ValueError(f"path: the store's weights are {sorted(seen)}; one of {sorted(_DTYPES)} is supported "
+                         f"(no per-step conversion copies)")
+    return _DTYPES[seen.pop()]
 
 
 def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: str = "cpu", placement="auto",
@@ -426,10 +520,7 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
         store = convert(ckpt, sd, weight_bits=weight_bits, group_size=group_size, progress=progress)
     try:
         cfg = llama.LlamaConfig.from_hf(store.config)
-        stored = _DTYPES.get(store.units["layer.0"]["tensors"]["input_layernorm.weight"]["dtype"])
-        if stored is None:
-            raise ValueError(f"path: the store's norms are {store.units['layer.0']['tensors']['input_layernorm.weight']['dtype']}, "
-                             f"expected one of {sorted(_DTYPES)}")
+        stored = _store_dtype(store)
         if dtype is None:
             dtype = stored
         elif dtype != stored:
@@ -440,13 +531,15 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
         if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
             raise ValueError(f"max_context: expected an int >= 1, got {max_context!r}")
         if isinstance(placement, Placement):
+            _check_placement(placement, store)
             plan = placement
         else:
             ub = {u: store.unit_nbytes(u) for u in store.unit_names()}
             plan = plan_placement(store.config, machine, budgets, batch=max_batch, context=max_context,
                                   weight_bits=store.weight_bits, kv_bits=kv_bits, device=device,
                                   unit_bytes=ub, slots=slots, page_bytes=store.manifest["page_bytes"],
-                                  dtype_bytes=dtype.itemsize, disk_bandwidth=disk_bandwidth, mode=placement)
+                                  dtype_bytes=dtype.itemsize, disk_bandwidth=disk_bandwidth, mode=placement,
+                                  kv_group_size=kv_group_size, kv_residual=kv_residual)
         return OffloadedModel(store, plan, dtype=dtype, kv_bits=kv_bits, io_threads=io_threads,
                               kv_group_size=kv_group_size, kv_residual=kv_residual)
     except BaseException:

@@ -186,11 +186,17 @@ def _spread(n_layers: int, n_stream: int) -> set[int]:
     return {min(n_layers - 1, int((k + 0.5) * n_layers / n_stream)) for k in range(n_stream)}
 
 
+def least_bytes(fixed: int, layer: int, head: int, slots: int) -> int:
+    """The least CPU memory a plan can hold: every layer and the embedding streamed, the head
+    resident beside layer-sized slots, or streamed through head-sized slots."""
+    return fixed + min(slots * layer + head, slots * max(layer, head))
+
+
 def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, context: int = 2048,
                    weight_bits=None, kv_bits=None, group_size: int = 128, device: str = "cpu",
                    unit_bytes: dict | None = None, slots: int = 2, page_bytes: int = 4 * _MiB,
                    dtype_bytes: int = 2, disk_bandwidth: float | None = None,
-                   mode: str = "auto") -> Placement:
+                   mode: str = "auto", kv_group_size: int = 32, kv_residual: int = 128) -> Placement:
     """Decide which units stay in CPU memory and which stream from disk each decode step.
 
     Parameters
@@ -201,19 +207,21 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
     budgets : {"cpu": bytes or "2GiB", "gpu": ...}; a missing "cpu" means no limit.
     batch, context : the KV reserved is for ``batch`` sequences of ``context`` tokens.
     weight_bits, kv_bits, group_size : the store's weight format and the KV format.
+    kv_group_size, kv_residual : the quantized KV cache's group and full-precision window
+        (``pk.QuantizedKVCache``); its exact allocation is what the budget reserves.
     device : "cpu" (the CUDA executor is not written yet: "cuda" raises NotImplementedError).
     unit_bytes : exact unit sizes (``Store.unit_nbytes``); default: :func:`estimate_unit_bytes`.
     slots : streaming buffers (2 = double buffering), each as large as the largest streamed unit.
     dtype_bytes : bytes per element of the compute dtype (activations, dense KV).
     disk_bandwidth : cold read bytes/s of the store's disk; default from ``machine``.
-    mode : "auto" (most resident within budget), "disk" (stream every layer and the head: the
-        least memory), "memory" (everything resident; ValueError if it does not fit).
+    mode : "auto" (the fewest disk bytes per step within the budget), "disk" (stream every
+        layer and the head, embedding rows per token), "memory" (everything resident; ValueError
+        if it does not fit).
 
     Returns
     -------
     Placement (``.explain()`` says why).
     """
-    from roofline.cost import kv_bytes_per_token
 
     if device == "cuda":
         raise NotImplementedError("device='cuda': the GPU tier of the offload executor is not written yet "
@@ -248,71 +256,79 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
     nh = c["num_attention_heads"]
     hd = c.get("head_dim") or c["hidden_size"] // nh
     kvh = c.get("num_key_value_heads") or nh
-    per_tok = kv_bytes_per_token(kvh, hd, 16 if kv_bits is None else kv_bits)
-    if kv_bits is None:
-        per_tok = per_tok * dtype_bytes / 2
-    kv = int(math.ceil(per_tok * L * batch * context))
-    ws = workspace_bytes(c, batch, context)
+    if kv_bits is None:  # offload.llama.KVCache: one [L, 2, B, context, Hkv, D] tensor
+        kv = L * 2 * batch * context * kvh * hd * dtype_bytes
+    else:  # exactly what pk.QuantizedKVCache allocates (pages, scales, the fp sink/residual rows)
+        import torch
+
+        from pykernels.kv_cache import QuantizedKVCache
+        dt = {4: torch.float32, 2: torch.bfloat16}.get(dtype_bytes, torch.bfloat16)
+        kv = L * QuantizedKVCache(batch, context, kvh, hd, bits=kv_bits, group_size=kv_group_size,
+                                  residual=kv_residual, dtype=dt, device="meta").nbytes
+    # activations + the RoPE cos/sin tables (float32 [context, head_dim] each)
+    ws = workspace_bytes(c, batch, context) + 2 * 4 * context * hd
     fixed = kv + ws
     cap = math.inf if cpu_cap is None else cpu_cap
     reasons = {}
-    tiers = {u: "cpu" for u in need}
     layers = [f"layer.{i}" for i in range(L)]
+    lay = max(ub[u] for u in layers)
+    weights = sum(ub.values())
+    embed_cost = min(ub["embed"], batch * page_bytes)  # one checksum page per sequence's token, at most
 
-    def slot_cost(streamed):
-        return slots * max((ub[u] for u in streamed), default=0) if streamed else 0
+    def option(stream_head: bool, n_stream: int):
+        """(tiers, cpu bytes, disk bytes per token) with ``n_stream`` layers (spread) streamed,
+        or None when it does not fit ``cap``; the embedding joins the resident set if it fits."""
+        idx = _spread(L, n_stream)
+        st = [u for i, u in enumerate(layers) if i in idx] + (["head"] if stream_head else [])
+        slot = max((ub[u] for u in st), default=0)
+        held = fixed + (slots * slot if st else 0) + sum(ub[u] for u in need if u not in st and u != "embed")
+        if held > cap:
+            return None
+        t = {u: ("disk" if u in st else "cpu") for u in need}
+        if held + ub["embed"] <= cap:
+            held += ub["embed"]
+        else:
+            t["embed"] = "disk"
+        disk = sum(ub[u] for u in st) + (embed_cost if t["embed"] == "disk" else 0)
+        return t, held, disk
 
-    if mode == "memory" or (mode == "auto" and fixed + sum(ub.values()) <= cap):
-        total = fixed + sum(ub.values())
+    if mode == "memory":
+        total = fixed + weights
         if total > cap:
             raise ValueError(f"budgets['cpu']: placement='memory' needs {total / _MiB:.0f} MiB "
-                             f"(weights {sum(ub.values()) / _MiB:.0f} + KV {kv / _MiB:.0f} + workspace "
+                             f"(weights {weights / _MiB:.0f} + KV {kv / _MiB:.0f} + workspace "
                              f"{ws / _MiB:.0f}), budget is {cap / _MiB:.0f} MiB")
-        for u in need:
-            reasons[u] = "everything fits in the CPU budget"
-        streamed = []
+        tiers = {u: "cpu" for u in need}
+    elif mode == "disk":
+        tiers = {u: "disk" for u in need}  # every layer and the head stream; embedding rows per token
     else:
-        if mode == "disk":
-            streamed = layers + ["head"]
-            for u in streamed:
-                reasons[u] = "placement='disk': streamed every step"
+        # the fewest disk bytes per step: try each number of streamed layers (fewest first), with
+        # the head resident or streamed; the first that fits is the best for that head choice
+        best = None
+        for stream_head in (False, True):
+            for n in range(L + 1):
+                o = option(stream_head, n)
+                if o is not None:
+                    if best is None or o[2] < best[2]:
+                        best = o
+                    break
+        if best is None:
+            least = least_bytes(fixed, lay, ub["head"], slots)
+            raise ValueError(
+                f"budgets['cpu']: {cap / _MiB:.1f} MiB is too small: with every layer and the embedding "
+                f"streamed this model still needs {least / _MiB:.1f} MiB (KV {kv / _MiB:.1f} MiB for "
+                f"batch={batch}, context={context}; workspace {ws / _MiB:.1f} MiB; {slots} streaming slots; "
+                f"the head resident or streamed, whichever needs less)")
+        tiers = best[0]
+    for u in need:
+        if tiers[u] == "cpu":
+            reasons[u] = ("resident: the whole model fits" if all(t == "cpu" for t in tiers.values())
+                          else "resident in CPU memory (read every step, so kept before the embedding)")
+        elif u == "embed":
+            reasons[u] = "on disk: only the rows of the input tokens are read (one checksum page each)"
         else:
-            # head first (read whole every step), then layers; the embedding last (only rows are read).
-            left = cap - fixed - slots * max(ub[u] for u in layers)
-            if left < 0:
-                raise ValueError(
-                    f"budgets['cpu']: {cap / _MiB:.0f} MiB cannot hold the KV cache ({kv / _MiB:.0f} MiB for "
-                    f"batch={batch}, context={context}), the workspace ({ws / _MiB:.0f} MiB) and "
-                    f"{slots} streaming slots of {max(ub[u] for u in layers) / _MiB:.0f} MiB: at least "
-                    f"{(fixed + slots * max(ub[u] for u in layers)) / _MiB:.0f} MiB is needed")
-            streamed = []
-            if ub["head"] <= left:
-                left -= ub["head"]
-                reasons["head"] = "resident: read whole every step, kept first"
-            else:
-                streamed.append("head")
-                reasons["head"] = "streamed: does not fit beside the slots and KV"
-            n_res = 0
-            for u in layers:
-                if ub[u] <= left:
-                    left -= ub[u]
-                    n_res += 1
-            stream_idx = _spread(L, L - n_res)
-            for i, u in enumerate(layers):
-                if i in stream_idx:
-                    streamed.append(u)
-                    reasons[u] = "streamed: the CPU budget is full"
-                else:
-                    reasons[u] = "resident in CPU memory"
-            if slot_cost(streamed) < slots * max(ub[u] for u in layers):
-                left += slots * max(ub[u] for u in layers) - slot_cost(streamed)
-            if ub["embed"] <= left:
-                reasons["embed"] = "resident: budget left after the layers"
-            else:
-                tiers["embed"] = "disk"
-                reasons["embed"] = "on disk: only the rows of the input tokens are read (one page each)"
-        for u in streamed:
-            tiers[u] = "disk"
+            reasons[u] = ("placement='disk': streamed every step" if mode == "disk"
+                          else "streamed every step: the CPU budget is full")
     streamed = [u for u in need if tiers[u] == "disk" and u != "embed"]
     slot_bytes = max((ub[u] for u in streamed), default=0)
     n_slots = slots if streamed else 0
@@ -321,7 +337,7 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
         raise ValueError(f"budgets['cpu']: {cpu_cap / _MiB:.0f} MiB is too small: the least this model needs "
                          f"with everything streamed is {used_cpu / _MiB:.0f} MiB (KV {kv / _MiB:.0f}, "
                          f"slots {n_slots} x {slot_bytes / _MiB:.0f}, workspace {ws / _MiB:.0f})")
-    disk_tok = sum(ub[u] for u in streamed) + (batch * page_bytes if tiers["embed"] == "disk" else 0)
+    disk_tok = sum(ub[u] for u in streamed) + (embed_cost if tiers["embed"] == "disk" else 0)
     p = Placement(device=device, tiers=tiers, unit_bytes=ub, budgets={"cpu": cpu_cap}, slots=n_slots,
                   slot_bytes=slot_bytes, kv_bytes=kv, workspace_bytes=ws, used={"cpu": used_cpu},
                   disk_bytes_per_token=disk_tok, batch=batch, context=context, weight_bits=weight_bits,

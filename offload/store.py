@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -261,15 +262,44 @@ def _load_json(path):
         raise ValueError(f"store_dir: {path} is not valid JSON ({e}); remove the directory to start over") from None
 
 
-def _discard(store_dir: str) -> None:
-    """Remove what a previous conversion created (our file names only), nothing else."""
+def _discard(store_dir: str, journal: dict) -> None:
+    """Remove what a previous conversion created (our file names only), nothing else.
+
+    The new ``journal`` is written first and the old manifest removed before any unit file, so
+    a kill at any point leaves a directory that is still recognised as ours (resumable)."""
+    _write_json_atomic(os.path.join(store_dir, _JOURNAL), journal)
+    _unlink_quiet(os.path.join(store_dir, _MANIFEST))
     for fname in os.listdir(store_dir):
-        if _UNIT_FILE.match(fname) or fname in (_MANIFEST, _JOURNAL, _MANIFEST + ".tmp", _JOURNAL + ".tmp"):
+        if _UNIT_FILE.match(fname) or fname in (_MANIFEST + ".tmp", _JOURNAL + ".tmp"):
             _unlink_quiet(os.path.join(store_dir, fname))
 
 
 def convert(checkpoint, store_dir, *, weight_bits=None, group_size=128, quantize_head=False,
             progress=None, _fail_after_units=None) -> "Store":
+    if not isinstance(store_dir, (str, os.PathLike)):
+        raise TypeError(f"store_dir: expected a path, got {type(store_dir).__name__}")
+    store_dir = os.path.abspath(os.fspath(store_dir))
+    if os.path.lexists(store_dir) and not os.path.isdir(store_dir):
+        raise ValueError(f"store_dir: {store_dir!r} exists and is not a directory")
+    created = not os.path.exists(store_dir)
+    os.makedirs(store_dir, exist_ok=True)
+    # one conversion per store at a time (two load_model calls on one default store): the
+    # second waits, then finds the store complete or resumes it
+    fd = os.open(store_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _convert(checkpoint, store_dir, weight_bits=weight_bits, group_size=group_size,
+                        quantize_head=quantize_head, progress=progress, _fail_after_units=_fail_after_units)
+    except BaseException:
+        if created and not os.listdir(store_dir):  # rejected before writing: leave nothing behind
+            os.rmdir(store_dir)
+        raise
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _convert(checkpoint, store_dir, *, weight_bits=None, group_size=128, quantize_head=False,
+             progress=None, _fail_after_units=None) -> "Store":
     """Convert an HF checkpoint into a store directory (resumable), one unit at a time.
 
     Units: "embed" (one tensor, named "model.embed_tokens.weight" as in HF), "layer.{i}" (every tensor of
@@ -353,8 +383,8 @@ def convert(checkpoint, store_dir, *, weight_bits=None, group_size=128, quantize
             return Store(store_dir)
         if not man_ok and jour.get("options") == options and jour.get("version") == VERSION:
             done = {u: e for u, e in jour.get("units", {}).items() if u in plan}
-        else:
-            _discard(store_dir)                   # other options / source: start over
+        else:                                     # other options / source: start over
+            _discard(store_dir, {"format": _JOURNAL_FORMAT, "version": VERSION, "options": options, "units": {}})
     os.makedirs(store_dir, exist_ok=True)
     for fname in os.listdir(store_dir):           # a temp file of a killed run
         if fname.endswith(".tmp") and (_UNIT_FILE.match(fname) or fname[:-4] in (_MANIFEST, _JOURNAL)):
@@ -418,6 +448,9 @@ def convert(checkpoint, store_dir, *, weight_bits=None, group_size=128, quantize
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
+convert.__doc__ = _convert.__doc__
+
+
 def _address(buf) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 

@@ -55,12 +55,17 @@ def _load(path, tmp_path, **kw):
 
 @pytest.mark.parametrize("placement", ["memory", "disk", "auto"])
 def test_fp32_logits_match_hf(tiny32, tmp_path, placement):
-    budgets = {"cpu": 9 * _MiB} if placement == "auto" else None
-    with _load(tiny32, tmp_path, placement=placement, budgets=budgets, max_context=64) as m:
+    budgets = None
+    if placement == "auto":  # room for the slots and the head: the layers must stream
+        with offload.convert(tiny32, str(tmp_path / "store")) as st:
+            ub = {u: st.unit_nbytes(u) for u in st.unit_names()}
+            least = plan_placement(st.config, unit_bytes=ub, batch=2, context=64, dtype_bytes=4, mode="disk")
+        budgets = {"cpu": least.used["cpu"] + ub["head"]}
+    with _load(tiny32, tmp_path, placement=placement, budgets=budgets, max_context=64, max_batch=2) as m:
         if placement == "disk":
             assert len(m.placement.streamed()) == m.config.num_layers + 1
         if placement == "auto":  # the budget forces part of the model onto disk
-            assert 0 < len(m.placement.streamed()) <= m.config.num_layers + 1
+            assert m.placement.tiers["head"] == "cpu" and len(m.placement.streamed()) == m.config.num_layers
         hf = _hf(tiny32, torch.float32)
         ids = _ids(2, 9, m.config.vocab_size)
         with torch.no_grad():
@@ -231,10 +236,40 @@ def test_bad_arguments(tiny32, tmp_path):
             m.generate(_ids(1, 3, 256), -1)
         with pytest.raises(ValueError, match="temperature"):
             m.generate(_ids(1, 3, 256), 2, do_sample=True, temperature=0)
+        with pytest.raises(ValueError, match="temperature"):
+            m.generate(_ids(1, 3, 256), 2, do_sample=True, temperature=True)
+        with pytest.raises(TypeError, match="do_sample"):
+            m.generate(_ids(1, 3, 256), 2, do_sample="no")
+        with pytest.raises(ValueError, match="eos_token_id"):
+            m.generate(_ids(1, 3, 256), 2, eos_token_id="x")
+        with pytest.raises(ValueError, match="seed"):
+            m.generate(_ids(1, 3, 256), 2, do_sample=True, seed=1.5)
+        with pytest.raises(TypeError, match="streamer"):
+            m.generate(_ids(1, 3, 256), 2, streamer=5)
+        with pytest.raises(ValueError, match="top_p"):
+            m.iter_generate(_ids(1, 3, 256), 2, do_sample=True, top_p=1.5)  # checked before the first step
+        # token ids are integers: floats and bools are refused, never truncated
+        with pytest.raises(TypeError, match="input_ids"):
+            m.generate([[1.7, 2.9, 3.99]], 2)
+        with pytest.raises(TypeError, match="input_ids"):
+            m.forward(torch.tensor([[True, False]]))
+        # the budget was planned for max_batch=1 and max_context=16
+        with pytest.raises(ValueError, match="batch"):
+            m.forward(_ids(2, 3, 256))
+        with pytest.raises(ValueError, match="capacity"):
+            m.new_cache(1, 17)
+    # greedy decoding leaves torch's global RNG alone
+    torch.manual_seed(0)
+    a = torch.randn(3)
+    torch.manual_seed(0)
+    with _load(tiny32, tmp_path, max_context=16) as m:
+        m.generate(_ids(1, 3, 256), 2)
+        m.generate(_ids(1, 3, 256), 2, do_sample=True)
+    assert torch.equal(torch.randn(3), a)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny32, tmp_path):
-    with _load(tiny32, tmp_path, max_context=32) as m:
+    with _load(tiny32, tmp_path, max_context=32, max_batch=2) as m:
         ids = _ids(2, 4, 256)
         a = m.generate(ids, 5, do_sample=True, seed=7, top_p=0.9)
         b = m.generate(ids, 5, do_sample=True, seed=7, top_p=0.9)
@@ -281,6 +316,42 @@ def test_plan_placement_keeps_head_then_layers_and_honours_budget():
         plan_placement(cfg, budgets={"cpu": "100MiB"}, context=256)
     with pytest.raises(ValueError, match="memory"):
         plan_placement(cfg, budgets={"cpu": "1GiB"}, context=256, mode="memory")
+    # layers + head resident with no slots beats streaming when it fits (embedding rows on disk)
+    fixed = p.kv_bytes + p.workspace_bytes
+    fit = fixed + sum(ub[u] for u in ub if u != "embed")
+    q = plan_placement(cfg, budgets={"cpu": fit}, context=256)
+    assert q.streamed() == [] and q.tiers["embed"] == "disk" and q.used["cpu"] <= fit
+    # placement="disk" streams the embedding too: the least memory
+    d = plan_placement(cfg, budgets={"cpu": "1GiB"}, context=256, mode="disk")
+    assert d.tiers["embed"] == "disk" and len(d.streamed()) == 23
+    assert d.used["cpu"] == fixed + 2 * max(ub["layer.0"], ub["head"])
+
+
+def test_plan_placement_head_larger_than_a_layer():
+    # a big vocabulary: the head (150 MiB) is larger than a layer (17 MiB)
+    cfg = dict(hidden_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+               intermediate_size=2048, vocab_size=76800, model_type="llama")
+    ub = estimate_unit_bytes(cfg)
+    d = plan_placement(cfg, context=64, mode="disk")
+    fixed = d.kv_bytes + d.workspace_bytes
+    assert d.used["cpu"] == fixed + 2 * ub["head"]  # head-sized slots when the head streams
+    # the least is the head resident beside layer-sized slots, and the planner finds it
+    least = fixed + 2 * ub["layer.0"] + ub["head"]
+    p = plan_placement(cfg, budgets={"cpu": least}, context=64)
+    assert p.used["cpu"] <= least and p.tiers["head"] == "cpu" and len(p.streamed()) == 4
+    with pytest.raises(ValueError, match="too small"):
+        plan_placement(cfg, budgets={"cpu": least - 1}, context=64)
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8, 4, 2, "fp8"])
+def test_plan_reserves_exactly_what_the_kv_cache_allocates(kv_bits):
+    from offload.checkpoint import PRESETS
+    cfg = PRESETS["tiny"]
+    lc = llama.LlamaConfig.from_hf(cfg)
+    for batch, ctx in ((1, 64), (3, 300)):
+        p = plan_placement(cfg, batch=batch, context=ctx, kv_bits=kv_bits, dtype_bytes=2)
+        cache = llama.KVCache(lc, batch, ctx, dtype=torch.bfloat16, kv_bits=kv_bits, group_size=32, residual=128)
+        assert p.kv_bytes == cache.nbytes, (batch, ctx)
 
 
 _RSS_SCRIPT = textwrap.dedent(r"""
@@ -348,3 +419,76 @@ def test_interrupted_forward_makes_a_quantized_cache_unusable(tiny32, tmp_path):
             m.forward(ids[:, 3:], c)
         fresh = m.new_cache(1, 8)
         assert torch.isfinite(m.forward(ids, fresh)).all()
+
+
+def test_stream_pass_reads_the_streamed_units_and_keeps_the_order(tiny32, tmp_path):
+    with _load(tiny32, tmp_path, placement="disk", max_context=32) as m:
+        ids = _ids(1, 4, 256)
+        want = m.forward(ids)
+        r0 = m._streamer.bytes_read
+        assert m.stream_pass() > 0
+        # one pass reads each streamed unit once, give or take the slots' read-ahead
+        per_pass = sum(m.store.unit_nbytes(u) for u in m.placement.streamed())
+        ahead = m.placement.slots * m.placement.slot_bytes
+        assert per_pass - ahead <= m._streamer.bytes_read - r0 <= per_pass + ahead
+        assert torch.equal(m.forward(ids), want)
+    with _load(tiny32, tmp_path, placement="memory", max_context=32) as m:
+        assert m.stream_pass() == 0.0
+
+
+def test_dropped_model_stops_its_threads_and_close_from_another_thread(tiny32, tmp_path):
+    import gc
+    import threading
+
+    def readers():
+        return [t for t in threading.enumerate() if t.name == "offload-prefetch" and t.is_alive()]
+
+    before = len(readers())
+    m = _load(tiny32, tmp_path, placement="disk", max_context=64)
+    m.generate(_ids(1, 3, 256), 2)
+    assert len(readers()) == before + 1
+    del m
+    gc.collect()
+    assert len(readers()) == before
+    # close() while another thread generates: that thread gets a clear "closed" error
+    m = _load(tiny32, tmp_path, placement="disk", max_context=64)
+    errs = []
+
+    def run():
+        try:
+            for _ in range(200):
+                m.generate(_ids(1, 3, 256), 4)
+        except RuntimeError as e:
+            errs.append(str(e))
+
+    t = threading.Thread(target=run)
+    t.start()
+    m.close()
+    t.join(30)
+    assert not t.is_alive()
+    assert errs and "closed" in errs[0]
+
+
+def test_given_placement_must_match_the_store(tiny32, tmp_path):
+    with offload.convert(tiny32, str(tmp_path / "store")) as st:
+        cfg = st.config
+        ub = {u: st.unit_nbytes(u) for u in st.unit_names()}
+    est = plan_placement(cfg, context=16, mode="disk", dtype_bytes=4)  # estimated sizes, not the store's
+    with pytest.raises(ValueError, match="placement"):
+        _load(tiny32, tmp_path, placement=est, max_context=16)
+    ok = plan_placement(cfg, context=16, mode="disk", dtype_bytes=4, unit_bytes=ub)
+    with _load(tiny32, tmp_path, placement=ok, max_context=16) as m:
+        assert len(m.placement.streamed()) == 4
+
+
+def test_long_prompt_is_prefill_in_chunks(tiny32, tmp_path):
+    from offload.placement import PREFILL_CHUNK
+    with _load(tiny32, tmp_path, placement="disk", max_context=3 * PREFILL_CHUNK) as m:
+        ids = _ids(1, PREFILL_CHUNK + 1, 256)
+        full = m.forward(ids)
+        assert [s["phase"] for s in m.stats.steps] == ["prefill", "prefill"]
+        assert m.stats.summary()["decode_steps"] == 0
+        hf = _hf(tiny32, torch.float32)
+        with torch.no_grad():
+            ref = hf(ids).logits
+        torch.testing.assert_close(full, ref, atol=2e-5 * ref.abs().max().item(), rtol=1e-4)

@@ -417,3 +417,25 @@ def test_disk_full_tmpfs(tmp_path, small):
             convert(small, d)
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_interrupted_discard_stays_ours_and_resumes(tmp_path, tiny, monkeypatch):
+    sd = str(tmp_path / "st")
+    convert(tiny, sd).close()
+    real = store._unlink_quiet
+    calls = []
+
+    def dying(path):
+        calls.append(path)
+        if len(calls) == 3:  # manifest and one unit file gone, the rest still there
+            raise KeyboardInterrupt
+        real(path)
+
+    monkeypatch.setattr(store, "_unlink_quiet", dying)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny, sd, weight_bits=4, group_size=16)
+    monkeypatch.setattr(store, "_unlink_quiet", real)
+    with pytest.raises(IncompleteStoreError):
+        Store(sd)
+    with convert(tiny, sd, weight_bits=4, group_size=16) as st:  # recognised as ours, converted
+        assert st.weight_bits == 4
