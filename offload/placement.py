@@ -258,13 +258,13 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
     kvh = c.get("num_key_value_heads") or nh
     if kv_bits is None:  # offload.llama.KVCache: one [L, 2, B, context, Hkv, D] tensor
         kv = L * 2 * batch * context * kvh * hd * dtype_bytes
-    else:  # exactly what pk.QuantizedKVCache allocates (pages, scales, the fp sink/residual rows)
+    else:  # what pk.QuantizedKVCache holds (pages, scales, the fp sink/residual rows, huge pages)
         import torch
 
         from pykernels.kv_cache import QuantizedKVCache
         dt = {4: torch.float32, 2: torch.bfloat16}.get(dtype_bytes, torch.bfloat16)
-        kv = L * QuantizedKVCache(batch, context, kvh, hd, bits=kv_bits, group_size=kv_group_size,
-                                  residual=kv_residual, dtype=dt, device="meta").nbytes
+        kv = L * QuantizedKVCache.allocation_bytes(batch, context, kvh, hd, bits=kv_bits, group_size=kv_group_size,
+                                                   residual=kv_residual, dtype=dt, resident=True)
     # activations + the RoPE cos/sin tables (float32 [context, head_dim] each)
     ws = workspace_bytes(c, batch, context) + 2 * 4 * context * hd
     fixed = kv + ws

@@ -222,6 +222,29 @@ class QuantizedKVCache:
         used or not; the sink + residual fp rows; block table; the three int32 [B] counters)."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    @staticmethod
+    def allocation_bytes(batch: int, capacity: int, num_kv_heads: int, head_dim: int, *, bits=4,
+                         group_size: int = 32, residual: int = 128, sink: int = 0,
+                         dtype: torch.dtype = torch.bfloat16, resident: bool = False) -> int:
+        """Bytes a dense-layout cache built with these arguments allocates (its ``nbytes``),
+        computed without allocating: for memory budgets. ``resident=True`` counts memory as the
+        process holds it: the page pools of >= ``pykernels.memory.HUGEPAGE_MIN_BYTES`` are whole
+        2 MiB huge pages (when ``PYKERNELS_HUGEPAGES`` is on)."""
+        from .memory import HUGEPAGE_MIN_BYTES, hugepages_enabled
+
+        gs, Hkv, D = group_size, num_kv_heads, head_dim
+        S = max(gs * math.ceil(max(0, capacity - sink - residual) / gs), gs)
+        pools = [batch * Hkv * S * row_bytes(bits, D)] * 2  # k_codes, v_codes (uint8)
+        if bits == "fp8":
+            pools += [batch * Hkv * (S // gs) * 4] * 2
+        else:
+            pools += [batch * Hkv * (S // gs) * D * 2] * 2 + [batch * Hkv * S * num_value_groups(D, gs) * 2] * 2
+        if resident and hugepages_enabled():
+            huge = 2 << 20
+            pools = [-(-n // huge) * huge if n >= HUGEPAGE_MIN_BYTES else n for n in pools]
+        fp = 2 * batch * (sink + residual) * Hkv * D * torch.empty((), dtype=dtype).element_size()
+        return sum(pools) + fp + batch * 4 + 3 * batch * 4  # + block_table and the three counters
+
     def bytes_per_token(self) -> float:
         """Bytes per stored token of the quantized store (codes + scales + zeros, K and V, all kv
         heads); ``kv_format.bytes_per_token``. Compare with ``2 * Hkv * D * 2`` for float16."""

@@ -352,6 +352,13 @@ def test_plan_reserves_exactly_what_the_kv_cache_allocates(kv_bits):
         p = plan_placement(cfg, batch=batch, context=ctx, kv_bits=kv_bits, dtype_bytes=2)
         cache = llama.KVCache(lc, batch, ctx, dtype=torch.bfloat16, kv_bits=kv_bits, group_size=32, residual=128)
         assert p.kv_bytes == cache.nbytes, (batch, ctx)
+    if kv_bits is not None:  # the formula agrees with the allocation across shapes
+        import pykernels as pk
+        for batch, cap, h, d, gs, res in ((1, 1, 1, 64, 32, 32), (3, 1000, 2, 80, 32, 128), (2, 4097, 4, 128, 64, 64),
+                                          (1, 200, 8, 256, 128, 128)):
+            c = pk.QuantizedKVCache(batch, cap, h, d, bits=kv_bits, group_size=gs, residual=res)
+            assert pk.QuantizedKVCache.allocation_bytes(batch, cap, h, d, bits=kv_bits, group_size=gs,
+                                                        residual=res) == c.nbytes
 
 
 _RSS_SCRIPT = textwrap.dedent(r"""
@@ -360,7 +367,8 @@ _RSS_SCRIPT = textwrap.dedent(r"""
     import pykernels as pk
     import offload
     from roofline.probe import proc_kib_field
-    ckpt, store, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    ckpt, store, budget, batch, ctx = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    kv_bits = None if sys.argv[6] == "none" else int(sys.argv[6])
     # warm the code paths (oneDNN, the C++ kernels) before the baseline
     F.linear(torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(64, 64, dtype=torch.bfloat16))
     q = torch.randn(1, 4, 64, dtype=torch.bfloat16); kv = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
@@ -368,29 +376,31 @@ _RSS_SCRIPT = textwrap.dedent(r"""
     base = proc_kib_field("/proc/self/status", "VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    m = offload.load_model(ckpt, store_dir=store, budgets={"cpu": budget}, max_context=48)
-    m.generate(torch.arange(1, 17).unsqueeze(0), 16)
+    m = offload.load_model(ckpt, store_dir=store, budgets={"cpu": budget}, max_context=ctx, max_batch=batch,
+                           kv_bits=kv_bits, kv_residual=32)
+    m.generate(torch.arange(1, 1 + batch * (ctx - 16)).view(batch, -1) % 8192, 16)
     peak = proc_kib_field("/proc/self/status", "VmHWM")
     print(json.dumps({"base": base, "peak": peak, "planned": m.placement.used["cpu"],
                       "streamed": len(m.placement.streamed()), "weights": sum(m.placement.unit_bytes.values())}))
 """)
 
 
-def test_budget_honoured_peak_rss_in_subprocess(tmp_path):
+@pytest.mark.parametrize("batch,ctx,kv_bits", [(1, 48, "none"), (2, 300, "4")])
+def test_budget_honoured_peak_rss_in_subprocess(tmp_path, batch, ctx, kv_bits):
     # ~107 MiB of bf16 weights under a 40 MiB budget: most layers stream
     ck = demo_checkpoint(str(tmp_path / "medium"), preset="small", dtype=torch.bfloat16,
                          config_overrides={"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
                                            "vocab_size": 8192, "num_attention_heads": 8, "num_key_value_heads": 2})
     offload.convert(ck, str(tmp_path / "store")).close()  # conversion outside the measured process
     budget = 40 * _MiB
-    r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, ck, str(tmp_path / "store"), str(budget)],
+    r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, ck, str(tmp_path / "store"), str(budget), str(batch),
+                        str(ctx), kv_bits],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["weights"] > 2 * budget and res["streamed"] > 0
     assert res["planned"] <= budget
     # the stated overhead: the process's own base RSS plus 32 MiB of allocator and code slack
-    print(res)
     assert res["peak"] - res["base"] <= budget + 32 * _MiB, res
 
 
