@@ -29,7 +29,7 @@ import threading
 import crc32c as _crc32c
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, _fsync_dir
 
 __all__ = ["convert", "Store", "StoreError", "IncompleteStoreError", "CorruptPageError",
            "ALIGN", "PAGE_BYTES", "FORMAT", "VERSION"]
@@ -85,22 +85,14 @@ def _dtype_of(name: str) -> torch.dtype:
     return dt
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    """temp name + fsync + os.replace + fsync(dir); disk full -> StoreError, old file intact."""
+def _write_atomic(path: str, mv: memoryview) -> None:
+    """``path + ".tmp"`` + fsync + os.replace + fsync(dir); disk full -> StoreError naming the
+    file, the temp file removed and any old ``path`` intact."""
     tmp = path + ".tmp"
-    data = json.dumps(obj, indent=1).encode()
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(fd, memoryview(data), 0)
+            _write_all(fd, mv, 0)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -108,9 +100,13 @@ def _write_json_atomic(path: str, obj) -> None:
     except OSError as e:
         _unlink_quiet(tmp)
         if e.errno in _DISK_FULL:
-            raise StoreError(f"disk full while writing {path}: {e}") from e
+            raise StoreError(f"disk full while writing {tmp}: {e}") from e
         raise
     _fsync_dir(os.path.dirname(path))
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    _write_atomic(path, memoryview(json.dumps(obj, indent=1).encode()))
 
 
 def _write_all(fd, mv, offset):
@@ -233,22 +229,7 @@ def _write_unit(store_dir, unit, tensors) -> dict:
     mv = memoryview(buf)
     pages = [[o, n, _crc32c.crc32c(mv[o:o + n])] for o, n in _pages(size)]
     fname = f"{unit}.bin"
-    final = os.path.join(store_dir, fname)
-    tmp = final + ".tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, mv, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except OSError as e:
-        _unlink_quiet(tmp)
-        if e.errno in _DISK_FULL:
-            raise StoreError(f"disk full while writing {tmp}: {e}") from e
-        raise
-    _fsync_dir(store_dir)
+    _write_atomic(os.path.join(store_dir, fname), mv)
     return {"file": fname, "nbytes": size, "tensors": entries, "pages": pages}
 
 

@@ -153,6 +153,25 @@ def test_streamed_bytes_and_stats(tiny32, tmp_path):
         assert s["tokens_per_s"] > 0 and 0 <= s["stall_fraction"] <= 1
 
 
+def _interrupted_at_layer_1(fn):
+    """Run ``fn`` with a KeyboardInterrupt raised as the second decoder layer starts."""
+    real = llama.layer_forward
+    calls = []
+
+    def boom(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    llama.layer_forward = boom
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fn()
+    finally:
+        llama.layer_forward = real
+
+
 def test_interrupted_forward_realigns_the_stream(tiny32, tmp_path):
     with _load(tiny32, tmp_path, placement="disk", max_context=32) as m:
         ids = _ids(1, 4, 256)
@@ -160,32 +179,12 @@ def test_interrupted_forward_realigns_the_stream(tiny32, tmp_path):
         c0 = m.new_cache(1, 8)
         m.forward(ids[:, :3], c0)
         want_step = m.forward(ids[:, 3:], c0)
-        real = llama.layer_forward
-        calls = []
-
-        def boom(*a, **k):
-            calls.append(1)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            return real(*a, **k)
-
-        llama.layer_forward = boom
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                m.forward(ids)
-        finally:
-            llama.layer_forward = real
+        _interrupted_at_layer_1(lambda: m.forward(ids))
         assert torch.equal(m.forward(ids), want)
         # the same through a cache: the failed step appended to one layer only, and is discarded
         c1 = m.new_cache(1, 8)
         m.forward(ids[:, :3], c1)
-        calls.clear()
-        llama.layer_forward = boom
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                m.forward(ids[:, 3:], c1)
-        finally:
-            llama.layer_forward = real
+        _interrupted_at_layer_1(lambda: m.forward(ids[:, 3:], c1))
         assert c1.length == 3
         assert torch.equal(m.forward(ids[:, 3:], c1), want_step)
 
@@ -409,21 +408,7 @@ def test_interrupted_forward_makes_a_quantized_cache_unusable(tiny32, tmp_path):
         ids = _ids(1, 4, 256)
         c = m.new_cache(1, 8)
         m.forward(ids[:, :3], c)
-        real = llama.layer_forward
-        calls = []
-
-        def boom(*a, **k):
-            calls.append(1)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            return real(*a, **k)
-
-        llama.layer_forward = boom
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                m.forward(ids[:, 3:], c)
-        finally:
-            llama.layer_forward = real
+        _interrupted_at_layer_1(lambda: m.forward(ids[:, 3:], c))
         # a quantized cache cannot un-append: it refuses further use instead of misaligning layers
         with pytest.raises(RuntimeError, match="unusable"):
             m.forward(ids[:, 3:], c)
