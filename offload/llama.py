@@ -560,7 +560,7 @@ def check_layer_weights(cfg: LlamaConfig, weights: dict):
 
 @torch.no_grad()
 def layer_forward(cfg: LlamaConfig, weights: dict, h: torch.Tensor, positions, cache: KVCache, layer: int,
-                  rope: Rope, *, lut_mode: str = "int8") -> torch.Tensor:
+                  rope: Rope, *, lut_mode: str = "int8", fused: dict | None = None) -> torch.Tensor:
     """One decoder layer: ``h + attn(norm(h))``, then ``+ mlp(norm(.))``, in h's dtype.
 
     Parameters
@@ -571,6 +571,9 @@ def layer_forward(cfg: LlamaConfig, weights: dict, h: torch.Tensor, positions, c
     weights : {name: Tensor or pk.LUTWeight} as ``cfg.layer_weight_names()``; read during the
         call only (no reference is kept, so they may be views of a reusable buffer).
     cache : appends this layer's T new K/V tokens; T == 1 takes the decode kernel.
+    fused : optional {"qkv": [Hq*D + 2*Hkv*D, hidden], "gate_up": [2*intermediate, hidden]}
+        dense matrices equal to the row-wise concatenation of q/k/v and gate/up (zero-copy views
+        where the store keeps those weights adjacent): one GEMV instead of three / two.
 
     Returns the new h [B, T, hidden] (a fresh tensor).
     """
@@ -589,16 +592,39 @@ def layer_forward(cfg: LlamaConfig, weights: dict, h: torch.Tensor, positions, c
     def proj(x, name):
         return linear(x, w[name + ".weight"], w.get(name + ".bias"), lut_mode=lut_mode)
 
+    fused = fused or {}
+    nq, nkv = cfg.num_heads * D, cfg.num_kv_heads * D
+    for key, rows in (("qkv", nq + 2 * nkv), ("gate_up", 2 * cfg.intermediate_size)):
+        f = fused.get(key)
+        if f is not None and (not isinstance(f, torch.Tensor) or tuple(f.shape) != (rows, cfg.hidden_size)):
+            raise ValueError(f"fused: {key!r} expected a tensor [{rows}, {cfg.hidden_size}], got "
+                             f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
     x = rms_norm(h, w["input_layernorm.weight"], eps)
-    q = proj(x, "self_attn.q_proj").view(B, T, cfg.num_heads, D)
-    k = proj(x, "self_attn.k_proj").view(B, T, cfg.num_kv_heads, D)
-    v = proj(x, "self_attn.v_proj").view(B, T, cfg.num_kv_heads, D)
+    if "qkv" in fused:
+        qkv = linear(x, fused["qkv"])
+        q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            b = w.get(f"self_attn.{name}_proj.bias")
+            if b is not None:
+                t += b.to(t.dtype)
+        q = q.reshape(B, T, cfg.num_heads, D)
+        k = k.reshape(B, T, cfg.num_kv_heads, D)
+        v = v.reshape(B, T, cfg.num_kv_heads, D)
+    else:
+        q = proj(x, "self_attn.q_proj").view(B, T, cfg.num_heads, D)
+        k = proj(x, "self_attn.k_proj").view(B, T, cfg.num_kv_heads, D)
+        v = proj(x, "self_attn.v_proj").view(B, T, cfg.num_kv_heads, D)
     q, k = rope.apply(q, positions), rope.apply(k, positions)
     attend = cache.decode_attend if T == 1 else cache.prefill_attend
     a = attend(layer, q, k, v)                                   # [B, T, Hq, D]
     h = h + proj(a.reshape(B, T, cfg.num_heads * D), "self_attn.o_proj")
     x = rms_norm(h, w["post_attention_layernorm.weight"], eps)
-    m = F.silu(proj(x, "mlp.gate_proj")) * proj(x, "mlp.up_proj")
+    if "gate_up" in fused and "mlp.gate_proj.bias" not in w:
+        gu = linear(x, fused["gate_up"])
+        F_ = cfg.intermediate_size
+        m = F.silu(gu[..., :F_]) * gu[..., F_:]
+    else:
+        m = F.silu(proj(x, "mlp.gate_proj")) * proj(x, "mlp.up_proj")
     return h + proj(m, "mlp.down_proj")
 
 

@@ -108,6 +108,7 @@ class OffloadedModel:
         self.stats = Stats()
         self._resident: dict[str, dict] = {}
         self._bufs = []
+        self._resident_bufs = {}
         self._streamer = None
         self._closed = False
         self._lock = threading.RLock()  # a forward pass vs close() from another thread
@@ -118,6 +119,7 @@ class OffloadedModel:
                 buf = store.alloc(store.unit_nbytes(unit))
                 store.read_unit(unit, buf)
                 self._bufs.append(buf)
+                self._resident_bufs[unit] = buf
                 self._resident[unit] = self._weights(unit, buf)
         streamed = placement.streamed()
         if streamed:
@@ -129,6 +131,26 @@ class OffloadedModel:
     # ------------------------------------------------------------------ weights
     def _weights(self, unit: str, buf) -> dict:
         return self.store.tensors(unit, buf)
+
+    _GROUPS = {"qkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+               "gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+
+    def _fused(self, unit: str, buf, w: dict) -> dict:
+        """Zero-copy [q; k; v] and [gate; up] matrices where the store keeps them adjacent (it
+        does since the store's canonical layer order; older stores just run them separately)."""
+        out = {}
+        meta = self.store.units[unit]["tensors"]
+        for key, names in self._GROUPS.items():
+            ts = [w.get(n) for n in names]
+            if not all(isinstance(t, torch.Tensor) and n in meta for t, n in zip(ts, names)):
+                continue  # LUT weights or a missing tensor
+            e = [meta[n] for n in names]
+            if len({x["dtype"] for x in e}) != 1 or any(a["offset"] + a["nbytes"] != b["offset"] for a, b in zip(e, e[1:])):
+                continue
+            rows = sum(t.shape[0] for t in ts)
+            out[key] = torch.frombuffer(buf, dtype=ts[0].dtype, count=rows * ts[0].shape[1],
+                                        offset=e[0]["offset"]).view(rows, ts[0].shape[1])
+        return out
 
     def _unit_bytes(self, unit: str) -> int:
         return self.store.unit_nbytes(unit)
@@ -235,7 +257,8 @@ class OffloadedModel:
             w = slot = None
             try:
                 w, slot = self._take(unit)
-                h = llama.layer_forward(cfg, w, h, positions, cache, i, self.rope)
+                fused = self._fused(unit, self._resident_bufs[unit] if slot is None else st.bufs[slot], w)
+                h = llama.layer_forward(cfg, w, h, positions, cache, i, self.rope, fused=fused)
             finally:
                 del w
                 if slot is not None:
@@ -397,6 +420,7 @@ class OffloadedModel:
             self._closed = True
             self._finalizer()
             self._resident.clear()
+            self._resident_bufs.clear()
             self._bufs.clear()
 
     def __enter__(self):

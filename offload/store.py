@@ -129,6 +129,20 @@ def _pages(nbytes: int) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------------------------
 # Conversion
 # --------------------------------------------------------------------------------------------
+#: Order of a layer's tensors in its unit: the q, k, v weights adjacent, then gate and up, so the
+#: runtime can run each group as one matrix (a zero-copy view over the adjacent rows).
+_LAYER_ORDER = ["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                "self_attn.v_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.bias",
+                "self_attn.v_proj.bias", "self_attn.o_proj.weight", "self_attn.o_proj.bias",
+                "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                "mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias"]
+
+
+def _layer_order(item) -> tuple:
+    name = item[0]
+    return (_LAYER_ORDER.index(name) if name in _LAYER_ORDER else len(_LAYER_ORDER), name)
+
+
 def _plan_units(ck: Checkpoint) -> dict:
     """unit -> list of (stored name, source name or None for a tied lm_head copy)."""
     cfg = ck.config
@@ -153,7 +167,7 @@ def _plan_units(ck: Checkpoint) -> dict:
             raise ValueError(f"checkpoint: {ck.path!r} has no {need!r}")
     units = {"embed": [("model.embed_tokens.weight", "model.embed_tokens.weight")]}
     for i in range(int(L)):
-        units[f"layer.{i}"] = sorted(layers[i])
+        units[f"layer.{i}"] = sorted(layers[i], key=_layer_order)
     if "lm_head.weight" in ck.names:
         head = ("lm_head.weight", "lm_head.weight")
     elif cfg.get("tie_word_embeddings", False):

@@ -487,3 +487,24 @@ def test_long_prompt_is_prefill_in_chunks(tiny32, tmp_path):
         with torch.no_grad():
             ref = hf(ids).logits
         torch.testing.assert_close(full, ref, atol=2e-5 * ref.abs().max().item(), rtol=1e-4)
+
+
+def test_fused_qkv_and_gate_up_are_views_of_the_slot(tiny32, tmp_path):
+    with _load(tiny32, tmp_path, placement="memory", max_context=16) as m:
+        buf = m._resident_bufs["layer.1"]
+        w = m._resident["layer.1"]
+        f = m._fused("layer.1", buf, w)
+        assert set(f) == {"qkv", "gate_up"}
+        torch.testing.assert_close(f["qkv"], torch.cat([w[f"self_attn.{p}_proj.weight"] for p in "qkv"]), rtol=0, atol=0)
+        torch.testing.assert_close(f["gate_up"], torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]),
+                                   rtol=0, atol=0)
+        assert f["qkv"].data_ptr() == w["self_attn.q_proj.weight"].data_ptr()  # zero-copy
+        # the same layer with and without the fused matrices
+        h = torch.randn(1, 3, m.config.hidden_size)
+        outs = []
+        for fused in (f, None):
+            c = m.new_cache(1, 8)
+            outs.append(llama.layer_forward(m.config, w, h, 0, c, 0, m.rope, fused=fused))
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="fused"):
+            llama.layer_forward(m.config, w, h, 0, m.new_cache(1, 8), 0, m.rope, fused={"qkv": f["gate_up"]})
