@@ -322,11 +322,17 @@ def suite_offload(ctx) -> dict:
         if "error" not in b4:
             notes.append(f"4-bit streaming vs accelerate (bf16, the same checkpoint and budget): "
                          f"{b4['tokens_per_s'] / acc['tokens_per_s']:.2f}x (different weights: not the target's figure)")
-    if "error" not in mem and mem.get("predicted_s"):
-        targets.append(_target("offload-4 in-memory decode vs roofline prediction",
-                               mem["predicted_s"] / mem["median_step_s"], ">=", 0.0, "{value:.3f} of predicted speed",
-                               note=f"measured {mem['median_step_s'] * 1e3:.1f} ms/step, predicted "
-                                    f"{mem['predicted_s'] * 1e3:.1f} ms (roofline.analyze_model on this machine's profile)"))
+    # item 4 (and issue 5's item 3): the roofline's predicted decode step vs the measured one,
+    # within 20%, in memory and disk-streamed
+    for label, r, how in (("in memory", mem, "roofline.analyze_model on this machine's measured roofs"),
+                          ("disk-streamed bf16", b16, "max(disk bytes / the cold read bandwidth measured before "
+                                                      "the runs, the in-memory step)")):
+        if "error" not in r and r.get("predicted_s"):
+            ratio = r["predicted_s"] / r["median_step_s"]
+            targets.append(_target(f"offload-4 predicted vs measured decode step, {label}", abs(ratio - 1), "<=", 0.2,
+                                   "{value:.3f} off",
+                                   note=f"measured {r['median_step_s'] * 1e3:.1f} ms/step, predicted "
+                                        f"{r['predicted_s'] * 1e3:.1f} ms ({how}; predicted / measured = {ratio:.3f})"))
     for label in ("bf16 stream", "4-bit stream"):
         r = res.get(label, {})
         if "error" not in r and r:

@@ -36,8 +36,9 @@ def test_quick_offload_suite(tmp_path, monkeypatch):
         if r["device_bytes_per_forward"] is not None:
             assert r["device_bytes_per_forward"] >= 0.9 * (r["disk_bytes_per_step"] - 8 * _MiB)
     names = {t["name"].split(" ")[0] for t in res["targets"]}
-    assert names == {"offload-1", "offload-2", "offload-3"} | ({"offload-4"} if mem.get("predicted_s") else set())
+    assert {"offload-1", "offload-2", "offload-3"} <= names <= {"offload-1", "offload-2", "offload-3", "offload-4"}
     for t in res["targets"]:
-        assert t["value"] is not None and t["value"] > 0
+        assert t["value"] is not None and (t["value"] > 0 or t["name"].startswith("offload-4"))
+        assert t["status"] in ("PASS", "MISS", "MISS (within noise)")
     assert any("cold read bandwidth" in n for n in res["notes"])
     assert os.path.isdir(os.path.join(str(tmp_path), "pykernels", "offload"))
