@@ -4,6 +4,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/decode_attention.h"
+#include "cpu/gemv.h"
 #include "cpu/lut_gemv.h"
 #include "cpu/thread_pool.h"
 
@@ -34,6 +35,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("codebook"), py::arg("out"), py::arg("N"), py::arg("K_pad"), py::arg("bits"), py::arg("gs"),
         py::arg("mode"),
         "out[M, N] = x[M, K_pad] @ W^T for bit-plane weights (pykernels.lut_format); scales/zeros/codebook may be None");
+  m.def("gemv", &gemv, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"),
+        "out[M, N] = x[M <= 8, K] @ w[N, K]^T (+ bias[N]) for bf16 w (row stride >= K), fp32 accumulation");
   // The schedule the kernel runs, for tests to compare with pykernels.plan_decode.
   m.def("decode_schedule", [](std::vector<int32_t> seqlens, int64_t Hkv, const std::string& method,
                               int64_t num_splits, int64_t num_workers, int64_t tile) {
