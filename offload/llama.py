@@ -337,8 +337,9 @@ def linear(x: torch.Tensor, w, bias=None, *, lut_mode: str = "int8") -> torch.Te
         w = w.to(x.dtype)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() <= _GEMV_MAX_ROWS * x.shape[-1]
-            and w.stride(-1) == 1 and _cpu_gemv() is not None):
+    if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and 0 < x.numel() <= _GEMV_MAX_ROWS * x.shape[-1]
+            and w.dim() == 2 and w.stride(-1) == 1 and (w.shape[0] == 1 or w.stride(0) >= w.shape[1])
+            and _cpu_gemv() is not None):
         # decode: a memory-bound GEMV; pykernels.gemv streams bf16 weights 1.2-2.6x faster than
         # torch's F.linear here (cold weights, M = 1); prefill rows stay on F.linear (compute-bound)
         N, K = w.shape
@@ -622,13 +623,10 @@ def layer_forward(cfg: LlamaConfig, weights: dict, h: torch.Tensor, positions, c
             raise ValueError(f"fused: {key!r} expected a tensor [{rows}, {cfg.hidden_size}], got "
                              f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
     x = rms_norm(h, w["input_layernorm.weight"], eps)
-    if "qkv" in fused:
+    qkv_bias = any(f"self_attn.{p}_proj.bias" in w for p in "qkv")
+    if "qkv" in fused and not qkv_bias:  # with biases: separate projections, one rounding each as HF
         qkv = linear(x, fused["qkv"])
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            b = w.get(f"self_attn.{name}_proj.bias")
-            if b is not None:
-                t += b.to(t.dtype)
         q = q.reshape(B, T, cfg.num_heads, D)
         k = k.reshape(B, T, cfg.num_kv_heads, D)
         v = v.reshape(B, T, cfg.num_kv_heads, D)

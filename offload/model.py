@@ -414,6 +414,9 @@ class OffloadedModel:
     def close(self) -> None:
         """Stop the reader threads and free the buffers; the store's files stay. A forward
         running in another thread finishes first; later calls raise "closed"."""
+        st = self._streamer
+        if st is not None:
+            st._stop.set()  # a forward waiting for a read in another thread stops with "closed"
         with self._lock:
             if self._closed:
                 return
@@ -442,8 +445,11 @@ def _release(streamer, store) -> None:
     store.close()
 
 
-def _check_placement(plan: Placement, store) -> None:
-    """A Placement given by the caller must describe this store (units, sizes, slots)."""
+def _check_placement(plan: Placement, store, kv_bits) -> None:
+    """A Placement given by the caller must describe this store (units, sizes, slots) and the
+    KV format it will hold (its budget reserved that KV)."""
+    if plan.kv_bits != kv_bits:
+        raise ValueError(f"placement: planned for kv_bits={plan.kv_bits!r}, load_model got kv_bits={kv_bits!r}")
     units = set(store.unit_names())
     if set(plan.tiers) != units:
         raise ValueError(f"placement: its units {sorted(plan.tiers)[:4]}... are not this store's {sorted(units)[:4]}...")
@@ -555,7 +561,7 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
         if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
             raise ValueError(f"max_context: expected an int >= 1, got {max_context!r}")
         if isinstance(placement, Placement):
-            _check_placement(placement, store)
+            _check_placement(placement, store, kv_bits)
             plan = placement
         else:
             ub = {u: store.unit_nbytes(u) for u in store.unit_names()}

@@ -302,16 +302,14 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
     elif mode == "disk":
         tiers = {u: "disk" for u in need}  # every layer and the head stream; embedding rows per token
     else:
-        # the fewest disk bytes per step: try each number of streamed layers (fewest first), with
-        # the head resident or streamed; the first that fits is the best for that head choice
-        best = None
+        # the fewest disk bytes per step over every number of streamed layers, head resident or
+        # streamed (streaming one more layer can free room for the embedding)
+        best = None  # every (head choice, number of streamed layers): L + 1 options each
         for stream_head in (False, True):
             for n in range(L + 1):
                 o = option(stream_head, n)
-                if o is not None:
-                    if best is None or o[2] < best[2]:
-                        best = o
-                    break
+                if o is not None and (best is None or o[2] < best[2]):
+                    best = o
         if best is None:
             least = least_bytes(fixed, lay, ub["head"], slots)
             raise ValueError(

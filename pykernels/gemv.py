@@ -30,6 +30,16 @@ def gemv_reference(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the storage byte ranges the two tensors can touch intersect."""
+    def span(t):
+        lo = t.data_ptr()
+        n = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0) if t.numel() else 0
+        return lo, lo + n * t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def _validate(x, w, bias, out, backend):
     if not isinstance(backend, str) or backend not in _BACKENDS:
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
@@ -73,6 +83,9 @@ def _validate(x, w, bias, out, backend):
         if tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device:
             raise ValueError(f"out: expected {want} {x.dtype} on {x.device}, got "
                              f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        for name, t in (("x", x), ("w", w)):
+            if _overlaps(out, t):
+                raise ValueError(f"out: overlaps {name} in memory; pass a separate output tensor")
 
 
 def gemv(x, w, bias=None, *, out=None, backend="auto"):
@@ -128,6 +141,9 @@ def gemv(x, w, bias=None, *, out=None, backend="auto"):
 def _gemv_cpu(x, w, bias, out):
     """x [M, K] validated, CPU -> y [M, N] in x's dtype (written into ``out`` when given)."""
     C = backends.cpu_module()
+    # __dlpack__ refuses tensors that require grad (an nn.Parameter): this op has no autograd
+    x, w = x.detach(), w.detach()
+    bias = None if bias is None else bias.detach()
     M, N = x.shape[0], w.shape[0]
     x = x.contiguous()
     if bias is not None:

@@ -56,7 +56,7 @@ def check(y, x, w, bias):
 def test_gemv_matches_float64(isa, N, K, dtype):
     gen = torch.Generator().manual_seed(N * 7919 + K)
     w = padded_weight(N, K, gen)
-    for M in (1, 3, 8, 11):
+    for M in (1, 2, 3, 4, 5, 8, 11):
         x = torch.randn(M, K, generator=gen).to(dtype)
         for bias in (None, torch.randn(N, generator=gen)):
             y = gemv(x, w, bias)
@@ -172,3 +172,15 @@ def test_cuda_tensors_route_to_linear_or_raise():
     with pytest.raises(NotImplementedError, match="gemv: CPU only"):
         gemv(x, w, backend="cpu")
     torch.testing.assert_close(gemv(x, w), torch.nn.functional.linear(x, w))
+
+
+def test_out_must_not_alias_inputs_and_parameters_work():
+    w = torch.randn(16, 16).to(torch.bfloat16)
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="out: overlaps x"):
+        gemv(x, w, out=x)
+    with pytest.raises(ValueError, match="out"):
+        gemv(x.to(torch.bfloat16), w, out=w[:2])
+    # an nn.Parameter (requires_grad) is read like any weight: no autograd, no DLPack refusal
+    p = torch.nn.Parameter(w.clone())
+    torch.testing.assert_close(gemv(x, p), gemv(x, w), rtol=0, atol=0)

@@ -508,3 +508,27 @@ def test_fused_qkv_and_gate_up_are_views_of_the_slot(tiny32, tmp_path):
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="fused"):
             llama.layer_forward(m.config, w, h, 0, m.new_cache(1, 8), 0, m.rope, fused={"qkv": f["gate_up"]})
+
+
+def test_plan_streams_a_small_layer_to_keep_the_embedding():
+    # tiny layers, a big embedding and batch 4: streaming layers frees room for the embedding,
+    # which saves more per step than the layers cost (one embedding page per sequence)
+    ub = {"embed": 10 * _MiB, "head": 50 * _MiB, **{f"layer.{i}": 3 * _MiB for i in range(4)}}
+    cfg = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+               intermediate_size=512, vocab_size=1000, model_type="llama")
+    d = plan_placement(cfg, unit_bytes=ub, batch=4, context=16, mode="disk")
+    fixed = d.kv_bytes + d.workspace_bytes
+    cap = fixed + ub["head"] + 2 * 3 * _MiB + 1 * 3 * _MiB + ub["embed"]  # slots + 1 layer + embed
+    p = plan_placement(cfg, unit_bytes=ub, budgets={"cpu": cap}, batch=4, context=16, page_bytes=4 * _MiB)
+    assert p.used["cpu"] <= cap
+    assert p.tiers["embed"] == "cpu" and len(p.streamed()) == 3
+    assert p.disk_bytes_per_token == 9 * _MiB  # vs 16 MiB of embedding pages with every layer resident
+
+
+def test_given_placement_must_match_the_kv_format(tiny32, tmp_path):
+    with offload.convert(tiny32, str(tmp_path / "store")) as st:
+        cfg = st.config
+        ub = {u: st.unit_nbytes(u) for u in st.unit_names()}
+    p = plan_placement(cfg, context=64, mode="disk", dtype_bytes=4, unit_bytes=ub)
+    with pytest.raises(ValueError, match="kv_bits"):
+        _load(tiny32, tmp_path, placement=p, kv_bits=8, kv_residual=32, max_context=64)

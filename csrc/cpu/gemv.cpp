@@ -120,13 +120,10 @@ void gemv(py::object x_o, py::object w_o, py::object bias_o, py::object out_o) {
     return x_bf16 ? bf16_to_float(static_cast<const pk_u16*>(xdata)[i]) : static_cast<const float*>(xdata)[i];
   };
   if (fn == scalar::gemv_rows) {
-    if (x_bf16) {
-      float* xf = scratch(S.xf, (size_t)(M * K));
-      for (int64_t i = 0; i < M * K; ++i) xf[i] = xval(i);
-      p.xf = xf;
-    } else {
-      p.xf = static_cast<const float*>(xdata);
-    }
+    // always a copy: an `out` that aliases x must not change x while rows are being computed
+    float* xf = scratch(S.xf, (size_t)(M * K));
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = xval(i);
+    p.xf = xf;
   } else if (fn == avx512bf16::gemv_rows) {
     pk_u16* xb = scratch(S.xb, (size_t)(M * p.K32));
     for (int64_t m = 0; m < M; ++m) {
