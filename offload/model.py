@@ -250,7 +250,7 @@ class OffloadedModel:
         else:
             cpu += B * T * self.config.hidden_size * self.dtype.itemsize
         h = self._embed(ids)
-        positions = torch.arange(cache.length, cache.length + T)
+        positions = cache.length  # an int start: RoPE tables sliced, no per-layer index or sync
         cfg = self.config
         for i in range(cfg.num_layers):
             unit = f"layer.{i}"
