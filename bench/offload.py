@@ -324,9 +324,16 @@ def suite_offload(ctx) -> dict:
                          f"{b4['tokens_per_s'] / acc['tokens_per_s']:.2f}x (different weights: not the target's figure)")
     # item 4 (and issue 5's item 3): the roofline's predicted decode step vs the measured one,
     # within 20%, in memory and disk-streamed
+    # The disk term uses the bandwidth measured during the run (the interleaved I/O-only passes):
+    # this VM's disk moves 2x between minutes, so the figure from before the runs is shown beside.
+    stale = b16.get("predicted_s")
+    if "error" not in b16 and io_s and b16.get("compute_s") is not None:
+        b16 = dict(b16, predicted_s=max(io_s, b16["compute_s"]))
     for label, r, how in (("in memory", mem, "roofline.analyze_model on this machine's measured roofs"),
-                          ("disk-streamed bf16", b16, "max(disk bytes / the cold read bandwidth measured before "
-                                                      "the runs, the in-memory step)")):
+                          ("disk-streamed bf16", b16,
+                           "max(disk bytes / the read bandwidth of the I/O-only passes of this run, the in-memory "
+                           "step)" + (f"; with the bandwidth measured before the runs it predicts {stale * 1e3:.0f} ms"
+                                      if stale else ""))):
         if "error" not in r and r.get("predicted_s"):
             ratio = r["predicted_s"] / r["median_step_s"]
             targets.append(_target(f"offload-4 predicted vs measured decode step, {label}", abs(ratio - 1), "<=", 0.2,
