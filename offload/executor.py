@@ -115,15 +115,17 @@ class Streamer:
     def release(self, slot: int) -> None:
         self._free.put(slot)
 
-    def at_start(self) -> bool:
-        return self._pos == 0
+    def consume(self, count: int) -> None:
+        """Take and hand back the next ``count`` units in order, computing nothing (an I/O-only
+        pass, or skipping what an interrupted pass left)."""
+        for _ in range(count):
+            slot, _ = self.acquire(self.order[self._pos])
+            self.release(slot)
 
     def skip_to_start(self) -> None:
         """After a pass that stopped part-way (an exception in a layer), consume the rest of the
         cycle so the next pass starts at the first streamed unit again."""
-        while self._pos != 0:
-            slot, _ = self.acquire(self.order[self._pos])
-            self.release(slot)
+        self.consume((len(self.order) - self._pos) % len(self.order))
 
     def close(self) -> None:
         self._stop.set()

@@ -9,6 +9,7 @@ in background threads while the previous layers compute. The decoder math is
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -22,6 +23,7 @@ import torch
 
 from . import llama
 from .executor import Streamer
+from .store import _dtype_of
 from .placement import PREFILL_CHUNK, Placement, parse_bytes, plan_placement
 
 __all__ = ["load_model", "OffloadedModel"]
@@ -108,7 +110,7 @@ class OffloadedModel:
         self.stats = Stats()
         self._resident: dict[str, dict] = {}
         self._bufs = []
-        self._resident_bufs = {}
+        self._fuse_specs: dict[str, dict] = {}
         self._streamer = None
         self._closed = False
         self._lock = threading.RLock()  # a forward pass vs close() from another thread
@@ -119,8 +121,7 @@ class OffloadedModel:
                 buf = store.alloc(store.unit_nbytes(unit))
                 store.read_unit(unit, buf)
                 self._bufs.append(buf)
-                self._resident_bufs[unit] = buf
-                self._resident[unit] = self._weights(unit, buf)
+                self._resident[unit] = (store.tensors(unit, buf), self._fused(unit, buf))
         streamed = placement.streamed()
         if streamed:
             self._streamer = Streamer(store, streamed, placement.slots, placement.slot_bytes, io_threads)
@@ -129,35 +130,50 @@ class OffloadedModel:
         self._embed_name = next(iter(store.units["embed"]["tensors"]))
 
     # ------------------------------------------------------------------ weights
-    def _weights(self, unit: str, buf) -> dict:
-        return self.store.tensors(unit, buf)
-
     _GROUPS = {"qkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
                "gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
 
-    def _fused(self, unit: str, buf, w: dict) -> dict:
-        """Zero-copy [q; k; v] and [gate; up] matrices where the store keeps them adjacent (it
-        does since the store's canonical layer order; older stores just run them separately)."""
-        out = {}
-        meta = self.store.units[unit]["tensors"]
+    def _fuse_spec(self, unit: str) -> dict:
+        """{"qkv" | "gate_up": (offset, dtype, rows, K)} for the groups the store keeps adjacent
+        and dense (the store's canonical layer order does; older stores and LUT weights: none).
+        From the manifest alone, so once per unit."""
+        if unit in self._fuse_specs:
+            return self._fuse_specs[unit]
+        spec = self._fuse_specs[unit] = {}
+        meta = self.store.units[unit]["tensors"] if unit.startswith("layer.") else {}
         for key, names in self._GROUPS.items():
-            ts = [w.get(n) for n in names]
-            if not all(isinstance(t, torch.Tensor) and n in meta for t, n in zip(ts, names)):
-                continue  # LUT weights or a missing tensor
+            if not all(n in meta for n in names):
+                continue  # LUT weights (stored as planes/scales) or a missing tensor
             e = [meta[n] for n in names]
             if len({x["dtype"] for x in e}) != 1 or any(a["offset"] + a["nbytes"] != b["offset"] for a, b in zip(e, e[1:])):
                 continue
-            rows = sum(t.shape[0] for t in ts)
-            out[key] = torch.frombuffer(buf, dtype=ts[0].dtype, count=rows * ts[0].shape[1],
-                                        offset=e[0]["offset"]).view(rows, ts[0].shape[1])
-        return out
+            spec[key] = (e[0]["offset"], _dtype_of(e[0]["dtype"]), sum(x["shape"][0] for x in e), e[0]["shape"][1])
+        return spec
 
-    def _unit_bytes(self, unit: str) -> int:
-        return self.store.unit_nbytes(unit)
+    def _fused(self, unit: str, buf) -> dict:
+        """Zero-copy [q; k; v] and [gate; up] matrices over ``buf`` (see ``_fuse_spec``)."""
+        return {key: torch.frombuffer(buf, dtype=dt, count=rows * K, offset=off).view(rows, K)
+                for key, (off, dt, rows, K) in self._fuse_spec(unit).items()}
+
+    @contextlib.contextmanager
+    def _unit(self, unit: str, tally: dict):
+        """(weights, fused views) of ``unit`` for the block: resident ones, or a streamed slot
+        that is handed back after it. Adds the unit's bytes to ``tally["cpu"]`` or ``["disk"]``."""
+        if unit in self._resident:
+            tally["cpu"] += self.store.unit_nbytes(unit)
+            yield self._resident[unit]
+            return
+        st = self._streamer
+        slot, buf = st.acquire(unit)
+        try:
+            tally["disk"] += self.store.unit_nbytes(unit)
+            yield self.store.tensors(unit, buf), self._fused(unit, buf)
+        finally:
+            st.release(slot)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if "embed" in self._resident:
-            table = self._resident["embed"][self._embed_name]
+            table = self._resident["embed"][0][self._embed_name]
             return table[ids].to(self.dtype)
         uniq, inv = torch.unique(ids, return_inverse=True)
         rows = self.store.read_rows("embed", self._embed_name, uniq.tolist())
@@ -220,91 +236,45 @@ class OffloadedModel:
                     for s in range(0, T, PREFILL_CHUNK)]
             return outs[-1] if last_only else torch.cat(outs, 1)
         st = self._streamer
-        if st is not None and not st.at_start():
+        if st is not None:
             st.skip_to_start()
         t0 = time.perf_counter()
         stall0 = st.stall_s if st else 0.0
         busy0 = st.io_busy_s if st else 0.0
         read0 = st.bytes_read if st else 0
         try:
-            logits = self._layers(ids, cache, last_only)
+            logits, tally = self._layers(ids, cache, last_only)
         except BaseException:
             cache.discard_pending()
             raise
         cache.advance(T)
-        st = self._streamer
         self.stats.steps.append({
             "phase": _phase or ("decode" if T == 1 else "prefill"), "tokens": B * T, "wall_s": time.perf_counter() - t0,
             "stall_s": (st.stall_s - stall0) if st else 0.0, "io_busy_s": (st.io_busy_s - busy0) if st else 0.0,
-            "read_bytes": (st.bytes_read - read0) if st else 0, "disk_bytes": self._disk, "cpu_bytes": self._cpu})
+            "read_bytes": (st.bytes_read - read0) if st else 0, "disk_bytes": tally["disk"], "cpu_bytes": tally["cpu"]})
         return logits
 
     __call__ = forward
 
     def _layers(self, ids, cache, last_only):
-        st = self._streamer
+        """Embedding, every layer, the head -> (logits, {"disk": bytes, "cpu": bytes} used)."""
         B, T = ids.shape
-        disk = cpu = 0
-        if "embed" not in self._resident:
-            disk += self._embed_page_bytes(ids)
+        tally = {"disk": 0, "cpu": 0}
+        if "embed" in self._resident:
+            tally["cpu"] += B * T * self.config.hidden_size * self.dtype.itemsize
+            h = self._embed(ids)
         else:
-            cpu += B * T * self.config.hidden_size * self.dtype.itemsize
-        h = self._embed(ids)
+            r0 = self.store.rows_bytes_read
+            h = self._embed(ids)
+            tally["disk"] += self.store.rows_bytes_read - r0
         positions = cache.length  # an int start: RoPE tables sliced, no per-layer index or sync
         cfg = self.config
         for i in range(cfg.num_layers):
-            unit = f"layer.{i}"
-            w = slot = None
-            try:
-                w, slot = self._take(unit)
-                fused = self._fused(unit, self._resident_bufs[unit] if slot is None else st.bufs[slot], w)
+            with self._unit(f"layer.{i}", tally) as (w, fused):
                 h = llama.layer_forward(cfg, w, h, positions, cache, i, self.rope, fused=fused)
-            finally:
-                del w
-                if slot is not None:
-                    st.release(slot)
-            if slot is None:
-                cpu += self._unit_bytes(unit)
-            else:
-                disk += self._unit_bytes(unit)
-        w = slot = None
-        try:
-            w, slot = self._take("head")
-            hs = h[:, -1:] if last_only else h
-            logits = llama.final_logits(cfg, w["norm.weight"], w["lm_head.weight"], hs)
-        finally:
-            del w
-            if slot is not None:
-                st.release(slot)
-        if slot is None:
-            cpu += self._unit_bytes("head")
-        else:
-            disk += self._unit_bytes("head")
-        self._disk, self._cpu = disk, cpu
-        return logits
-
-    def _embed_page_bytes(self, ids: torch.Tensor) -> int:
-        u = self.store.units["embed"]
-        t = u["tensors"][self._embed_name]
-        row = t["nbytes"] // t["shape"][0]
-        pages = set()
-        starts = [p[0] for p in u["pages"]]
-        import bisect
-        for r in torch.unique(ids).tolist():
-            a = t["offset"] + r * row
-            for off in (a, a + row - 1):
-                pages.add(bisect.bisect_right(starts, off) - 1)
-        return sum(u["pages"][p][1] for p in pages)
-
-    def _take(self, unit: str):
-        if unit in self._resident:
-            return self._resident[unit], None
-        slot, buf = self._streamer.acquire(unit)
-        try:
-            return self._weights(unit, buf), slot
-        except BaseException:
-            self._streamer.release(slot)
-            raise
+        with self._unit("head", tally) as (w, _):
+            logits = llama.final_logits(cfg, w["norm.weight"], w["lm_head.weight"], h[:, -1:] if last_only else h)
+        return logits, tally
 
     def stream_pass(self) -> float:
         """Read every streamed unit once, in order, without computing; -> seconds. The I/O
@@ -319,12 +289,9 @@ class OffloadedModel:
         st = self._streamer
         if st is None:
             return 0.0
-        if not st.at_start():
-            st.skip_to_start()
+        st.skip_to_start()
         t0 = time.perf_counter()
-        for unit in st.order:
-            slot, _ = st.acquire(unit)
-            st.release(slot)
+        st.consume(len(st.order))
         return time.perf_counter() - t0
 
     def iter_generate(self, input_ids, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
@@ -423,7 +390,6 @@ class OffloadedModel:
             self._closed = True
             self._finalizer()
             self._resident.clear()
-            self._resident_bufs.clear()
             self._bufs.clear()
 
     def __enter__(self):

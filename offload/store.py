@@ -509,6 +509,7 @@ class Store:
         self.direct = direct
         self.read_mode = "direct" if direct else "buffered"
         self.read_mode_reason = None if direct else "direct=False"
+        self.rows_bytes_read = 0  # pages read by read_rows, for callers' accounting
         try:
             for unit, e in self.units.items():
                 path = os.path.join(self.store_dir, e["file"])
@@ -723,6 +724,7 @@ class Store:
         need = sorted({p for s in starts for p in range(s // PAGE_BYTES, (s + row_bytes - 1) // PAGE_BYTES + 1)})
         pbuf = self.alloc(PAGE_BYTES)
         pt = torch.frombuffer(pbuf, dtype=torch.uint8)
+        self.rows_bytes_read += sum(pages[p][1] for p in need)
         import bisect
         for p in need:
             off, n, crc = pages[p]

@@ -115,13 +115,10 @@ def test_bf16_streamed_equals_in_memory_and_is_close_to_hf(tiny16, tmp_path):
 
 def test_weight_bits_4_streams_lut_weights(tiny32, tmp_path):
     with _load(tiny32, tmp_path, placement="disk", weight_bits=4, group_size=16, max_context=32) as m:
-        w, slot = m._take("layer.0")
-        try:
-            import pykernels as pk
+        import pykernels as pk
+        with m._unit("layer.0", {"disk": 0, "cpu": 0}) as (w, fused):
             assert isinstance(w["self_attn.q_proj.weight"], pk.LUTWeight)
-        finally:
-            del w
-            m._streamer.release(slot)
+            assert fused == {}  # LUT weights run one projection each
         m._streamer.skip_to_start()
         ids = _ids(1, 5, 256)
         logits = m.forward(ids)
@@ -491,9 +488,7 @@ def test_long_prompt_is_prefill_in_chunks(tiny32, tmp_path):
 
 def test_fused_qkv_and_gate_up_are_views_of_the_slot(tiny32, tmp_path):
     with _load(tiny32, tmp_path, placement="memory", max_context=16) as m:
-        buf = m._resident_bufs["layer.1"]
-        w = m._resident["layer.1"]
-        f = m._fused("layer.1", buf, w)
+        w, f = m._resident["layer.1"]
         assert set(f) == {"qkv", "gate_up"}
         torch.testing.assert_close(f["qkv"], torch.cat([w[f"self_attn.{p}_proj.weight"] for p in "qkv"]), rtol=0, atol=0)
         torch.testing.assert_close(f["gate_up"], torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]),
