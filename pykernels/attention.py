@@ -16,6 +16,7 @@ import torch
 from roofline import autotune as _autotune
 
 from . import backends
+from ._checks import check_out
 from .kv_cache import QuantizedKVCache
 from .plan import DEFAULT_TILE, advise_schedule, default_num_splits
 
@@ -135,11 +136,7 @@ def _check_options(q, scale, method, num_splits, out) -> float:
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits: expected None or an int >= 1, got {num_splits!r}")
     if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
-        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-            raise ValueError(f"out: expected {tuple(q.shape)} {q.dtype} on {q.device}, got "
-                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        check_out(out, q.shape, q)
         if not out.is_contiguous():
             raise ValueError("out: must be contiguous")
     return float(scale)

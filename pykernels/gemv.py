@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
+from ._checks import check_out
 
 MAX_M = 8            # rows of x per kernel call (W is read once per call; larger M is split)
 X_DTYPES = (torch.float32, torch.bfloat16)
@@ -77,12 +78,7 @@ def _validate(x, w, bias, out, backend):
         if bias.device != w.device:
             raise ValueError(f"bias: on {bias.device}, but w is on {w.device}")
     if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
-        want = tuple(x.shape[:-1]) + (N,)
-        if tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device:
-            raise ValueError(f"out: expected {want} {x.dtype} on {x.device}, got "
-                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        check_out(out, tuple(x.shape[:-1]) + (N,), x)
         for name, t in (("x", x), ("w", w)):
             if _overlaps(out, t):
                 raise ValueError(f"out: overlaps {name} in memory; pass a separate output tensor")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends
+from ._checks import check_out
 from .lut_format import K_SLICE, TILE_N, pack_codes, padded_shape, unpack_codes
 
 SCHEMES = ("affine", "symmetric", "codebook")
@@ -927,12 +928,7 @@ def _validate_call(x, qw, out, mode, backend):
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
     if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
-        want = tuple(x.shape[:-1]) + (N,)
-        if tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device:
-            raise ValueError(f"out: expected {want} {x.dtype} on {x.device}, got "
-                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        check_out(out, tuple(x.shape[:-1]) + (N,), x)
     return x
 
 
