@@ -55,8 +55,10 @@ class Stats:
     ``steps`` holds one dict per forward: ``phase`` ("prefill" / "decode"), ``tokens``
     (sequences x new tokens), ``wall_s``, ``stall_s`` (compute waiting for the disk),
     ``disk_bytes`` (streamed units + embedding pages read), ``cpu_bytes`` (resident weight
-    bytes used), ``io_busy_s`` (time the reader spent reading). ``summary()`` aggregates the
-    decode steps.
+    bytes used), ``io_busy_s`` (time the reader spent reading); with a tiered KV cache also
+    ``kv_disk_bytes`` / ``kv_cpu_bytes`` (KV pages attended from each tier), ``kv_stall_s``
+    (waiting for KV reads), ``kv_pages_read`` and ``kv_pages_skipped`` (approximate mode).
+    ``summary()`` aggregates the decode steps.
     """
 
     def __init__(self):
@@ -79,6 +81,13 @@ class Stats:
                 disk_read_bandwidth=(sum(s["read_bytes"] for s in dec) / busy) if busy > 0 else None,
                 disk_effective_bandwidth=disk / wall if wall > 0 else None,
             )
+            if "kv_disk_bytes" in dec[-1]:  # a tiered KV cache: its pages read, waits, skips
+                kvs = [s for s in dec if "kv_disk_bytes" in s]
+                out["bytes_per_step"].update(kv_disk=sum(s["kv_disk_bytes"] for s in kvs) / len(kvs),
+                                             kv_cpu=sum(s["kv_cpu_bytes"] for s in kvs) / len(kvs))
+                out["kv_stall_s_per_step"] = sum(s["kv_stall_s"] for s in kvs) / len(kvs)
+                read, skip = sum(s["kv_pages_read"] for s in kvs), sum(s["kv_pages_skipped"] for s in kvs)
+                out["kv_disk_fraction_read"] = read / (read + skip) if read + skip else None
         return out
 
     def reset(self) -> None:
@@ -101,12 +110,13 @@ class OffloadedModel:
     """
 
     def __init__(self, store, placement: Placement, *, dtype: torch.dtype, kv_bits=None, io_threads: int = 4,
-                 kv_group_size: int = 32, kv_residual: int = 128):
+                 kv_group_size: int = 32, kv_residual: int = 128, kv_dir=None, kv_approx: float | None = None):
         self.store = store
         self.config = llama.LlamaConfig.from_hf(store.config)
         self.placement = placement
         self.dtype = dtype
         self.kv_bits, self.kv_group_size, self.kv_residual = kv_bits, kv_group_size, kv_residual
+        self.kv_dir, self.kv_approx, self.io_threads = kv_dir, kv_approx, io_threads
         self.stats = Stats()
         self._resident: dict[str, dict] = {}
         self._bufs = []
@@ -180,10 +190,12 @@ class OffloadedModel:
         return rows.to(self.dtype)[inv]
 
     # ------------------------------------------------------------------ public
-    def new_cache(self, batch: int, capacity: int) -> "llama.KVCache":
+    def new_cache(self, batch: int, capacity: int):
         """A KV cache for ``batch`` sequences of up to ``capacity`` tokens, within what the
         placement reserved in the budget (``batch <= placement.batch``, ``capacity <=
-        placement.context``: KV, workspace and RoPE tables were sized for those)."""
+        placement.context``: KV, workspace and RoPE tables were sized for those): an
+        ``offload.llama.KVCache``, or an ``offload.TieredKVCache`` (close it when done) when the
+        placement spills KV pages to disk (``placement.kv_tiered``)."""
         for name, v in (("batch", batch), ("capacity", capacity)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
@@ -194,6 +206,14 @@ class OffloadedModel:
         if capacity > p.context:
             raise ValueError(f"capacity: {capacity} tokens, but the budget was planned for max_context={p.context}; "
                              f"pass max_context to load_model")
+        if p.kv_tiered:
+            from .kvtier import TieredKVCache
+
+            return TieredKVCache(self.config, batch, capacity, dtype=self.dtype, kv_bits=self.kv_bits,
+                                 group_size=self.kv_group_size, residual=self.kv_residual if self.kv_bits else 0,
+                                 page_tokens=p.kv_page_tokens, cpu_pages=p.kv_cpu_pages, disk_dir=self.kv_dir,
+                                 disk_budget=p.kv_disk_budget, slots=p.kv_slots, chunk_pages=p.kv_chunk_pages,
+                                 io_threads=self.io_threads, approx=self.kv_approx)
         return llama.KVCache(self.config, batch, capacity, dtype=self.dtype, kv_bits=self.kv_bits,
                              group_size=self.kv_group_size, residual=self.kv_residual)
 
@@ -242,13 +262,17 @@ class OffloadedModel:
         stall0 = st.stall_s if st else 0.0
         busy0 = st.io_busy_s if st else 0.0
         read0 = st.bytes_read if st else 0
+        kv0 = getattr(cache, "stats", None)
         try:
             logits, tally = self._layers(ids, cache, last_only)
         except BaseException:
             cache.discard_pending()
             raise
         cache.advance(T)
-        self.stats.steps.append({
+        kv1 = getattr(cache, "stats", None)
+        kv = {f"kv_{k}": kv1[k] - kv0[k] for k in ("disk_bytes", "cpu_bytes", "stall_s", "pages_skipped",
+                                                    "pages_read")} if kv0 else {}
+        self.stats.steps.append({**kv,
             "phase": _phase or ("decode" if T == 1 else "prefill"), "tokens": B * T, "wall_s": time.perf_counter() - t0,
             "stall_s": (st.stall_s - stall0) if st else 0.0, "io_busy_s": (st.io_busy_s - busy0) if st else 0.0,
             "read_bytes": (st.bytes_read - read0) if st else 0, "disk_bytes": tally["disk"], "cpu_bytes": tally["cpu"]})
@@ -334,6 +358,13 @@ class OffloadedModel:
         return self._steps(ids, cache, max_new_tokens, do_sample, temperature, top_k, top_p, gen, eos_token_id)
 
     def _steps(self, ids, cache, n, do_sample, temperature, top_k, top_p, gen, eos):
+        try:
+            yield from self._steps_in(ids, cache, n, do_sample, temperature, top_k, top_p, gen, eos)
+        finally:
+            if hasattr(cache, "close"):  # a tiered cache: stop its readers, delete its page files
+                cache.close()
+
+    def _steps_in(self, ids, cache, n, do_sample, temperature, top_k, top_p, gen, eos):
         done = torch.zeros(ids.shape[0], dtype=torch.bool)
         x = ids
         for _ in range(n):
@@ -450,15 +481,18 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
                store_dir=None, group_size: int = 128, dtype=None, max_context: int | None = None,
                max_batch: int = 1, io_threads: int = 4, slots: int = 2, machine=None,
                disk_bandwidth: float | None = None, progress=None, kv_group_size: int = 32,
-               kv_residual: int = 128) -> OffloadedModel:
+               kv_residual: int = 128, kv_page_tokens: int = 1024, kv_dir=None,
+               kv_approx: float | None = None) -> OffloadedModel:
     """Open an HF Llama / Mistral / Qwen2 checkpoint for decoding under memory budgets.
 
     Parameters
     ----------
     path : a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded index),
         or a store directory written by ``offload.convert``.
-    budgets : {"cpu": bytes or "512MiB", "gpu": ...}: hard limits on what the manager holds
-        (resident weights, streaming slots, KV cache, workspace). Missing "cpu": no limit.
+    budgets : {"cpu": bytes or "512MiB", "gpu": ..., "disk": ...}: hard limits on what the
+        manager holds (resident weights, streaming slots, KV cache, workspace). Missing "cpu": no
+        limit. When the KV of ``max_context`` does not fit beside the weights, its oldest pages
+        spill to disk (``offload.TieredKVCache``), at most "disk" bytes of page files.
     weight_bits : None (the checkpoint's dtype) or 1..4 (LUT-GEMV format, group ``group_size``).
     kv_bits : None (dense KV in the compute dtype) or 8 / 4 / 2 / "fp8" (``pk.QuantizedKVCache``).
     device : "cpu" ("cuda" raises NotImplementedError: the GPU tier is not written yet).
@@ -469,6 +503,9 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
     dtype : compute dtype: the checkpoint's (None, or the same dtype; another one raises).
     max_context, max_batch : the KV reserved in the budget (default ``min(max_position_embeddings, 4096)``, 1).
     io_threads, slots : readers in flight, streaming buffers.
+    kv_page_tokens, kv_dir, kv_approx : the tiered KV cache's page size, the directory for its
+        page files (default: the system temp directory) and its approximate mode (None: exact;
+        a fraction: read that share of the disk pages per step, ``TieredKVCache``).
     machine, disk_bandwidth : for the placement's prediction (default: this machine's cached profile).
 
     Example
@@ -500,8 +537,8 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
     if budgets is not None and not isinstance(budgets, dict):
         raise TypeError(f"budgets: expected a dict like {{'cpu': '2GiB'}}, got {type(budgets).__name__}")
     for k, v in (budgets or {}).items():
-        if k not in ("cpu", "gpu"):
-            raise ValueError(f"budgets: unknown tier {k!r} (expected 'cpu' and/or 'gpu')")
+        if k not in ("cpu", "gpu", "disk"):
+            raise ValueError(f"budgets: unknown tier {k!r} (expected 'cpu', 'gpu' and/or 'disk')")
         parse_bytes(v, f"budgets[{k!r}]")
 
     if _is_store(path):
@@ -535,9 +572,16 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
                                   weight_bits=store.weight_bits, kv_bits=kv_bits, device=device,
                                   unit_bytes=ub, slots=slots, page_bytes=store.manifest["page_bytes"],
                                   dtype_bytes=dtype.itemsize, disk_bandwidth=disk_bandwidth, mode=placement,
-                                  kv_group_size=kv_group_size, kv_residual=kv_residual)
+                                  kv_group_size=kv_group_size, kv_residual=kv_residual,
+                                  kv_page_tokens=kv_page_tokens)
+        if kv_approx is not None and (isinstance(kv_approx, bool) or not isinstance(kv_approx, (int, float))
+                                      or not 0 < kv_approx <= 1):
+            raise ValueError(f"kv_approx: expected None or a fraction in (0, 1], got {kv_approx!r}")
+        if kv_dir is not None and not os.path.isdir(kv_dir):
+            raise FileNotFoundError(f"kv_dir: {kv_dir!r} is not a directory")
         return OffloadedModel(store, plan, dtype=dtype, kv_bits=kv_bits, io_threads=io_threads,
-                              kv_group_size=kv_group_size, kv_residual=kv_residual)
+                              kv_group_size=kv_group_size, kv_residual=kv_residual, kv_dir=kv_dir,
+                              kv_approx=kv_approx)
     except BaseException:
         store.close()
         raise

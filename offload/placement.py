@@ -100,10 +100,17 @@ class Placement:
     unit_bytes : unit -> bytes one full read of it moves.
     budgets : tier -> bytes (None: no limit given).
     slots, slot_bytes : the streaming ring (0 slots when nothing streams).
-    kv_bytes : KV cache reserved for ``batch`` sequences of ``context`` tokens.
+    kv_bytes : memory reserved for the KV cache of ``batch`` sequences of ``context`` tokens
+        (tiered: its windows, CPU pages, read slots and summaries).
+    kv_cpu_pages, kv_page_tokens, kv_page_bytes, kv_slots, kv_chunk_pages : the tiered KV
+        cache (``kv_cpu_pages`` None: the whole KV stays in memory): pages per layer kept in
+        memory, tokens and bytes per page, read slots (prefetch depth) of ``kv_chunk_pages`` pages.
+    kv_disk_bytes : KV page bytes on disk (and read every exact decode step) at ``context``.
+    kv_disk_budget : the "disk" budget the page files must stay within (None: free space only).
     workspace_bytes : activations and scratch reserved per forward.
     used : tier -> bytes the manager holds there (resident units + slots + KV + workspace).
-    disk_bytes_per_token : bytes read from disk per decode step.
+    disk_bytes_per_token : bytes read from disk per decode step (weights, embedding rows and, at
+        ``context``, the KV pages on disk).
     disk_bandwidth, predicted_s, bound_s, compute_s : seconds per decode step (None without
         a measured profile); ``bound_s`` is the disk bound ``disk bytes / disk bandwidth``.
     reasons : unit -> one sentence.
@@ -129,6 +136,19 @@ class Placement:
     predicted_s: float | None = None
     machine: str | None = None
     reasons: dict = field(default_factory=dict)
+    kv_cpu_pages: int | None = None
+    kv_page_tokens: int | None = None
+    kv_page_bytes: int = 0
+    kv_slots: int = 0
+    kv_chunk_pages: int = 0
+    kv_disk_bytes: int = 0
+    kv_disk_budget: int | None = None
+    kv_reason: str = ""
+
+    @property
+    def kv_tiered(self) -> bool:
+        """True when the KV cache spills pages to disk (``offload.TieredKVCache``)."""
+        return self.kv_cpu_pages is not None
 
     def streamed(self) -> list[str]:
         """Units read from disk every step, in model order (``embed`` excluded)."""
@@ -152,6 +172,8 @@ class Placement:
                              f"({', '.join(_ranges(self.resident(tier))) or 'no weights'}; KV {gib(self.kv_bytes)}, "
                              f"{self.slots} streaming slots x {gib(self.slot_bytes)}, "
                              f"workspace {gib(self.workspace_bytes)})")
+        if self.kv_tiered:
+            lines.append(f"kv: {self.kv_reason}")
         st = self.streamed()
         lines.append(f"disk: streams {', '.join(_ranges(st)) or 'nothing'} = {gib(self.disk_bytes_per_token)} "
                      f"per decode step; embedding {'rows read per token' if self.tiers['embed'] == 'disk' else 'resident'}")
@@ -192,11 +214,61 @@ def least_bytes(fixed: int, layer: int, head: int, slots: int) -> int:
     return fixed + min(slots * layer + head, slots * max(layer, head))
 
 
+def _kv_tier(c: dict, batch, context, kv_bits, group_size, residual, page_tokens, dtype_name, layer_bytes,
+             machine, disk_bandwidth):
+    """Sizes of an ``offload.TieredKVCache`` for this model with no page in memory (None when
+    ``context`` holds no whole page): {"memory", "page_bytes", "max_pages", "chunk_pages",
+    "slots", "slots_why"}.
+
+    Prefetch depth from the roofline: while a layer's weights compute (``layer_bytes`` at the
+    measured memory bandwidth) no KV chunk is consumed, so the ring must hold what the disk
+    delivers meanwhile, ``disk bandwidth x that time``, plus the chunk being attended and one
+    being read: ``slots = 2 + ceil(that / chunk bytes)`` in [3, 16] (4 without a profile)."""
+    import torch
+
+    from .kvtier import TieredKVCache, page_bytes
+
+    L = c["num_hidden_layers"]
+    nh = c["num_attention_heads"]
+    hd = c.get("head_dim") or c["hidden_size"] // nh
+    kvh = c.get("num_key_value_heads") or nh
+    dt = getattr(torch, dtype_name)
+    pb = page_bytes(batch, page_tokens, kvh, hd, kv_bits, group_size, dt)
+    R = residual if kv_bits is not None else 0
+    max_pages = max(0, context - R) // page_tokens
+    if max_pages == 0:
+        return None
+    chunk = max(1, min((8 << 20) // pb, max_pages // 8))  # ~8 MiB reads; a few slots hold < a layer
+    slots, why = 4, "no measured profile: default"
+    try:
+        from roofline.advise import default_machine
+        from roofline.hardware import get_machine
+
+        m = default_machine("cpu") if machine is None else get_machine(machine)
+    except (ValueError, OSError):
+        m = None
+    if m is not None:
+        reads = [d.get("read") for d in m.disk.values() if d.get("read")]
+        dbw = disk_bandwidth or (max(reads) if reads else m.links.get("disk_read"))
+        mbw = m.mem_bandwidth.get("read") or max(m.mem_bandwidth.values(), default=0)
+        if dbw and mbw:
+            gap = layer_bytes / mbw
+            slots = int(min(16, max(3, 2 + math.ceil(dbw * gap / (chunk * pb)))))
+            why = (f"a layer's weights compute {gap * 1e3:.1f} ms at {mbw / 1e9:.1f} GB/s, while the disk reads "
+                   f"{dbw * gap / _MiB:.1f} MiB at {dbw / 1e9:.2f} GB/s")
+    sizes = TieredKVCache.memory_bytes(L, batch, context, kvh, hd, kv_bits=kv_bits, group_size=group_size,
+                                       residual=R, page_tokens=page_tokens, cpu_pages=0, slots=slots,
+                                       chunk_pages=chunk, dtype=dt)
+    return {"memory": sizes["memory"], "page_bytes": pb, "max_pages": max_pages, "chunk_pages": chunk,
+            "slots": slots, "slots_why": why}
+
+
 def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, context: int = 2048,
                    weight_bits=None, kv_bits=None, group_size: int = 128, device: str = "cpu",
                    unit_bytes: dict | None = None, slots: int = 2, page_bytes: int = 4 * _MiB,
                    dtype_bytes: int = 2, disk_bandwidth: float | None = None,
-                   mode: str = "auto", kv_group_size: int = 32, kv_residual: int = 128) -> Placement:
+                   mode: str = "auto", kv_group_size: int = 32, kv_residual: int = 128,
+                   kv_page_tokens: int = 1024) -> Placement:
     """Decide which units stay in CPU memory and which stream from disk each decode step.
 
     Parameters
@@ -204,11 +276,15 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
     config : HF ``config.json`` dict or path.
     machine : ``roofline.MachineProfile``, a ``roofline.HARDWARE`` name, or None (this machine's
         cached profile, if ``roofline probe`` ran; else no prediction).
-    budgets : {"cpu": bytes or "2GiB", "gpu": ...}; a missing "cpu" means no limit.
+    budgets : {"cpu": bytes or "2GiB", "gpu": ..., "disk": ...}; a missing "cpu" means no limit;
+        "disk" limits the KV page files when the KV spills (default: the free space).
     batch, context : the KV reserved is for ``batch`` sequences of ``context`` tokens.
     weight_bits, kv_bits, group_size : the store's weight format and the KV format.
     kv_group_size, kv_residual : the quantized KV cache's group and full-precision window
         (``pk.QuantizedKVCache``); its exact allocation is what the budget reserves.
+    kv_page_tokens : page size of the tiered KV cache, used when the budget cannot hold the
+        whole KV: then memory left after the weights holds the newest pages and the rest spill to
+        disk (``offload.TieredKVCache``), read every step like streamed weights.
     device : "cpu" (the CUDA executor is not written yet: "cuda" raises NotImplementedError).
     unit_bytes : exact unit sizes (``Store.unit_nbytes``); default: :func:`estimate_unit_bytes`.
     slots : streaming buffers (2 = double buffering), each as large as the largest streamed unit.
@@ -240,11 +316,14 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
         raise ValueError(f"kv_bits: expected None, 8, 4, 2 or 'fp8', got {kv_bits!r}")
     budgets = dict(budgets or {})
     for k in budgets:
-        if k not in ("cpu", "gpu"):
-            raise ValueError(f"budgets: unknown tier {k!r} (expected 'cpu' and/or 'gpu')")
+        if k not in ("cpu", "gpu", "disk"):
+            raise ValueError(f"budgets: unknown tier {k!r} (expected 'cpu', 'gpu' and/or 'disk')")
+    if isinstance(kv_page_tokens, bool) or not isinstance(kv_page_tokens, int) or kv_page_tokens < PREFILL_CHUNK:
+        raise ValueError(f"kv_page_tokens: expected an int >= {PREFILL_CHUNK} (a prefill chunk must fit a page), got {kv_page_tokens!r}")
     if budgets.get("gpu") not in (None, 0, "0"):
         raise ValueError("budgets: a 'gpu' budget needs device='cuda' (not written yet)")
     cpu_cap = None if budgets.get("cpu") is None else parse_bytes(budgets["cpu"], "budgets['cpu']")
+    disk_cap = None if budgets.get("disk") is None else parse_bytes(budgets["disk"], "budgets['disk']")
     c = _cfg(config)
     L = c["num_hidden_layers"]
     ub = dict(unit_bytes) if unit_bytes is not None else estimate_unit_bytes(
@@ -275,23 +354,41 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
     weights = sum(ub.values())
     embed_cost = min(ub["embed"], batch * page_bytes)  # one checksum page per sequence's token, at most
 
-    def option(stream_head: bool, n_stream: int):
-        """(tiers, cpu bytes, disk bytes per token) with ``n_stream`` layers (spread) streamed,
-        or None when it does not fit ``cap``; the embedding joins the resident set if it fits."""
+    # the tiered KV cache: memory held besides its CPU pages, and the bytes of a page
+    dt_kv = {4: "float32", 2: "bfloat16"}.get(dtype_bytes, "bfloat16")
+    tier = _kv_tier(c, batch, context, kv_bits, kv_group_size, kv_residual, kv_page_tokens, dt_kv, lay, machine,
+                    disk_bandwidth) if kv_page_tokens % (kv_group_size if kv_bits is not None else 1) == 0 else None
+
+    def option(stream_head: bool, n_stream: int, embed_disk: bool = False):
+        """(tiers, cpu bytes, disk bytes per token, KV pages per layer in memory or None) with
+        ``n_stream`` layers (spread) streamed, or None when it does not fit ``cap``. The KV stays
+        whole in memory if it fits, else spills its oldest pages; the embedding joins the
+        resident set only when everything else fits (a resident page of KV saves a page read
+        per step, the resident embedding one page per token)."""
         idx = _spread(L, n_stream)
         st = [u for i, u in enumerate(layers) if i in idx] + (["head"] if stream_head else [])
         slot = max((ub[u] for u in st), default=0)
-        held = fixed + (slots * slot if st else 0) + sum(ub[u] for u in need if u not in st and u != "embed")
-        if held > cap:
-            return None
+        held = ws + (slots * slot if st else 0) + sum(ub[u] for u in need if u not in st and u != "embed")
         t = {u: ("disk" if u in st else "cpu") for u in need}
-        if held + ub["embed"] <= cap:
-            held += ub["embed"]
-        else:
-            t["embed"] = "disk"
-        disk = sum(ub[u] for u in st) + (embed_cost if t["embed"] == "disk" else 0)
-        return t, held, disk
+        disk = sum(ub[u] for u in st)
+        if held + kv <= cap:
+            held += kv
+            if not embed_disk and held + ub["embed"] <= cap:
+                held += ub["embed"]
+            else:
+                t["embed"] = "disk"
+            return t, held, disk + (embed_cost if t["embed"] == "disk" else 0), None
+        if tier is None or held + tier["memory"] > cap:
+            return None
+        pb, mp = tier["page_bytes"], tier["max_pages"]
+        cpu_pages = int(min(mp, (cap - held - tier["memory"]) // (L * pb)))
+        if disk_cap is not None and L * (mp - cpu_pages) * pb > disk_cap:
+            return None
+        t["embed"] = "disk"
+        held += tier["memory"] + L * cpu_pages * pb
+        return t, held, disk + embed_cost + L * (mp - cpu_pages) * pb, cpu_pages
 
+    kv_pages = None
     if mode == "memory":
         total = fixed + weights
         if total > cap:
@@ -299,25 +396,32 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
                              f"(weights {weights / _MiB:.0f} + KV {kv / _MiB:.0f} + workspace "
                              f"{ws / _MiB:.0f}), budget is {cap / _MiB:.0f} MiB")
         tiers = {u: "cpu" for u in need}
-    elif mode == "disk":
-        tiers = {u: "disk" for u in need}  # every layer and the head stream; embedding rows per token
+        used_cpu = total
     else:
-        # the fewest disk bytes per step over every number of streamed layers, head resident or
-        # streamed (streaming one more layer can free room for the embedding)
-        best = None  # every (head choice, number of streamed layers): L + 1 options each
-        for stream_head in (False, True):
-            for n in range(L + 1):
-                o = option(stream_head, n)
-                if o is not None and (best is None or o[2] < best[2]):
-                    best = o
+        # placement="disk": every layer and the head stream, the embedding rows per token;
+        # "auto": the fewest disk bytes per step over every number of streamed layers, head
+        # resident or streamed (streaming one more layer can free room for the embedding)
+        opts = ([option(True, L, embed_disk=True)] if mode == "disk"
+                else [option(h, n) for h in (False, True) for n in range(L + 1)])
+        best = None
+        for o in opts:
+            if o is not None and (best is None or o[2] < best[2]):
+                best = o
         if best is None:
             least = least_bytes(fixed, lay, ub["head"], slots)
+            if tier is None:
+                spill = f"; the KV cannot spill: context {context} holds no whole page of {kv_page_tokens} tokens"
+            else:
+                spill = (f"; with every KV page spilled to disk it needs {(least - kv + tier['memory']) / _MiB:.1f} MiB"
+                         + ("" if disk_cap is None else
+                            f" and {L * tier['max_pages'] * tier['page_bytes'] / _MiB:.0f} MiB of KV pages on disk "
+                            f"(budgets['disk'] {disk_cap / _MiB:.0f} MiB)"))
             raise ValueError(
                 f"budgets['cpu']: {cap / _MiB:.1f} MiB is too small: with every layer and the embedding "
                 f"streamed this model still needs {least / _MiB:.1f} MiB (KV {kv / _MiB:.1f} MiB for "
                 f"batch={batch}, context={context}; workspace {ws / _MiB:.1f} MiB; {slots} streaming slots; "
-                f"the head resident or streamed, whichever needs less)")
-        tiers = best[0]
+                f"the head resident or streamed, whichever needs less){spill}")
+        tiers, used_cpu, _, kv_pages = best
     for u in need:
         if tiers[u] == "cpu":
             reasons[u] = ("resident: the whole model fits" if all(t == "cpu" for t in tiers.values())
@@ -330,16 +434,24 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
     streamed = [u for u in need if tiers[u] == "disk" and u != "embed"]
     slot_bytes = max((ub[u] for u in streamed), default=0)
     n_slots = slots if streamed else 0
-    used_cpu = fixed + n_slots * slot_bytes + sum(ub[u] for u in need if tiers[u] == "cpu")
-    if cpu_cap is not None and used_cpu > cpu_cap:
-        raise ValueError(f"budgets['cpu']: {cpu_cap / _MiB:.0f} MiB is too small: the least this model needs "
-                         f"with everything streamed is {used_cpu / _MiB:.0f} MiB (KV {kv / _MiB:.0f}, "
-                         f"slots {n_slots} x {slot_bytes / _MiB:.0f}, workspace {ws / _MiB:.0f})")
     disk_tok = sum(ub[u] for u in streamed) + (embed_cost if tiers["embed"] == "disk" else 0)
-    p = Placement(device=device, tiers=tiers, unit_bytes=ub, budgets={"cpu": cpu_cap}, slots=n_slots,
-                  slot_bytes=slot_bytes, kv_bytes=kv, workspace_bytes=ws, used={"cpu": used_cpu},
+    kv_held, kv_disk = kv, 0
+    if kv_pages is not None:
+        kv_disk = L * (tier["max_pages"] - kv_pages) * tier["page_bytes"]
+        kv_held = tier["memory"] + L * kv_pages * tier["page_bytes"]
+        disk_tok += kv_disk
+    p = Placement(device=device, tiers=tiers, unit_bytes=ub, budgets={"cpu": cpu_cap, "disk": disk_cap},
+                  slots=n_slots, slot_bytes=slot_bytes, kv_bytes=kv_held, workspace_bytes=ws, used={"cpu": used_cpu},
                   disk_bytes_per_token=disk_tok, batch=batch, context=context, weight_bits=weight_bits,
                   kv_bits=kv_bits, reasons=reasons)
+    if kv_pages is not None:
+        p.kv_cpu_pages, p.kv_page_tokens, p.kv_page_bytes = kv_pages, kv_page_tokens, tier["page_bytes"]
+        p.kv_slots, p.kv_chunk_pages, p.kv_disk_bytes, p.kv_disk_budget = (tier["slots"], tier["chunk_pages"],
+                                                                           kv_disk, disk_cap)
+        p.kv_reason = (f"the whole KV ({kv / _MiB:.0f} MiB at context {context}) does not fit beside the weights: "
+                       f"the newest {kv_pages} of {tier['max_pages']} pages of {kv_page_tokens} tokens per layer "
+                       f"stay in memory, {kv_disk / _MiB:.0f} MiB of older pages spill to disk and are read every "
+                       f"step ({tier['slots']} read slots of {tier['chunk_pages']} pages: {tier['slots_why']})")
     _predict(p, c, machine, disk_bandwidth, dtype_bytes)
     return p
 

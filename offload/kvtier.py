@@ -1,0 +1,818 @@
+"""``TieredKVCache``: a Llama-family KV cache across CPU memory and disk, for long contexts.
+
+Tokens of each layer live in three places, newest first:
+
+* the **window**: the most recent tokens in full precision (``dtype``), in memory;
+* **CPU pages**: sealed pages of ``page_tokens`` tokens, in a preallocated pool of
+  ``cpu_pages`` pages per layer;
+* **disk pages**: older pages, one file each, written atomically (temporary name, then rename)
+  with ``O_DIRECT`` and a crc32c kept in memory that every read checks.
+
+A page is plain (K and V in ``dtype``) or quantized in a ``pk.QuantizedKVCache`` format
+(``kv_bits`` 8 / 4 / 2 / "fp8", KIVI layout, quantized once when the page is sealed). The window
+holds between ``residual`` and ``residual + page_tokens`` tokens (``residual`` is 0 for plain
+pages and 128 by default for quantized ones, KIVI's full-precision window): when it reaches
+``page_tokens + residual`` the oldest ``page_tokens`` become a page in the CPU pool, and when the
+pool is full its oldest page moves to disk first. A page never moves back.
+
+Decode attention is exact over all tiers: the window and the CPU pages in one kernel call
+(``pk.decode_attention`` on a paged view of the pool; quantized pages dequantized in the
+kernel), the disk pages in chunks read by background threads into a ring of slots (the next
+chunks, including the next layer's, are read while the current one computes), each chunk one
+more kernel call; the partial ``(out, lse)`` are combined with ``pk.merge_states`` in float32.
+
+The approximate mode (``approx=fraction``, opt-in) keeps each disk page's per-channel key
+minimum and maximum in memory and reads, per layer and step, only the ``fraction`` of disk pages
+with the largest upper bound of ``q . k`` (Quest's bound), the window and CPU pages always
+exactly. ``stats`` counts the pages it skipped.
+
+Memory the cache holds (``nbytes``) is fixed at construction: windows, the CPU pool, the read
+slots, one staging page and the summaries of up to ``capacity`` tokens. Disk bytes are at most
+``disk_bytes_max`` and are checked against ``disk_budget`` and the free space at construction,
+and the free space again before every page write: a full disk is an error raised before
+writing, never a partial page.
+"""
+from __future__ import annotations
+
+import errno
+import math
+import mmap
+import os
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+import pykernels as pk
+from pykernels import kv_format
+from pykernels.kv_cache import QuantizedKVCache
+
+from .store import ALIGN, CorruptPageError, StoreError, _crc32c, _round_up, _unlink_quiet
+
+__all__ = ["TieredKVCache", "page_layout", "page_bytes"]
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+#: free space left untouched on the disk when spilling pages (other writers, metadata)
+DISK_RESERVE = 64 << 20
+
+
+def page_layout(B: int, S: int, Hkv: int, D: int, kv_bits, gs: int, dtype: torch.dtype):
+    """Byte layout of one block (S tokens of one sequence, K and V): ([(name, dtype, shape,
+    offset)], block_bytes). A page is B blocks; ``block_bytes`` is a multiple of 4096 so pages
+    and blocks stay O_DIRECT-aligned."""
+    if kv_bits is None:
+        fields = [("k", dtype, (S, Hkv, D)), ("v", dtype, (S, Hkv, D))]
+    elif kv_bits == "fp8":
+        rb = kv_format.row_bytes("fp8", D)
+        fields = [("k_codes", torch.uint8, (Hkv, S, rb)), ("v_codes", torch.uint8, (Hkv, S, rb)),
+                  ("k_scale", torch.float32, (Hkv, S // gs)), ("v_scale", torch.float32, (Hkv, S // gs))]
+    else:
+        rb, ng = kv_format.row_bytes(kv_bits, D), kv_format.num_value_groups(D, gs)
+        fields = [("k_codes", torch.uint8, (Hkv, S, rb)), ("v_codes", torch.uint8, (Hkv, S, rb)),
+                  ("k_scale", torch.float16, (Hkv, S // gs, D)), ("k_zero", torch.float16, (Hkv, S // gs, D)),
+                  ("v_scale", torch.float16, (Hkv, S, ng)), ("v_zero", torch.float16, (Hkv, S, ng))]
+    out, off = [], 0
+    for name, dt, shape in fields:
+        out.append((name, dt, shape, off))
+        off = _round_up(off + math.prod(shape) * dt.itemsize, 64)
+    return out, _round_up(off, ALIGN)
+
+
+def page_bytes(batch: int, page_tokens: int, num_kv_heads: int, head_dim: int, kv_bits=None, group_size: int = 32,
+               dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of one page (``page_tokens`` tokens of ``batch`` sequences, K and V, one layer) as
+    memory and disk hold it."""
+    return batch * page_layout(batch, page_tokens, num_kv_heads, head_dim, kv_bits, group_size, dtype)[1]
+
+
+def _alloc(nbytes: int) -> memoryview:
+    """Page-aligned zeroed memory (anonymous mmap): usable for O_DIRECT."""
+    return memoryview(mmap.mmap(-1, _round_up(max(nbytes, 1), mmap.PAGESIZE)))[:nbytes]
+
+
+def _views(buf: torch.Tensor, layout, nblocks: int) -> dict:
+    """{field: tensor [nblocks, *shape]} over the uint8 tensor ``buf`` of ``nblocks`` blocks."""
+    fields, bb = layout
+    out = {}
+    for name, dt, shape, off in fields:
+        flat = buf.view(dt)
+        st = [1]
+        for s in reversed(shape[1:]):
+            st.insert(0, st[0] * s)
+        out[name] = flat.as_strided((nblocks, *shape), (bb // dt.itemsize, *st), off // dt.itemsize)
+    return out
+
+
+def _disk_free(path: str) -> int:
+    s = os.statvfs(path)
+    return s.f_bavail * s.f_frsize
+
+
+class _Reader:
+    """Reads disk pages into a ring of slots with a thread pool, in a fixed cyclic order
+    (``schedule``: (layer, page ids) chunks of every layer), keeping every slot busy ahead of
+    the consumer, so the next chunks (the next layer's too) are read while one computes."""
+
+    def __init__(self, owner, nslots: int, slot_bytes: int, io_threads: int):
+        self.o = owner
+        self.slot_bytes = slot_bytes
+        self.bufs = [_alloc(slot_bytes) for _ in range(nslots)]
+        self.tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in self.bufs]
+        self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="pk-kv-read")
+        self.free = deque(range(nslots))
+        self.inflight = deque()  # (schedule index | None, slot, futures, pages)
+        self.schedule: list = []
+        self.first: dict = {}  # layer -> index of its first chunk in the schedule
+        self.next = 0
+        self.lock = threading.Lock()
+        self.busy_s = 0.0
+        self.bytes = 0
+        self.direct = True
+
+    def read_page(self, path: str, mv: memoryview, crc: int) -> None:
+        """Fill mv from the page file at ``path`` and check its crc32c (any thread)."""
+        t0 = time.perf_counter()
+        fd = self._open(path)
+        try:
+            got, n = 0, len(mv)
+            while got < n:
+                k = os.preadv(fd, [mv[got:]], got)
+                if k == 0:
+                    raise StoreError(f"{path}: short read: {got} of {n} bytes (page file truncated)")
+                got += k
+            if not self.direct:
+                os.posix_fadvise(fd, 0, n, os.POSIX_FADV_DONTNEED)
+        except OSError as e:
+            if isinstance(e, StoreError):
+                raise
+            raise StoreError(f"{path}: read failed: {e}") from e
+        finally:
+            os.close(fd)
+        got_crc = _crc32c.crc32c(mv)
+        if got_crc != crc:
+            raise CorruptPageError(path, 0, crc, got_crc)
+        with self.lock:
+            self.busy_s += time.perf_counter() - t0
+            self.bytes += len(mv)
+
+    def _open(self, path: str) -> int:
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        try:
+            if self.direct:
+                try:
+                    return os.open(path, flags | os.O_DIRECT)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self.direct = False  # filesystem without O_DIRECT: buffered + DONTNEED
+            return os.open(path, flags)
+        except FileNotFoundError:
+            raise StoreError(f"{path}: KV page file is missing") from None
+
+    def _submit(self, idx, pages):
+        slot = self.free.popleft()
+        pb = self.o.page_bytes
+        futs = []
+        for j, (layer, p) in enumerate(pages):
+            rec = self.o._pages[layer][p]
+            futs.append(self.pool.submit(self.read_page, rec["path"], self.bufs[slot][j * pb:(j + 1) * pb], rec["crc"]))
+        self.inflight.append((idx, slot, futs, pages))
+
+    def _fill(self):
+        while self.free and self.schedule:
+            i = self.next % len(self.schedule)
+            self.next = i + 1
+            self._submit(i, self.schedule[i][1])
+
+    def _wait(self, futs):
+        err = None
+        for f in futs:
+            try:
+                f.result()
+            except BaseException as e:  # every read of the slot must end before it is reused
+                err = err or e
+        return err
+
+    def drain(self):
+        while self.inflight:
+            _, slot, futs, _ = self.inflight.popleft()
+            self._wait(futs)
+            self.free.append(slot)
+
+    def set_schedule(self, schedule: list):
+        """Replace the cyclic order (after pages moved to disk); waits for reads in flight."""
+        self.drain()
+        self.schedule = schedule
+        self.first = {}
+        for i, (layer, _) in enumerate(schedule):
+            self.first.setdefault(layer, i)
+        self.next = 0
+
+    def chunks(self, layer: int, items=None):
+        """Yield (slot tensor, pages) for each chunk of ``layer``, in order: the scheduled
+        ones (``items`` None), or the given list of page-id chunks (read now, several in
+        flight). The consumer must finish with a slot before asking for the next."""
+        o = self.o
+        if items is None:
+            start = self.first.get(layer)
+            if start is None:
+                return
+            if not self.inflight or self.inflight[0][0] != start:
+                self.drain()  # out of order (a failed step, a prefill): restart at this layer
+                self.next = start
+            self._fill()
+            count = sum(1 for lay, _ in self.schedule if lay == layer)
+        else:
+            self.drain()
+            queue = deque(items)
+            count = len(items)
+        for _ in range(count):
+            if items is not None:
+                while self.free and queue:
+                    self._submit(None, queue.popleft())
+            idx, slot, futs, pages = self.inflight.popleft()
+            t0 = time.perf_counter()
+            err = self._wait(futs)
+            o._stall_s += time.perf_counter() - t0
+            try:
+                if err is not None:
+                    raise err
+                yield self.tensors[slot], pages
+            finally:
+                self.free.append(slot)
+                if items is None:
+                    self._fill()
+
+    def close(self):
+        self.drain()
+        self.pool.shutdown(wait=True)
+
+
+class TieredKVCache:
+    """Per-layer K and V of ``batch`` sequences that advance together, across CPU memory and disk.
+
+    Same protocol as ``offload.llama.KVCache`` (``prefill_attend`` / ``decode_attend`` per layer,
+    then ``advance``), so ``offload.llama.layer_forward`` and ``OffloadedModel`` use either.
+
+    Parameters
+    ----------
+    cfg : offload.llama.LlamaConfig.
+    batch, capacity : sequences and most tokens one sequence may hold.
+    dtype : full-precision dtype of the window (and of plain pages).
+    kv_bits : None (plain pages in ``dtype``) or 8 / 4 / 2 / "fp8" (``pk.QuantizedKVCache``
+        formats; ``group_size`` 32 / 64 / 128).
+    residual : tokens always kept in full precision (quantized pages; default 128, a multiple of
+        ``group_size``; 0 for plain pages).
+    page_tokens : tokens per page (a multiple of ``group_size`` for quantized pages).
+    cpu_pages : pages per layer held in memory (None: enough for ``capacity``: nothing spills).
+    disk_dir : where a private directory of page files is made (default: the system temp
+        directory); removed by ``close``.
+    disk_budget : most bytes of page files (None: no limit besides the free space).
+    slots, chunk_pages, io_threads : the disk read ring: ``slots`` buffers of ``chunk_pages``
+        pages, read by ``io_threads`` threads (default: about 8 MiB, at most an eighth of a
+        layer's pages).
+    approx : None (exact) or a fraction in (0, 1]: read only that share of each layer's disk
+        pages per decode step, chosen by their key bounds (see the module docstring).
+    max_append : most tokens one call appends (the window holds ``page_tokens + residual +
+        max_append``); default 64, ``OffloadedModel``'s prefill chunk; at most ``page_tokens``.
+
+    Attributes
+    ----------
+    length, capacity, batch, nbytes (memory held), disk_bytes (page files now),
+    disk_bytes_max (at ``capacity``), page_bytes, stats (counters: ``cpu_bytes`` and
+    ``disk_bytes`` attended, ``stall_s`` waiting for reads, ``read_busy_s``, ``pages_read``,
+    ``pages_skipped`` by the approximate mode).
+    """
+
+    def __init__(self, cfg, batch: int, capacity: int, *, dtype=torch.bfloat16, kv_bits=None, group_size: int = 32,
+                 residual: int | None = None, page_tokens: int = 1024, cpu_pages: int | None = None,
+                 disk_dir=None, disk_budget: int | None = None, slots: int = 4, chunk_pages: int | None = None,
+                 io_threads: int = 4, approx: float | None = None, max_append: int = 64):
+        def pos_int(name, v, lo=1):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+
+        pos_int("batch", batch)
+        pos_int("capacity", capacity)
+        pos_int("page_tokens", page_tokens, 16)
+        pos_int("slots", slots, 2)
+        pos_int("io_threads", io_threads)
+        pos_int("max_append", max_append)
+        if dtype not in _FLOAT:
+            raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {dtype!r}")
+        Hkv, D = cfg.num_kv_heads, cfg.head_dim
+        if kv_bits is not None:
+            kv_format.check_format(kv_bits, group_size, D)
+            if page_tokens % group_size:
+                raise ValueError(f"page_tokens: expected a multiple of group_size={group_size}, got {page_tokens}")
+        if residual is None:
+            residual = 0 if kv_bits is None else 128
+        pos_int("residual", residual, 0)
+        if kv_bits is not None and (residual % group_size):
+            raise ValueError(f"residual: expected a multiple of group_size={group_size}, got {residual}")
+        if kv_bits is None and residual:
+            raise ValueError(f"residual: plain pages keep every token in full precision; expected 0, got {residual}")
+        if approx is not None and (isinstance(approx, bool) or not isinstance(approx, (int, float))
+                                   or not 0 < approx <= 1):
+            raise ValueError(f"approx: expected None or a fraction in (0, 1], got {approx!r}")
+        self.cfg, self.batch, self.capacity, self.dtype = cfg, batch, capacity, dtype
+        self.kv_bits, self.group_size, self.residual, self.page_tokens = kv_bits, group_size, residual, page_tokens
+        self.approx = None if approx is None else float(approx)
+        S, L = page_tokens, cfg.num_layers
+        self.max_pages = max(0, capacity - residual) // S  # pages a layer can seal at capacity
+        self.cpu_pages = self.max_pages if cpu_pages is None else cpu_pages
+        pos_int("cpu_pages", self.cpu_pages, 0)
+        self.cpu_pages = min(self.cpu_pages, self.max_pages)
+        self._layout = page_layout(batch, S, Hkv, D, kv_bits, group_size, dtype)
+        self.page_bytes = batch * self._layout[1]
+        self.disk_bytes_max = L * (self.max_pages - self.cpu_pages) * self.page_bytes
+        if disk_budget is not None:
+            pos_int("disk_budget", disk_budget, 0)
+            if self.disk_bytes_max > disk_budget:
+                raise ValueError(f"disk_budget: {disk_budget} bytes, but {self.max_pages - self.cpu_pages} pages per "
+                                 f"layer x {L} layers x {self.page_bytes} bytes = {self.disk_bytes_max} bytes spill to "
+                                 f"disk at capacity {capacity}")
+        self.disk_budget = disk_budget
+        self._dir = None
+        if self.disk_bytes_max:
+            parent = os.fspath(disk_dir) if disk_dir is not None else tempfile.gettempdir()
+            if not os.path.isdir(parent):
+                raise FileNotFoundError(f"disk_dir: {parent!r} is not a directory")
+            free = _disk_free(parent)
+            if self.disk_bytes_max + DISK_RESERVE > free:
+                raise StoreError(f"disk_dir: {parent} has {free / 2**20:.0f} MiB free; the KV pages need "
+                                 f"{self.disk_bytes_max / 2**20:.0f} MiB (+{DISK_RESERVE >> 20} MiB reserve) at "
+                                 f"capacity {capacity}")
+            self._dir = tempfile.mkdtemp(prefix="pk-kv-", dir=parent)
+        # memory: windows, CPU pool, staging page, summaries, read slots
+        self.max_append = min(max_append, S)
+        self._win_cap = S + residual + self.max_append
+        with torch.inference_mode(False):
+            self._win_k = torch.zeros(L, batch, self._win_cap, Hkv, D, dtype=dtype)
+            self._win_v = torch.zeros_like(self._win_k)
+            bb = self._layout[1]
+            self._pool_mem = [_alloc(self.cpu_pages * self.page_bytes) if self.cpu_pages else None for _ in range(L)]
+            self._pool = [None if m is None else _views(torch.frombuffer(m, dtype=torch.uint8), self._layout,
+                                                        self.cpu_pages * batch) for m in self._pool_mem]
+            self._stage_mem = _alloc(self.page_bytes)
+            self._stage = _views(torch.frombuffer(self._stage_mem, dtype=torch.uint8), self._layout, batch)
+            self._kmin = torch.zeros(L, self.max_pages, batch, Hkv, D, dtype=torch.float32)
+            self._kmax = torch.zeros_like(self._kmin)
+        if chunk_pages is None:
+            chunk_pages = max(1, min((8 << 20) // self.page_bytes, self.max_pages // 8))
+        pos_int("chunk_pages", chunk_pages)
+        self.chunk_pages = chunk_pages
+        self._reader = (_Reader(self, slots, chunk_pages * self.page_bytes, io_threads)
+                        if self.disk_bytes_max else None)
+        # a page read outside the ring (prefill, dequantize)
+        self._scratch_mem = _alloc(self.page_bytes) if self._reader is not None else None
+        self._pages: list[list[dict]] = [[] for _ in range(L)]  # per layer, oldest first
+        self._cpu_free = [list(range(self.cpu_pages)) for _ in range(L)]
+        self._win_n = [0] * L
+        self.length = 0
+        self._pending = [0] * L
+        self._broken = None
+        self.disk_bytes = 0
+        self._stall_s = 0.0
+        self._cpu_attended = 0
+        self._disk_attended = 0
+        self._skipped = 0
+        self._read_pages = 0
+        self._tables: dict = {}
+        self._dummy_fp = torch.zeros(batch, 1, Hkv, D, dtype=dtype)
+        self._zero = torch.zeros(batch, dtype=torch.int32)
+        self._finalizer = weakref.finalize(self, _cleanup, self._reader, self._dir)
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def nbytes(self) -> int:
+        """Memory the cache holds (fixed at construction): windows, CPU pool, staging and
+        scratch pages, read slots and key summaries (``memory_bytes`` of its arguments)."""
+        n = 2 * self._win_k.numel() * self._win_k.element_size()
+        n += sum(len(m) for m in self._pool_mem if m is not None) + len(self._stage_mem)
+        n += 2 * self._kmin.numel() * 4
+        if self._reader is not None:
+            n += len(self._reader.bufs) * self._reader.slot_bytes + len(self._scratch_mem)
+        return n
+
+    @staticmethod
+    def memory_bytes(num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int, *, kv_bits=None,
+                     group_size: int = 32, residual: int | None = None, page_tokens: int = 1024,
+                     cpu_pages: int | None = None, slots: int = 4, chunk_pages: int | None = None,
+                     dtype: torch.dtype = torch.bfloat16, max_append: int = 64) -> dict:
+        """What a cache built with these arguments holds, computed without building it:
+        {"memory": its ``nbytes``, "disk": its ``disk_bytes_max``, "page_bytes", "max_pages",
+        "cpu_pages", "chunk_pages"} (for budgets)."""
+        R = (0 if kv_bits is None else 128) if residual is None else residual
+        S, L, B = page_tokens, num_layers, batch
+        pb = page_bytes(B, S, num_kv_heads, head_dim, kv_bits, group_size, dtype)
+        max_pages = max(0, capacity - R) // S
+        cp = max_pages if cpu_pages is None else min(cpu_pages, max_pages)
+        cp_ = max(1, min((8 << 20) // pb, max_pages // 8)) if chunk_pages is None else chunk_pages
+        mem = 2 * L * B * (S + R + min(max_append, S)) * num_kv_heads * head_dim * dtype.itemsize
+        mem += L * cp * pb + pb + 2 * L * max_pages * B * num_kv_heads * head_dim * 4
+        disk = L * (max_pages - cp) * pb
+        if disk:
+            mem += slots * cp_ * pb + pb
+        return {"memory": mem, "disk": disk, "page_bytes": pb, "max_pages": max_pages, "cpu_pages": cp,
+                "chunk_pages": cp_}
+
+    @property
+    def stats(self) -> dict:
+        r = self._reader
+        return {"cpu_bytes": self._cpu_attended, "disk_bytes": self._disk_attended, "stall_s": self._stall_s,
+                "read_busy_s": r.busy_s if r else 0.0, "read_bytes": r.bytes if r else 0,
+                "pages_read": self._read_pages, "pages_skipped": self._skipped,
+                "read_mode": None if r is None else ("direct" if r.direct else "buffered")}
+
+    def tier_tokens(self, layer: int = 0) -> dict:
+        """Tokens of ``layer`` per tier: {"window", "cpu", "disk"} (committed and pending)."""
+        pages = self._pages[layer]
+        nd = sum(1 for p in pages if p["tier"] == "disk")
+        S = self.page_tokens
+        return {"window": self._win_n[layer] + self._pending[layer], "cpu": (len(pages) - nd) * S, "disk": nd * S}
+
+    def __repr__(self):
+        t = self.tier_tokens(0)
+        return (f"TieredKVCache(kv_bits={self.kv_bits!r}, batch={self.batch}, capacity={self.capacity}, "
+                f"length={self.length}, page_tokens={self.page_tokens}, tokens per tier {t}, "
+                f"nbytes={self.nbytes}, disk_bytes={self.disk_bytes}, approx={self.approx})")
+
+    # ------------------------------------------------------------------ appends
+    def _reserve(self, layer, q, k, v, T_expected=None):
+        if self._broken:
+            raise RuntimeError(self._broken)
+        if self._finalizer is not None and not self._finalizer.alive:
+            raise RuntimeError("TieredKVCache: closed")
+        cfg = self.cfg
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cfg.num_layers:
+            raise ValueError(f"layer: expected an int in [0, {cfg.num_layers}), got {layer!r}")
+        B, D = self.batch, cfg.head_dim
+        if q is not None and (q.dim() != 4 or q.shape[0] != B or q.shape[2] != cfg.num_heads or q.shape[3] != D):
+            raise ValueError(f"q: expected [{B}, T, {cfg.num_heads}, {D}], got {tuple(q.shape)}")
+        T = k.shape[1] if k.dim() == 4 else -1
+        for name, t in (("k", k), ("v", v)):
+            if tuple(t.shape) != (B, T, cfg.num_kv_heads, D):
+                raise ValueError(f"{name}: expected [{B}, T, {cfg.num_kv_heads}, {D}], got {tuple(t.shape)}")
+            if not t.dtype.is_floating_point or t.device.type != "cpu":
+                raise TypeError(f"{name}: expected a float tensor on the CPU, got {t.dtype} on {t.device}")
+        if q is not None and q.shape[1] != T:
+            raise ValueError(f"q: {q.shape[1]} tokens, k has {T}")
+        if T < 1 or (T_expected is not None and T != T_expected):
+            raise ValueError(f"k: expected T == {T_expected or '>= 1'} tokens, got {T}")
+        if T > self.max_append:
+            raise ValueError(f"k: at most max_append={self.max_append} tokens per call, got {T} (split the chunk)")
+        if self._pending[layer]:
+            raise ValueError(f"layer: layer {layer} already appended {self._pending[layer]} tokens at length "
+                             f"{self.length}; call advance() after every layer has run")
+        need = self.length + T
+        if need > self.capacity:
+            raise ValueError(f"capacity: the cache holds {self.length} tokens; {T} more need length {need} > "
+                             f"capacity {self.capacity}")
+        if self._win_n[layer] + T > self._win_cap:
+            raise RuntimeError(f"the full-precision window of layer {layer} is full ({self._win_n[layer]} tokens): "
+                               f"an earlier page spill failed; free disk space and call advance(0)")
+        if cfg.sliding_window is not None and need > cfg.sliding_window:
+            raise ValueError(f"sliding_window: length {need} exceeds the {cfg.model_type} attention window "
+                             f"{cfg.sliding_window}; windowed attention is not implemented")
+        n0 = self._win_n[layer]
+        self._win_k[layer, :, n0:n0 + T] = k
+        self._win_v[layer, :, n0:n0 + T] = v
+        self._pending[layer] = T
+        return T
+
+    @torch.no_grad()
+    def append(self, layer: int, k, v) -> None:
+        """Append k, v [B, T, Hkv, D] (T <= max_append) to ``layer`` without attending (loading
+        a precomputed cache); ``advance(T)`` after every layer, as in a forward."""
+        self._reserve(layer, None, k, v)
+
+    def discard_pending(self) -> None:
+        """Forget what layers appended since the last ``advance`` (a forward that failed)."""
+        self._pending = [0] * self.cfg.num_layers
+
+    def advance(self, T: int) -> None:
+        """Commit the T tokens every layer has appended, then seal full pages (moving the
+        oldest CPU pages to disk when the pool is full). A failed page write (disk full)
+        raises StoreError with the tokens committed and nothing lost: the window keeps them
+        and the next ``advance`` retries."""
+        bad = [i for i, p in enumerate(self._pending) if p != T]
+        if bad:
+            raise ValueError(f"T: advance({T}) but layer {bad[0]} appended {self._pending[bad[0]]} tokens in this "
+                             "forward (every layer must append the same T tokens first)")
+        self.length += T
+        for i in range(self.cfg.num_layers):
+            self._win_n[i] += T
+        self._pending = [0] * self.cfg.num_layers
+        moved = False
+        try:
+            for i in range(self.cfg.num_layers):
+                while self._win_n[i] >= self.page_tokens + self.residual:
+                    moved |= self._seal(i)
+        finally:
+            if moved:
+                self._reschedule()
+
+    # ------------------------------------------------------------------ pages
+    def _seal(self, layer: int) -> bool:
+        """Turn the oldest ``page_tokens`` of the window into a page -> True if a page went to disk."""
+        S, B = self.page_tokens, self.batch
+        kp, vp = self._win_k[layer, :, :S], self._win_v[layer, :, :S]
+        st = self._stage
+        if self.kv_bits is None:
+            st["k"].copy_(kp)
+            st["v"].copy_(vp)
+        else:
+            f = kv_format.quantize_kv(kp.transpose(1, 2), vp.transpose(1, 2), self.kv_bits, self.group_size)
+            for name, t in f.items():
+                if t is not None:
+                    st[name].copy_(t)
+        idx = len(self._pages[layer])
+        if idx >= self.max_pages:
+            raise RuntimeError(f"layer {layer}: more than {self.max_pages} pages (capacity {self.capacity})")
+        moved = False
+        free = self._cpu_free[layer]
+        if free:
+            slot = free.pop(0)
+        elif self.cpu_pages:  # the pool is full: its oldest page goes to disk first
+            old = next(p for p in self._pages[layer] if p["tier"] == "cpu")
+            slot = old["slot"]
+            mv = self._pool_mem[layer][slot * self.page_bytes:(slot + 1) * self.page_bytes]
+            self._spill(layer, old, mv)
+            moved = True
+        else:
+            slot = None
+        rec = {"index": idx}
+        if slot is None:  # no CPU pool: straight from the staging page
+            self._spill(layer, rec, self._stage_mem)
+            moved = True
+        else:
+            pool = self._pool[layer]
+            for name, t in st.items():
+                pool[name][slot * B:(slot + 1) * B].copy_(t)
+            rec.update(tier="cpu", slot=slot)
+        kf = kp.float()
+        self._kmin[layer, idx] = kf.amin(1)
+        self._kmax[layer, idx] = kf.amax(1)
+        self._pages[layer].append(rec)
+        n = self._win_n[layer] - S
+        self._win_k[layer, :, :n] = self._win_k[layer, :, S:S + n].clone()
+        self._win_v[layer, :, :n] = self._win_v[layer, :, S:S + n].clone()
+        self._win_n[layer] = n
+        return moved
+
+    def _spill(self, layer: int, rec: dict, mv: memoryview) -> None:
+        """Write page ``rec`` (bytes ``mv``) to its file atomically; on success ``rec`` becomes a
+        disk page. Raises StoreError before writing when the disk budget or free space is short."""
+        n = len(mv)
+        if self.disk_budget is not None and self.disk_bytes + n > self.disk_budget:
+            raise StoreError(f"disk_budget: {self.disk_bytes + n} bytes of KV pages would exceed {self.disk_budget}")
+        free = _disk_free(self._dir)
+        if free < n + DISK_RESERVE:
+            raise StoreError(f"{self._dir}: {free / 2**20:.0f} MiB free, a KV page needs {n / 2**20:.1f} MiB "
+                             f"(+{DISK_RESERVE >> 20} MiB reserve); nothing was written")
+        d = os.path.join(self._dir, f"layer{layer}")
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, f"page{rec['index']:06d}.kv")
+        crc = _crc32c.crc32c(mv)
+        tmp = path + ".tmp"
+        try:
+            direct = self._reader.direct
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+            try:
+                fd = os.open(tmp, flags | (os.O_DIRECT if direct else 0))
+            except OSError as e:
+                if e.errno != errno.EINVAL or not direct:
+                    raise
+                self._reader.direct = direct = False
+                fd = os.open(tmp, flags)
+            try:
+                done = 0
+                while done < n:
+                    done += os.pwrite(fd, mv[done:], done)
+                if not direct:  # keep later reads cold: write back, then drop from the page cache
+                    os.fdatasync(fd)
+                    os.posix_fadvise(fd, 0, n, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as e:
+            _unlink_quiet(tmp)
+            if e.errno in _DISK_FULL:
+                raise StoreError(f"disk full while writing KV page {tmp}: {e}") from e
+            raise
+        rec.pop("slot", None)  # a CPU page's slot: reused by the caller
+        rec.update(tier="disk", path=path, crc=crc)
+        self.disk_bytes += n
+
+    def _reschedule(self):
+        """The reader's cyclic order: every layer's disk pages in chunks of ``chunk_pages``."""
+        sched = []
+        for layer, pages in enumerate(self._pages):
+            disk = [(layer, p["index"]) for p in pages if p["tier"] == "disk"]
+            for s in range(0, len(disk), self.chunk_pages):
+                sched.append((layer, disk[s:s + self.chunk_pages]))
+        if self._reader is not None:
+            self._reader.set_schedule([] if self.approx is not None else sched)
+
+    def _disk_pages(self, layer):
+        return [p["index"] for p in self._pages[layer] if p["tier"] == "disk"]
+
+    def _cpu_table(self, layer):
+        """(block table int32 [B, n], n pages) of the CPU pages of ``layer``."""
+        slots = [p["slot"] for p in self._pages[layer] if p["tier"] == "cpu"]
+        B = self.batch
+        key = (layer, tuple(slots))
+        t = self._tables.get(key)
+        if t is None:
+            if len(self._tables) > 4 * self.cfg.num_layers:
+                self._tables.clear()
+            t = self._tables[key] = torch.tensor([[s * B + b for s in slots] or [0] for b in range(B)], dtype=torch.int32)
+        return t, len(slots)
+
+    def _chunk_table(self, n):
+        B = self.batch
+        key = ("chunk", n)
+        t = self._tables.get(key)
+        if t is None:
+            t = self._tables[key] = torch.tensor([[j * B + b for j in range(n)] for b in range(B)], dtype=torch.int32)
+        return t
+
+    # ------------------------------------------------------------------ attention
+    def _attend_pages(self, qf, views, table, npages, fp_k=None, fp_v=None, n_fp=0):
+        """(out, lse) of qf [B, Hq, D] float32 over ``npages`` pages of ``views`` (block ids in
+        ``table``) and, for quantized pages, ``n_fp`` full-precision rows of fp_k/fp_v."""
+        B, S = self.batch, self.page_tokens
+        if self.kv_bits is None:
+            sl = torch.full((B,), npages * S, dtype=torch.int32)
+            return pk.decode_attention(qf, views["k"], views["v"], sl, block_table=table, return_lse=True)
+        n_q = torch.full((B,), npages * S, dtype=torch.int32)
+        n_r = torch.full((B,), n_fp, dtype=torch.int32)
+        c = QuantizedKVCache.from_tensors(
+            views["k_codes"], views["k_scale"], views.get("k_zero"), views["v_codes"], views["v_scale"],
+            views.get("v_zero"), self._dummy_fp if fp_k is None else fp_k, self._dummy_fp if fp_v is None else fp_v,
+            table, self._zero, n_q, n_r, bits=self.kv_bits, group_size=self.group_size)
+        return pk.decode_attention(qf, c, return_lse=True)
+
+    def _attend_resident(self, layer, qf):
+        """(out, lse) over the window and the CPU pages of ``layer`` (float32)."""
+        n_win = self._win_n[layer] + self._pending[layer]
+        wk, wv = self._win_k[layer], self._win_v[layer]
+        table, n = self._cpu_table(layer)
+        self._cpu_attended += n * self.page_bytes + 2 * n_win * self.batch * wk[0, 0].numel() * wk.element_size()
+        if self.kv_bits is not None:
+            views = self._pool[layer] if n else self._stage
+            return self._attend_pages(qf, views, table, n, wk, wv, n_win)
+        sl = torch.full((self.batch,), n_win, dtype=torch.int32)
+        o, lse = pk.decode_attention(qf, wk, wv, sl, return_lse=True)
+        if n:
+            o2, lse2 = self._attend_pages(qf, self._pool[layer], table, n)
+            o, lse = pk.merge_states(o, lse, o2, lse2)
+        return o, lse
+
+    def _select(self, layer, qf, pages):
+        """The ``approx`` share of ``pages`` with the largest bound max_k q.k (Quest)."""
+        keep = max(1, math.ceil(self.approx * len(pages)))
+        if keep >= len(pages):
+            return pages
+        G = self.cfg.num_heads // self.cfg.num_kv_heads
+        B, Hkv, D = self.batch, self.cfg.num_kv_heads, self.cfg.head_dim
+        idx = torch.tensor(pages)
+        q = qf.view(B, Hkv, G, D)[None]                                  # [1, B, Hkv, G, D]
+        lo, hi = self._kmin[layer, idx][:, :, :, None], self._kmax[layer, idx][:, :, :, None]  # [P, B, Hkv, 1, D]
+        bound = torch.maximum(q * lo, q * hi).sum(-1).amax(dim=(1, 2, 3))  # [P]
+        top = torch.topk(bound, keep).indices.sort().values
+        self._skipped += len(pages) - keep
+        return [pages[i] for i in top.tolist()]
+
+    @torch.no_grad()
+    def decode_attend(self, layer: int, q, k, v) -> torch.Tensor:
+        """Append one token k, v [B, 1, Hkv, D], then attention of q [B, 1, Hq, D] over every
+        tier, exact (or approximate on the disk pages with ``approx``). -> [B, 1, Hq, D]."""
+        self._reserve(layer, q, k, v, T_expected=1)
+        qf = q[:, 0].float()
+        o, lse = self._attend_resident(layer, qf)
+        disk = self._disk_pages(layer)
+        if disk:
+            items = None
+            if self.approx is not None:
+                sel = self._select(layer, qf, disk)
+                items = [[(layer, p) for p in sel[s:s + self.chunk_pages]] for s in range(0, len(sel), self.chunk_pages)]
+            for buf, pages in self._reader.chunks(layer, items):
+                n = len(pages)
+                views = _views(buf, self._layout, n * self.batch)
+                o2, lse2 = self._attend_pages(qf, views, self._chunk_table(n), n)
+                o, lse = pk.merge_states(o, lse, o2, lse2)
+                self._disk_attended += n * self.page_bytes
+                self._read_pages += n
+        return o.to(q.dtype)[:, None]
+
+    def _page_kv(self, layer, rec, scratch):
+        """(k, v) float32 [B, S, Hkv, D] of one page (read and checked if on disk)."""
+        if rec["tier"] == "cpu":
+            s, B = rec["slot"], self.batch
+            f = {n: t[s * B:(s + 1) * B] for n, t in self._pool[layer].items()}
+        else:
+            self._reader.read_page(rec["path"], scratch[0], rec["crc"])
+            f = _views(scratch[1], self._layout, self.batch)
+        if self.kv_bits is None:  # a copy: the scratch page is reused by the next read
+            return f["k"].to(torch.float32, copy=True), f["v"].to(torch.float32, copy=True)
+        k, v = kv_format.dequantize_kv(f, self.kv_bits, self.group_size, self.cfg.head_dim)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def _scratch(self):
+        return self._scratch_mem, torch.frombuffer(self._scratch_mem, dtype=torch.uint8)
+
+    @torch.no_grad()
+    def prefill_attend(self, layer: int, q, k, v) -> torch.Tensor:
+        """Append k, v [B, T, Hkv, D] and return the causal attention of q [B, T, Hq, D] over
+        all held tokens and the new ones (query i sees the new tokens 0..i), exact over every
+        tier (disk pages read synchronously), in float32. -> [B, T, Hq, D] in q's dtype."""
+        T = self._reserve(layer, q, k, v)
+        n_win = self._win_n[layer] + T
+        qf = q.float()
+        mask = (torch.arange(n_win)[None, :] <= (n_win - T + torch.arange(T))[:, None])
+        o, lse = _attend_dense(qf, self._win_k[layer, :, :n_win], self._win_v[layer, :, :n_win], mask)
+        scratch = self._scratch() if self._disk_pages(layer) else None
+        for rec in self._pages[layer]:
+            kk, vv = self._page_kv(layer, rec, scratch)
+            o2, lse2 = _attend_dense(qf, kk, vv, None)
+            o, lse = _merge(o, lse, o2, lse2)
+        return o.to(q.dtype)
+
+    def dequantize(self, layer: int):
+        """(k, v) float32 [B, n, Hkv, D] of every token ``layer`` holds, in order (pages as
+        stored, dequantized; then the window): what its attention reads."""
+        scratch = self._scratch() if self._disk_pages(layer) else None
+        ks, vs = [], []
+        for rec in self._pages[layer]:
+            kk, vv = self._page_kv(layer, rec, scratch)
+            ks.append(kk)
+            vs.append(vv)
+        n = self._win_n[layer] + self._pending[layer]
+        ks.append(self._win_k[layer, :, :n].float())
+        vs.append(self._win_v[layer, :, :n].float())
+        return torch.cat(ks, 1), torch.cat(vs, 1)
+
+    def read_pass(self) -> float:
+        """Read every disk page once through the reader (no compute) -> seconds: the disk
+        bound of one exact decode step right now."""
+        r = self._reader
+        if r is None or not any(self._disk_pages(i) for i in range(self.cfg.num_layers)):
+            return 0.0
+        r.drain()
+        t0 = time.perf_counter()
+        for layer in range(self.cfg.num_layers):
+            for _ in r.chunks(layer, [[(layer, p) for p in c] for c in _chunks(self._disk_pages(layer), self.chunk_pages)]):
+                pass
+        dt = time.perf_counter() - t0
+        self._reschedule()
+        return dt
+
+    def close(self) -> None:
+        """Stop the readers and delete the page files (the cache is unusable afterwards)."""
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _chunks(xs, n):
+    return [xs[s:s + n] for s in range(0, len(xs), n)]
+
+
+def _attend_dense(qf, k, v, mask):
+    """Float32 attention of qf [B, T, Hq, D] over k, v [B, n, Hkv, D] (GQA), mask [T, n] or None
+    -> (o [B, T, Hq, D], lse [B, T, Hq])."""
+    B, T, Hq, D = qf.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    s = torch.einsum("bthgd,bnhd->bhgtn", qf.view(B, T, Hkv, G, D), k.float()) / math.sqrt(D)
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf)
+    lse = torch.logsumexp(s, -1)
+    o = torch.einsum("bhgtn,bnhd->bthgd", torch.exp(s - lse[..., None]), v.float())
+    return o.reshape(B, T, Hq, D), lse.permute(0, 3, 1, 2).reshape(B, T, Hq)
+
+
+def _merge(o1, l1, o2, l2):
+    B, T, Hq, D = o1.shape
+    o, lse = pk.merge_states(o1.reshape(B * T, Hq, D), l1.reshape(B * T, Hq), o2.reshape(B * T, Hq, D),
+                             l2.reshape(B * T, Hq))
+    return o.view(B, T, Hq, D), lse.view(B, T, Hq)
+
+
+def _cleanup(reader, path) -> None:
+    if reader is not None:
+        reader.close()
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,363 @@
+"""offload.TieredKVCache: exact attention over window + CPU pages + disk pages (every KV format,
+odd lengths), prefill across tiers, the approximate mode, page checksums, disk budgets and
+free-space checks, memory accounting, and OffloadedModel spilling its KV during generation.
+
+Reference: attention in float64 over ``cache.dequantize(layer)`` (the tokens as the cache stores
+them: pages dequantized with ``pykernels.kv_format``, window rows exact); and the same tokens in
+an all-in-memory cache (``cpu_pages=None``) or, for plain pages, ``pk.decode_attention`` on one
+dense tensor.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+import offload
+import pykernels as pk
+from offload import kvtier
+from offload.kvtier import TieredKVCache
+from offload.llama import LlamaConfig
+from offload.store import CorruptPageError, StoreError
+
+
+def _cfg(Hq=8, Hkv=2, D=32, L=2):
+    return LlamaConfig.from_hf(dict(model_type="llama", hidden_size=Hq * D, num_attention_heads=Hq,
+                                    num_key_value_heads=Hkv, num_hidden_layers=L, intermediate_size=64,
+                                    vocab_size=64, head_dim=D, max_position_embeddings=8192))
+
+
+def _ref(q, K, V):
+    """float64 attention of q [B, Hq, D] over K, V [B, n, Hkv, D] -> [B, Hq, D]."""
+    B, Hq, D = q.shape
+    Hkv = K.shape[2]
+    qq = q.double().view(B, Hkv, Hq // Hkv, D)
+    s = torch.einsum("bhgd,bnhd->bhgn", qq, K.double()) / math.sqrt(D)
+    return torch.einsum("bhgn,bnhd->bhgd", torch.softmax(s, -1), V.double()).reshape(B, Hq, D)
+
+
+def _kv(g, B, T, Hkv, D):
+    k = torch.randn(B, T, Hkv, D, generator=g)
+    k[..., 3] *= 8  # an outlier key channel, as real keys have
+    return k, torch.randn(B, T, Hkv, D, generator=g)
+
+
+# tolerance of float32 kernels + merges against float64 (|out| ~ 1)
+TOL = 2e-5
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8, 4, 2, "fp8"])
+@pytest.mark.parametrize("B,Hkv,D", [(1, 2, 32), (2, 1, 80)])
+def test_decode_is_exact_over_all_tiers(tmp_path, kv_bits, B, Hkv, D):
+    cfg = _cfg(Hq=4 * Hkv, Hkv=Hkv, D=D)
+    gs = 32
+    kw = dict(kv_bits=kv_bits, group_size=gs, residual=None if kv_bits is None else 32, page_tokens=64,
+              dtype=torch.bfloat16)
+    tiered = TieredKVCache(cfg, B, 700, cpu_pages=2, disk_dir=tmp_path, **kw)
+    memory = TieredKVCache(cfg, B, 700, cpu_pages=None, **kw)  # every page in the CPU pool
+    g = torch.Generator().manual_seed(1)
+    k, v = _kv(g, B, 37, Hkv, D)  # an odd prompt, then single tokens
+    for layer in range(cfg.num_layers):
+        for c in (tiered, memory):
+            c.append(layer, k, v)
+    tiered.advance(37)
+    memory.advance(37)
+    checked = 0
+    for step in range(37, 411):
+        for layer in range(cfg.num_layers):
+            q = torch.randn(B, 1, cfg.num_heads, D, generator=g).bfloat16()
+            k, v = _kv(g, B, 1, Hkv, D)
+            o = tiered.decode_attend(layer, q, k.bfloat16(), v.bfloat16())
+            o_mem = memory.decode_attend(layer, q, k.bfloat16(), v.bfloat16())
+            if step in (37, 100, 203, 333, 410):
+                K, V = tiered.dequantize(layer)
+                assert K.shape[1] == step + 1
+                ref = _ref(q[:, 0].float(), K, V)
+                # bf16 output: one rounding (half an ulp, 2^-8 relative) of a value <= max|out|;
+                # tiered vs in-memory: the same kernels over other page groupings, merged in
+                # float32, so at most one ulp apart
+                top = float(ref.abs().max())
+                torch.testing.assert_close(o, o_mem, atol=2 ** -7 * top, rtol=0)
+                # vs float64: plus, for int4 / int2 keys on the avx512_bf16 kernel, q * key scale
+                # rounded to bf16 (2^-9 relative per score term; tests/test_kv_cpu.py derives it)
+                tol = 2 ** -8 * top + (2e-2 * top if kv_bits in (4, 2) else 1e-6)
+                torch.testing.assert_close(o[:, 0].double(), ref, atol=tol, rtol=0)
+                checked += 1
+        tiered.advance(1)
+        memory.advance(1)
+    t = tiered.tier_tokens(0)
+    assert t["disk"] > 0 and t["cpu"] == 2 * 64 and sum(t.values()) == 411
+    assert memory.tier_tokens(0)["disk"] == 0 and memory.disk_bytes == 0
+    assert checked == 5 * cfg.num_layers
+    assert tiered.stats["disk_bytes"] > 0 and tiered.stats["pages_read"] > 0
+    tiered.close()
+    memory.close()
+
+
+def test_plain_pages_match_decode_attention_on_one_dense_cache(tmp_path):
+    cfg = _cfg(Hq=8, Hkv=2, D=64, L=1)
+    c = TieredKVCache(cfg, 2, 1100, page_tokens=128, cpu_pages=3, disk_dir=tmp_path, dtype=torch.float32,
+                      max_append=128)
+    g = torch.Generator().manual_seed(2)
+    k, v = _kv(g, 2, 1029, 2, 64)
+    for s in range(0, 1029, 128):
+        c.append(0, k[:, s:s + 128], v[:, s:s + 128])
+        c.advance(k[:, s:s + 128].shape[1])
+    q = torch.randn(2, 1, 8, 64, generator=g)
+    k1, v1 = _kv(g, 2, 1, 2, 64)
+    o = c.decode_attend(0, q, k1, v1)
+    K, V = torch.cat((k, k1), 1), torch.cat((v, v1), 1)
+    dense = pk.decode_attention(q[:, 0], K, V, torch.full((2,), 1030, dtype=torch.int32))
+    torch.testing.assert_close(o[:, 0], dense, atol=TOL, rtol=0)
+    assert c.tier_tokens(0) == {"window": 6, "cpu": 3 * 128, "disk": 5 * 128}
+    c.close()
+
+
+@pytest.mark.parametrize("kv_bits", [None, 4])
+def test_prefill_is_causal_and_exact_over_all_tiers(tmp_path, kv_bits):
+    cfg = _cfg(L=1)
+    c = TieredKVCache(cfg, 1, 600, kv_bits=kv_bits, residual=None if kv_bits is None else 32, page_tokens=64,
+                      cpu_pages=1, disk_dir=tmp_path, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    k, v = _kv(g, 1, 300, 2, 32)
+    for s in range(0, 300, 64):
+        c.append(0, k[:, s:s + 64], v[:, s:s + 64])
+        c.advance(k[:, s:s + 64].shape[1])
+    assert c.tier_tokens(0)["disk"] > 0
+    q = torch.randn(1, 45, 8, 32, generator=g)
+    kn, vn = _kv(g, 1, 45, 2, 32)
+    o = c.prefill_attend(0, q, kn, vn)
+    K, V = c.dequantize(0)
+    assert K.shape[1] == 345
+    for i in (0, 17, 44):  # query i sees the 300 old tokens and new tokens 0..i
+        ref = _ref(q[:, i], K[:, :301 + i], V[:, :301 + i])
+        torch.testing.assert_close(o[:, i].double(), ref, atol=TOL, rtol=0)
+    c.advance(45)
+    c.close()
+
+
+def test_approximate_mode_reads_the_pages_that_matter_and_counts_the_rest(tmp_path):
+    cfg = _cfg(Hq=4, Hkv=1, D=32, L=1)
+    S, n_pages = 64, 12
+    exact = TieredKVCache(cfg, 1, S * n_pages + 8, page_tokens=S, cpu_pages=0, disk_dir=tmp_path,
+                          dtype=torch.float32)
+    approx = TieredKVCache(cfg, 1, S * n_pages + 8, page_tokens=S, cpu_pages=0, disk_dir=tmp_path,
+                           dtype=torch.float32, approx=0.25)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 1, 4, 32, generator=g)
+    direction = q[0, 0].mean(0)
+    for p in range(n_pages):
+        k, v = _kv(g, 1, S, 1, 32)
+        k = k * 0.1
+        if p in (2, 7):  # two pages hold the keys this query attends to
+            k[0] += 12 * direction / direction.norm()  # every token: scores ~6 above the rest
+        for c in (exact, approx):
+            c.append(0, k, v)
+            c.advance(S)
+    k1, v1 = _kv(g, 1, 1, 1, 32)
+    o_exact = exact.decode_attend(0, q, k1 * 0.1, v1)
+    o_approx = approx.decode_attend(0, q, k1 * 0.1, v1)
+    st = approx.stats
+    assert st["pages_read"] == 3 and st["pages_skipped"] == n_pages - 3  # ceil(0.25 * 12) of 12
+    assert st["disk_bytes"] == 3 * approx.page_bytes
+    cos = torch.nn.functional.cosine_similarity(o_exact.flatten(), o_approx.flatten(), dim=0)
+    assert cos > 0.99, cos
+    # approx=1.0 reads every page and equals the exact mode
+    full = TieredKVCache(cfg, 1, S * n_pages + 8, page_tokens=S, cpu_pages=0, disk_dir=tmp_path,
+                         dtype=torch.float32, approx=1.0)
+    K, V = exact.dequantize(0)
+    for p in range(n_pages):
+        full.append(0, K[:, p * S:(p + 1) * S], V[:, p * S:(p + 1) * S])
+        full.advance(S)
+    torch.testing.assert_close(full.decode_attend(0, q, k1 * 0.1, v1), o_exact, atol=TOL, rtol=0)
+    assert full.stats["pages_skipped"] == 0
+    for c in (exact, approx, full):
+        c.close()
+
+
+def _filled(tmp_path, n=5, extra=8, **kw):
+    cfg = _cfg(L=1)
+    c = TieredKVCache(cfg, 1, 64 * n + extra, page_tokens=64, cpu_pages=1, disk_dir=tmp_path, dtype=torch.float32, **kw)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(n):
+        k, v = _kv(g, 1, 64, 2, 32)
+        c.append(0, k, v)
+        c.advance(64)
+    return c, g
+
+
+def test_corrupt_page_is_detected(tmp_path):
+    c, g = _filled(tmp_path)
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(c._dir) for f in fs)
+    assert len(files) == 4 and all(f.endswith(".kv") for f in files)  # 5 pages, 1 in memory
+    with open(files[1], "r+b") as f:
+        f.seek(777)
+        b = f.read(1)
+        f.seek(777)
+        f.write(bytes([b[0] ^ 0x10]))
+    k, v = _kv(g, 1, 1, 2, 32)
+    with pytest.raises(CorruptPageError, match="page000001"):
+        c.decode_attend(0, torch.randn(1, 1, 8, 32), k, v)
+    c.discard_pending()
+    with pytest.raises(CorruptPageError):
+        c.dequantize(0)
+    c.close()
+
+
+def test_disk_budget_is_checked_before_anything_is_written(tmp_path):
+    cfg = _cfg(L=2)
+    need = TieredKVCache.memory_bytes(2, 1, 64 * 9, 2, 32, page_tokens=64, cpu_pages=1, dtype=torch.float32)["disk"]
+    assert need == 2 * 8 * kvtier.page_bytes(1, 64, 2, 32, None, 32, torch.float32)
+    with pytest.raises(ValueError, match="disk_budget"):
+        TieredKVCache(cfg, 1, 64 * 9, page_tokens=64, cpu_pages=1, disk_dir=tmp_path, disk_budget=need - 1,
+                      dtype=torch.float32)
+    assert os.listdir(tmp_path) == []
+    c = TieredKVCache(cfg, 1, 64 * 9, page_tokens=64, cpu_pages=1, disk_dir=tmp_path, disk_budget=need,
+                      dtype=torch.float32)
+    assert c.disk_bytes_max == need
+    c.close()
+    with pytest.raises(FileNotFoundError, match="disk_dir"):
+        TieredKVCache(cfg, 1, 64 * 9, page_tokens=64, cpu_pages=1, disk_dir=tmp_path / "nope")
+
+
+def test_full_disk_raises_before_writing_and_loses_nothing(tmp_path, monkeypatch):
+    c, g = _filled(tmp_path, n=2, extra=200)  # pages 0 (disk) and 1 (memory)
+    K0, V0 = c.dequantize(0)
+    real = kvtier._disk_free
+    monkeypatch.setattr(kvtier, "_disk_free", lambda path: 1 << 20)
+    k, v = _kv(g, 1, 64, 2, 32)
+    c.append(0, k, v)
+    with pytest.raises(StoreError, match="nothing was written"):
+        c.advance(64)  # the third page would push page 1 to disk
+    assert not [f for _, _, fs in os.walk(c._dir) for f in fs if f.endswith(".tmp")]
+    K1, V1 = c.dequantize(0)  # all 192 tokens still there: 2 pages + 64 in the window
+    assert K1.shape[1] == 192 and torch.equal(K1[:, :128], K0) and torch.equal(K1[:, 128:], k)
+    monkeypatch.setattr(kvtier, "_disk_free", real)
+    c.advance(0)  # retries the spill
+    assert c.tier_tokens(0) == {"window": 0, "cpu": 64, "disk": 128}
+    K2, _ = c.dequantize(0)
+    torch.testing.assert_close(K2, K1)
+    c.close()
+
+
+def test_memory_is_fixed_and_accounted(tmp_path):
+    cfg = _cfg(L=3)
+    for kv_bits in (None, 4):
+        kw = dict(kv_bits=kv_bits, residual=None if kv_bits is None else 64, page_tokens=128, cpu_pages=2, slots=3,
+                  max_append=128)
+        c = TieredKVCache(cfg, 2, 2000, disk_dir=tmp_path, **kw)
+        plan = TieredKVCache.memory_bytes(3, 2, 2000, 2, 32, **kw)
+        assert c.nbytes == plan["memory"] and c.disk_bytes_max == plan["disk"]
+        n0 = c.nbytes
+        g = torch.Generator().manual_seed(6)
+        for s in range(0, 1900, 128):
+            for layer in range(3):
+                k, v = _kv(g, 2, 128, 2, 32)
+                c.append(layer, k, v)
+            c.advance(128)
+        assert c.nbytes == n0 and 0 < c.disk_bytes <= c.disk_bytes_max
+        c.close()
+        assert not os.path.exists(c._dir)
+
+
+def test_bad_arguments_name_the_argument(tmp_path):
+    cfg = _cfg(L=1)
+    with pytest.raises(ValueError, match="page_tokens"):
+        TieredKVCache(cfg, 1, 100, kv_bits=4, group_size=32, page_tokens=48)
+    with pytest.raises(ValueError, match="residual"):
+        TieredKVCache(cfg, 1, 100, residual=32)
+    with pytest.raises(ValueError, match="approx"):
+        TieredKVCache(cfg, 1, 100, approx=0)
+    with pytest.raises(ValueError, match="bits"):
+        TieredKVCache(cfg, 1, 100, kv_bits=3)
+    c = TieredKVCache(cfg, 1, 100, page_tokens=64, cpu_pages=0, disk_dir=tmp_path)
+    k = torch.zeros(1, 65, 2, 32)
+    with pytest.raises(ValueError, match="max_append"):
+        c.append(0, k, k)
+    with pytest.raises(ValueError, match="k:"):
+        c.append(0, torch.zeros(1, 3, 3, 32), torch.zeros(1, 3, 3, 32))
+    c.append(0, k[:, :60], k[:, :60])
+    with pytest.raises(ValueError, match="layer"):
+        c.append(0, k[:, :1], k[:, :1])
+    with pytest.raises(ValueError, match="advance"):
+        c.advance(61)
+    c.advance(60)
+    with pytest.raises(ValueError, match="capacity"):
+        c.append(0, k[:, :41], k[:, :41])
+    c.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        c.append(0, k[:, :1], k[:, :1])
+
+
+# -------------------------------------------------------------------- in OffloadedModel
+@pytest.fixture(scope="module")
+def tiny32(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kvckpt")
+    return offload.demo_checkpoint(str(root / "tiny32"), preset="tiny", dtype=torch.float32,
+                                   config_overrides={"num_hidden_layers": 2})
+
+
+def test_planner_spills_the_kv_when_the_weights_leave_too_little_room(tmp_path):
+    from offload.placement import estimate_unit_bytes, plan_placement
+
+    cfg = dict(model_type="llama", hidden_size=1024, num_attention_heads=8, num_key_value_heads=8, head_dim=128,
+               num_hidden_layers=8, intermediate_size=2816, vocab_size=32000, max_position_embeddings=131072)
+    ub = estimate_unit_bytes(cfg)
+    ctx = 16384
+    mem = plan_placement(cfg, context=ctx)  # no budget: KV and weights in memory
+    assert not mem.kv_tiered and mem.kv_bytes == 8 * 2 * ctx * 8 * 128 * 2
+    cap = 640 << 20  # weights (~270 MiB) fit, the 512 MiB of KV does not
+    p = plan_placement(cfg, budgets={"cpu": cap}, context=ctx)
+    assert p.kv_tiered and p.streamed() == [] and p.used["cpu"] <= cap
+    mp = ctx // 1024  # pages per layer at full context
+    assert 0 < p.kv_cpu_pages < mp and p.kv_disk_bytes == 8 * (mp - p.kv_cpu_pages) * p.kv_page_bytes
+    assert p.disk_bytes_per_token == p.kv_disk_bytes + min(ub["embed"], 4 << 20)
+    assert "spill" in p.explain() and 3 <= p.kv_slots <= 16
+    # what the planner reserves is what the cache holds
+    c = TieredKVCache(_cfg(Hq=8, Hkv=8, D=128, L=8), 1, ctx, page_tokens=p.kv_page_tokens, cpu_pages=p.kv_cpu_pages,
+                      slots=p.kv_slots, chunk_pages=p.kv_chunk_pages, disk_dir=tmp_path)
+    assert c.nbytes == p.kv_bytes and c.disk_bytes_max == p.kv_disk_bytes
+    c.close()
+    # a smaller disk budget: fewer pages spill (layers stream instead); none at all: no plan
+    q = plan_placement(cfg, budgets={"cpu": cap, "disk": p.kv_disk_bytes // 2}, context=ctx)
+    assert q.kv_disk_bytes <= p.kv_disk_bytes // 2 and q.streamed() and q.used["cpu"] <= cap
+    with pytest.raises(ValueError, match="budgets\\['disk'\\] 0 MiB"):
+        plan_placement(cfg, budgets={"cpu": cap, "disk": 0}, context=ctx)
+    with pytest.raises(ValueError, match="kv_page_tokens"):
+        plan_placement(cfg, budgets={"cpu": cap}, context=ctx, kv_page_tokens=32)
+
+
+@pytest.mark.parametrize("kv_bits", [None, 4])
+def test_generation_spills_kv_to_disk_and_matches_in_memory(tiny32, tmp_path, kv_bits):
+    import dataclasses
+
+    ctx = 700
+    kw = dict(store_dir=str(tmp_path / "store"), max_context=ctx, kv_bits=kv_bits, kv_page_tokens=64,
+              kv_residual=32, kv_group_size=32)
+    with offload.load_model(tiny32, **kw) as m:  # no budget: everything in memory
+        full = m.placement
+        assert not full.kv_tiered
+    # the same weights placement with the KV in pages: every page in memory (the reference), or
+    # 2 pages per layer in memory and older pages on disk. (A quantized tiered cache quantizes
+    # a page when it seals, later than pk.QuantizedKVCache's group-by-group window, so its
+    # reference is the tiered cache in memory; the tiny model's KV is too small for the planner
+    # to prefer spilling it: see the test above.)
+    pb = offload.kvtier.page_bytes(1, 64, 2, 16, kv_bits, 32, torch.float32)
+    paged = dict(kv_page_tokens=64, kv_page_bytes=pb, kv_slots=3, kv_chunk_pages=2, kv_disk_budget=64 << 20)
+    in_memory = dataclasses.replace(full, kv_cpu_pages=ctx, **paged)
+    tiered = dataclasses.replace(full, kv_cpu_pages=2, **paged)
+    ids = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(7))
+    with offload.load_model(tiny32, placement=in_memory, **kw) as m:
+        cache = m.new_cache(1, ctx)
+        assert cache.disk_bytes_max == 0
+        cache.close()
+        ref = m.generate(ids, max_new_tokens=ctx - 150)
+    with offload.load_model(tiny32, placement=tiered, kv_dir=str(tmp_path), **kw) as m:
+        cache = m.new_cache(1, ctx)
+        assert isinstance(cache, TieredKVCache) and cache.cpu_pages == 2 and cache.disk_bytes_max > 0
+        cache.close()
+        out = m.generate(ids, max_new_tokens=ctx - 150)
+        s = m.stats.summary()
+        assert s["bytes_per_step"]["kv_disk"] > 0 and s["kv_disk_fraction_read"] == 1.0
+    assert torch.equal(out, ref)  # identical greedy tokens
+    assert [f for f in os.listdir(tmp_path) if f.startswith("pk-kv-")] == []  # page files removed
