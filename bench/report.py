@@ -122,6 +122,18 @@ def _md_table_offload(rows: list[dict]) -> list[str]:
     return out
 
 
+def _md_table_kvtier(rows: list[dict]) -> list[str]:
+    """bench.kvtier rows: the exact formats, then the approximate mode's fractions."""
+    out = ["| config | median step ms | KV MiB from disk per step | read pass / step | cosine vs exact (min) |",
+           "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        cos = r.get("cosine_min")
+        bound = r.get("bound_ratio")
+        out.append(f"| {r['label']} | {1e3 * r['median_step_s']:.0f} | {r['kv_disk_bytes'] / 2**20:.0f} | "
+                   f"{'-' if bound is None else f'{bound:.2f}'} | {'exact' if cos is None else f'{cos:.4f}'} |")
+    return out
+
+
 _KV_METHOD = ("Quantized KV (suites kv-*): KIVI cache (keys per channel in groups of gs tokens, values per "
               "token in groups of gs channels, fp16 scales and zeros; fp8 e4m3 with one fp32 scale per group "
               "of gs tokens and head) with a bf16 residual window; bytes read = codes + scales + zeros of the "
@@ -199,6 +211,8 @@ def markdown_body(rep: dict) -> str:
                     part = [r for r in rows if r.get("kv_table") == kind]
                     if part:
                         L += _md_table_kv(part) + [""]
+            elif any("kv_tier" in r for r in rows):    # bench.kvtier rows
+                L += _md_table_kvtier(rows) + [""]
             elif any("engine" in r for r in rows):     # bench.offload rows
                 L += _md_table_offload(rows) + [""]
             elif any("probe_GB_s" in r for r in rows):  # bench.probe_check rows
@@ -224,6 +238,7 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
     from . import attention as A
     from . import kvquant as KV
     from . import lut as LU
+    from . import kvtier as KT
     from . import offload as OF
     from . import probe_check as PC
     from .roof import run_machine
@@ -251,7 +266,7 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
                           machine=machine)
     results = []
     for name, title, fn in (list(PC.SUITES) + list(A.SUITES) + list(LU.SUITES) + list(KV.SUITES)
-                            + list(AD.SUITES) + list(OF.SUITES)):
+                            + list(AD.SUITES) + list(OF.SUITES) + list(KT.SUITES)):
         entry = {"name": name, "title": title}
         if suites and not {name, name.split("-")[-1], name.split("-")[0]} & set(suites):
             entry["skipped"] = "not selected"

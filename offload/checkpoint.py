@@ -58,6 +58,10 @@ PRESETS: dict[str, dict] = {
                      intermediate_size=704, vocab_size=1024, max_position_embeddings=1024),
     "1b": _preset(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                   intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048),
+    # narrow and long: 8 layers x 8 kv heads x head dim 128, whose KV outgrows memory first
+    # (2 GiB of bf16 KV at 64k tokens beside 270 MB of weights; the tiered KV benchmark)
+    "long": _preset(hidden_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                    intermediate_size=2816, vocab_size=32000, max_position_embeddings=131072),
 }
 
 #: safetensors dtype tag -> torch dtype
@@ -213,7 +217,7 @@ def demo_checkpoint(path, preset="1b", *, dtype=torch.bfloat16, seed=0, max_shar
         checkpoint with the same (preset, dtype, seed, config_overrides) it is returned as is
         (the shard layout is not part of that identity); a demo checkpoint with other
         parameters is replaced; any other non-empty directory is refused (ValueError).
-    preset : a key of ``PRESETS`` ("tiny", "small", "1b").
+    preset : a key of ``PRESETS`` ("tiny", "small", "1b", "long").
     dtype : torch.bfloat16 | torch.float16 | torch.float32 (``torch_dtype`` in config.json).
     seed : int >= 0.
     max_shard_bytes : int >= 1; a tensor larger than this gets a shard of its own.

@@ -621,6 +621,16 @@ class TieredKVCache:
         if self._reader is not None:
             self._reader.set_schedule([] if self.approx is not None else sched)
 
+    def set_approx(self, approx: float | None) -> None:
+        """Switch the approximate mode (None: exact; a fraction in (0, 1]) between steps."""
+        if approx is not None and (isinstance(approx, bool) or not isinstance(approx, (int, float))
+                                   or not 0 < approx <= 1):
+            raise ValueError(f"approx: expected None or a fraction in (0, 1], got {approx!r}")
+        if any(self._pending):
+            raise RuntimeError("set_approx: a forward is in progress (call advance first)")
+        self.approx = None if approx is None else float(approx)
+        self._reschedule()
+
     def _disk_pages(self, layer):
         return [p["index"] for p in self._pages[layer] if p["tier"] == "disk"]
 
