@@ -7,6 +7,7 @@ Examples
     python -m offload convert /data/tinyllama-demo /data/store-w4 --weight-bits 4
     python -m offload plan /data/tinyllama-demo --budget 512MiB --weight-bits 4
     python -m offload generate /data/tinyllama-demo --budget 512MiB --prompt-ids 1,2,3 --tokens 16
+    python -m offload plan /data/long-demo --budget 1GiB --disk-budget 8GiB --max-context 65536 --kv-bits 4
     python -m offload bench            # issue 6's benchmark (1.1B preset, 512 MiB budget)
 """
 from __future__ import annotations
@@ -63,12 +64,19 @@ def cmd_convert(a) -> int:
     return 0
 
 
+def _budgets(a):
+    b = {"cpu": a.budget} if a.budget else {}
+    if a.disk_budget:
+        b["disk"] = a.disk_budget
+    return b or None
+
+
 def _load(a, **kw):
     from .model import load_model
-    budgets = {"cpu": a.budget} if a.budget else None
-    return load_model(a.path, budgets=budgets, weight_bits=a.weight_bits, kv_bits=a.kv_bits,
+    return load_model(a.path, budgets=_budgets(a), weight_bits=a.weight_bits, kv_bits=a.kv_bits,
                       store_dir=a.store_dir, placement=a.placement, max_context=a.max_context,
-                      group_size=a.group_size, progress=True, **kw)
+                      group_size=a.group_size, progress=True, kv_page_tokens=a.kv_page_tokens,
+                      kv_dir=a.kv_dir, kv_approx=a.kv_approx, **kw)
 
 
 def cmd_plan(a) -> int:
@@ -88,9 +96,9 @@ def cmd_plan(a) -> int:
         how = "unit sizes estimated from config.json (convert for exact ones)"
     db = 4 if (cfg.get("torch_dtype") or cfg.get("dtype")) == "float32" else 2
     ctx = a.max_context or min(cfg.get("max_position_embeddings") or 4096, 4096)
-    p = plan_placement(cfg, None, {"cpu": a.budget} if a.budget else None, context=ctx, weight_bits=bits,
+    p = plan_placement(cfg, None, _budgets(a), context=ctx, weight_bits=bits,
                        kv_bits=a.kv_bits, group_size=a.group_size, unit_bytes=ub, dtype_bytes=db,
-                       mode=a.placement)
+                       mode=a.placement, kv_page_tokens=a.kv_page_tokens)
     print(p.explain())
     print(f"({how})")
     if a.json:
@@ -146,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--store-dir", default=None)
         g.add_argument("--placement", default="auto", choices=["auto", "disk", "memory"])
         g.add_argument("--max-context", type=int, default=None)
+        g.add_argument("--disk-budget", default=None,
+                       help="most bytes of KV page files when the KV spills to disk, e.g. 8GiB")
+        g.add_argument("--kv-page-tokens", type=int, default=1024, help="tokens per KV page (tiered KV)")
+        g.add_argument("--kv-dir", default=None, help="directory for KV page files (default: the temp dir)")
+        g.add_argument("--kv-approx", type=float, default=None,
+                       help="approximate attention over the disk pages: the fraction of them read per step")
         g.set_defaults(func=fn)
         if name == "plan":
             g.add_argument("--json", action="store_true")

@@ -119,8 +119,8 @@ class _Reader:
     (``schedule``: (layer, page ids) chunks of every layer), keeping every slot busy ahead of
     the consumer, so the next chunks (the next layer's too) are read while one computes."""
 
-    def __init__(self, owner, nslots: int, slot_bytes: int, io_threads: int):
-        self.o = owner
+    def __init__(self, pages: list, page_bytes: int, nslots: int, slot_bytes: int, io_threads: int):
+        self.pages, self.page_bytes = pages, page_bytes  # the cache's page records (no reference to it)
         self.slot_bytes = slot_bytes
         self.bufs = [_alloc(slot_bytes) for _ in range(nslots)]
         self.tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in self.bufs]
@@ -132,6 +132,7 @@ class _Reader:
         self.next = 0
         self.lock = threading.Lock()
         self.busy_s = 0.0
+        self.stall_s = 0.0
         self.bytes = 0
         self.direct = True
 
@@ -177,10 +178,10 @@ class _Reader:
 
     def _submit(self, idx, pages):
         slot = self.free.popleft()
-        pb = self.o.page_bytes
+        pb = self.page_bytes
         futs = []
         for j, (layer, p) in enumerate(pages):
-            rec = self.o._pages[layer][p]
+            rec = self.pages[layer][p]
             futs.append(self.pool.submit(self.read_page, rec["path"], self.bufs[slot][j * pb:(j + 1) * pb], rec["crc"]))
         self.inflight.append((idx, slot, futs, pages))
 
@@ -218,7 +219,6 @@ class _Reader:
         """Yield (slot tensor, pages) for each chunk of ``layer``, in order: the scheduled
         ones (``items`` None), or the given list of page-id chunks (read now, several in
         flight). The consumer must finish with a slot before asking for the next."""
-        o = self.o
         if items is None:
             start = self.first.get(layer)
             if start is None:
@@ -239,7 +239,7 @@ class _Reader:
             idx, slot, futs, pages = self.inflight.popleft()
             t0 = time.perf_counter()
             err = self._wait(futs)
-            o._stall_s += time.perf_counter() - t0
+            self.stall_s += time.perf_counter() - t0
             try:
                 if err is not None:
                     raise err
@@ -339,7 +339,7 @@ class TieredKVCache:
                                  f"layer x {L} layers x {self.page_bytes} bytes = {self.disk_bytes_max} bytes spill to "
                                  f"disk at capacity {capacity}")
         self.disk_budget = disk_budget
-        self._dir = None
+        self._dirbox = [None]  # the private page directory, shared with the finalizer
         if self.disk_bytes_max:
             parent = os.fspath(disk_dir) if disk_dir is not None else tempfile.gettempdir()
             if not os.path.isdir(parent):
@@ -349,7 +349,7 @@ class TieredKVCache:
                 raise StoreError(f"disk_dir: {parent} has {free / 2**20:.0f} MiB free; the KV pages need "
                                  f"{self.disk_bytes_max / 2**20:.0f} MiB (+{DISK_RESERVE >> 20} MiB reserve) at "
                                  f"capacity {capacity}")
-            self._dir = tempfile.mkdtemp(prefix="pk-kv-", dir=parent)
+            self._parent = parent  # the private directory is made at the first spill
         # memory: windows, CPU pool, staging page, summaries, read slots
         self.max_append = min(max_append, S)
         self._win_cap = S + residual + self.max_append
@@ -368,18 +368,17 @@ class TieredKVCache:
             chunk_pages = max(1, min((8 << 20) // self.page_bytes, self.max_pages // 8))
         pos_int("chunk_pages", chunk_pages)
         self.chunk_pages = chunk_pages
-        self._reader = (_Reader(self, slots, chunk_pages * self.page_bytes, io_threads)
+        self._pages: list[list[dict]] = [[] for _ in range(L)]  # per layer, oldest first
+        self._reader = (_Reader(self._pages, self.page_bytes, slots, chunk_pages * self.page_bytes, io_threads)
                         if self.disk_bytes_max else None)
         # a page read outside the ring (prefill, dequantize)
         self._scratch_mem = _alloc(self.page_bytes) if self._reader is not None else None
-        self._pages: list[list[dict]] = [[] for _ in range(L)]  # per layer, oldest first
         self._cpu_free = [list(range(self.cpu_pages)) for _ in range(L)]
         self._win_n = [0] * L
         self.length = 0
         self._pending = [0] * L
         self._broken = None
         self.disk_bytes = 0
-        self._stall_s = 0.0
         self._cpu_attended = 0
         self._disk_attended = 0
         self._skipped = 0
@@ -387,7 +386,7 @@ class TieredKVCache:
         self._tables: dict = {}
         self._dummy_fp = torch.zeros(batch, 1, Hkv, D, dtype=dtype)
         self._zero = torch.zeros(batch, dtype=torch.int32)
-        self._finalizer = weakref.finalize(self, _cleanup, self._reader, self._dir)
+        self._finalizer = weakref.finalize(self, _cleanup, self._reader, self._dirbox)
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -424,9 +423,14 @@ class TieredKVCache:
                 "chunk_pages": cp_}
 
     @property
+    def directory(self) -> str | None:
+        """The private directory of this cache's page files (None before the first spill)."""
+        return self._dirbox[0]
+
+    @property
     def stats(self) -> dict:
         r = self._reader
-        return {"cpu_bytes": self._cpu_attended, "disk_bytes": self._disk_attended, "stall_s": self._stall_s,
+        return {"cpu_bytes": self._cpu_attended, "disk_bytes": self._disk_attended, "stall_s": r.stall_s if r else 0.0,
                 "read_busy_s": r.busy_s if r else 0.0, "read_bytes": r.bytes if r else 0,
                 "pages_read": self._read_pages, "pages_skipped": self._skipped,
                 "read_mode": None if r is None else ("direct" if r.direct else "buffered")}
@@ -573,11 +577,13 @@ class TieredKVCache:
         n = len(mv)
         if self.disk_budget is not None and self.disk_bytes + n > self.disk_budget:
             raise StoreError(f"disk_budget: {self.disk_bytes + n} bytes of KV pages would exceed {self.disk_budget}")
-        free = _disk_free(self._dir)
+        free = _disk_free(self._parent)
         if free < n + DISK_RESERVE:
-            raise StoreError(f"{self._dir}: {free / 2**20:.0f} MiB free, a KV page needs {n / 2**20:.1f} MiB "
+            raise StoreError(f"{self._parent}: {free / 2**20:.0f} MiB free, a KV page needs {n / 2**20:.1f} MiB "
                              f"(+{DISK_RESERVE >> 20} MiB reserve); nothing was written")
-        d = os.path.join(self._dir, f"layer{layer}")
+        if self._dirbox[0] is None:
+            self._dirbox[0] = tempfile.mkdtemp(prefix="pk-kv-", dir=self._parent)
+        d = os.path.join(self._dirbox[0], f"layer{layer}")
         os.makedirs(d, exist_ok=True)
         path = os.path.join(d, f"page{rec['index']:06d}.kv")
         crc = _crc32c.crc32c(mv)
@@ -821,8 +827,10 @@ def _merge(o1, l1, o2, l2):
     return o.view(B, T, Hq, D), lse.view(B, T, Hq)
 
 
-def _cleanup(reader, path) -> None:
+def _cleanup(reader, dirbox) -> None:
+    """Finalizer of a TieredKVCache (holds no reference to it): stop the readers, delete the
+    page files."""
     if reader is not None:
         reader.close()
-    if path is not None:
-        shutil.rmtree(path, ignore_errors=True)
+    if dirbox[0] is not None:
+        shutil.rmtree(dirbox[0], ignore_errors=True)

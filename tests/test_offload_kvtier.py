@@ -7,8 +7,12 @@ them: pages dequantized with ``pykernels.kv_format``, window rows exact); and th
 an all-in-memory cache (``cpu_pages=None``) or, for plain pages, ``pk.decode_attention`` on one
 dense tensor.
 """
+import json
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -19,6 +23,8 @@ from offload import kvtier
 from offload.kvtier import TieredKVCache
 from offload.llama import LlamaConfig
 from offload.store import CorruptPageError, StoreError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(Hq=8, Hkv=2, D=32, L=2):
@@ -188,7 +194,7 @@ def _filled(tmp_path, n=5, extra=8, **kw):
 
 def test_corrupt_page_is_detected(tmp_path):
     c, g = _filled(tmp_path)
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(c._dir) for f in fs)
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(c.directory) for f in fs)
     assert len(files) == 4 and all(f.endswith(".kv") for f in files)  # 5 pages, 1 in memory
     with open(files[1], "r+b") as f:
         f.seek(777)
@@ -216,6 +222,17 @@ def test_disk_budget_is_checked_before_anything_is_written(tmp_path):
                       dtype=torch.float32)
     assert c.disk_bytes_max == need
     c.close()
+    import gc
+    import weakref
+    c = TieredKVCache(cfg, 1, 64 * 9, page_tokens=64, cpu_pages=0, disk_dir=tmp_path, dtype=torch.float32)
+    c.append(0, torch.zeros(1, 64, 2, 32), torch.zeros(1, 64, 2, 32))
+    c.append(1, torch.zeros(1, 64, 2, 32), torch.zeros(1, 64, 2, 32))
+    c.advance(64)
+    d, ref = c.directory, weakref.ref(c)
+    assert os.listdir(d)
+    del c
+    gc.collect()
+    assert ref() is None and not os.path.exists(d)  # dropped without close: files deleted
     with pytest.raises(FileNotFoundError, match="disk_dir"):
         TieredKVCache(cfg, 1, 64 * 9, page_tokens=64, cpu_pages=1, disk_dir=tmp_path / "nope")
 
@@ -229,7 +246,7 @@ def test_full_disk_raises_before_writing_and_loses_nothing(tmp_path, monkeypatch
     c.append(0, k, v)
     with pytest.raises(StoreError, match="nothing was written"):
         c.advance(64)  # the third page would push page 1 to disk
-    assert not [f for _, _, fs in os.walk(c._dir) for f in fs if f.endswith(".tmp")]
+    assert not [f for _, _, fs in os.walk(c.directory) for f in fs if f.endswith(".tmp")]
     K1, V1 = c.dequantize(0)  # all 192 tokens still there: 2 pages + 64 in the window
     assert K1.shape[1] == 192 and torch.equal(K1[:, :128], K0) and torch.equal(K1[:, 128:], k)
     monkeypatch.setattr(kvtier, "_disk_free", real)
@@ -256,8 +273,10 @@ def test_memory_is_fixed_and_accounted(tmp_path):
                 c.append(layer, k, v)
             c.advance(128)
         assert c.nbytes == n0 and 0 < c.disk_bytes <= c.disk_bytes_max
+        d = c.directory
+        assert d is not None and os.path.isdir(d)
         c.close()
-        assert not os.path.exists(c._dir)
+        assert not os.path.exists(d)
 
 
 def test_bad_arguments_name_the_argument(tmp_path):
@@ -361,3 +380,56 @@ def test_generation_spills_kv_to_disk_and_matches_in_memory(tiny32, tmp_path, kv
         assert s["bytes_per_step"]["kv_disk"] > 0 and s["kv_disk_fraction_read"] == 1.0
     assert torch.equal(out, ref)  # identical greedy tokens
     assert [f for f in os.listdir(tmp_path) if f.startswith("pk-kv-")] == []  # page files removed
+
+
+_RSS_SCRIPT = textwrap.dedent(r"""
+    import json, sys, torch
+    import torch.nn.functional as F
+    import pykernels as pk
+    import offload
+    from roofline.probe import proc_kib_field
+    ckpt, store, budget, ctx, kv_dir = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    F.linear(torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(64, 64, dtype=torch.bfloat16))
+    q = torch.randn(1, 4, 64, dtype=torch.bfloat16); kv = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
+    pk.decode_attention(q, kv, kv, torch.tensor([8]))
+    base = proc_kib_field("/proc/self/status", "VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    m = offload.load_model(ckpt, store_dir=store, budgets={"cpu": budget}, max_context=ctx, kv_page_tokens=256,
+                           kv_dir=kv_dir)
+    c = m.new_cache(1, ctx)
+    cfg, g = m.config, torch.Generator().manual_seed(0)
+    for s in range(0, ctx - 16, 64):  # a long context loaded directly (a prefill would re-read every page)
+        n = min(64, ctx - 16 - s)
+        for layer in range(cfg.num_layers):
+            k = torch.randn(1, n, cfg.num_kv_heads, cfg.head_dim, generator=g, dtype=torch.bfloat16)
+            c.append(layer, k, k)
+        c.advance(n)
+    tok = torch.tensor([[1]])
+    for _ in range(8):
+        tok = m.forward(tok, c, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    peak = proc_kib_field("/proc/self/status", "VmHWM")
+    p = m.placement
+    print(json.dumps({"base": base, "peak": peak, "planned": p.used["cpu"], "tiered": p.kv_tiered,
+                      "cache_nbytes": c.nbytes, "kv_bytes": p.kv_bytes, "disk_bytes": c.disk_bytes,
+                      "kv_full": 2 * cfg.num_layers * ctx * cfg.num_kv_heads * cfg.head_dim * 2}))
+    c.close()
+""")
+
+
+def test_budget_honoured_with_the_kv_on_disk_peak_rss_in_subprocess(tmp_path):
+    # 4 layers x 8 kv heads x head dim 64 at 8192 tokens: 64 MiB of bf16 KV, a 96 MiB budget
+    ck = offload.demo_checkpoint(str(tmp_path / "wide-kv"), preset="small", dtype=torch.bfloat16,
+                                 config_overrides={"hidden_size": 512, "num_attention_heads": 8,
+                                                   "num_key_value_heads": 8, "intermediate_size": 1024,
+                                                   "vocab_size": 4096, "max_position_embeddings": 8192})
+    offload.convert(ck, str(tmp_path / "store")).close()
+    budget = 96 << 20
+    r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, ck, str(tmp_path / "store"), str(budget), "8192",
+                        str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["tiered"] and res["planned"] <= budget and res["cache_nbytes"] == res["kv_bytes"]
+    assert res["disk_bytes"] > res["kv_full"] // 4  # most of the KV is on disk
+    # the stated overhead: the process's own base RSS plus 32 MiB of allocator and code slack
+    assert res["peak"] - res["base"] <= budget + 32 * (1 << 20), res
