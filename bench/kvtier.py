@@ -23,7 +23,6 @@ decode steps alternate with I/O-only passes and the two formats alternate step b
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 

@@ -52,11 +52,11 @@ import pykernels as pk
 from pykernels import kv_format
 from pykernels.kv_cache import QuantizedKVCache
 
-from .store import ALIGN, CorruptPageError, StoreError, _crc32c, _round_up, _unlink_quiet
+from .llama import check_append
+from .store import ALIGN, CorruptPageError, StoreError, _crc32c, _round_up, _write_atomic
 
 __all__ = ["TieredKVCache", "page_layout", "page_bytes"]
 
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 #: free space left untouched on the disk when spilling pages (other writers, metadata)
 DISK_RESERVE = 64 << 20
@@ -356,7 +356,6 @@ class TieredKVCache:
         with torch.inference_mode(False):
             self._win_k = torch.zeros(L, batch, self._win_cap, Hkv, D, dtype=dtype)
             self._win_v = torch.zeros_like(self._win_k)
-            bb = self._layout[1]
             self._pool_mem = [_alloc(self.cpu_pages * self.page_bytes) if self.cpu_pages else None for _ in range(L)]
             self._pool = [None if m is None else _views(torch.frombuffer(m, dtype=torch.uint8), self._layout,
                                                         self.cpu_pages * batch) for m in self._pool_mem]
@@ -454,37 +453,16 @@ class TieredKVCache:
             raise RuntimeError(self._broken)
         if self._finalizer is not None and not self._finalizer.alive:
             raise RuntimeError("TieredKVCache: closed")
-        cfg = self.cfg
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cfg.num_layers:
-            raise ValueError(f"layer: expected an int in [0, {cfg.num_layers}), got {layer!r}")
-        B, D = self.batch, cfg.head_dim
-        if q is not None and (q.dim() != 4 or q.shape[0] != B or q.shape[2] != cfg.num_heads or q.shape[3] != D):
-            raise ValueError(f"q: expected [{B}, T, {cfg.num_heads}, {D}], got {tuple(q.shape)}")
-        T = k.shape[1] if k.dim() == 4 else -1
         for name, t in (("k", k), ("v", v)):
-            if tuple(t.shape) != (B, T, cfg.num_kv_heads, D):
-                raise ValueError(f"{name}: expected [{B}, T, {cfg.num_kv_heads}, {D}], got {tuple(t.shape)}")
-            if not t.dtype.is_floating_point or t.device.type != "cpu":
-                raise TypeError(f"{name}: expected a float tensor on the CPU, got {t.dtype} on {t.device}")
-        if q is not None and q.shape[1] != T:
-            raise ValueError(f"q: {q.shape[1]} tokens, k has {T}")
-        if T < 1 or (T_expected is not None and T != T_expected):
-            raise ValueError(f"k: expected T == {T_expected or '>= 1'} tokens, got {T}")
+            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.device.type != "cpu":
+                raise TypeError(f"{name}: expected a float tensor on the CPU, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '-')}")
+        T = check_append(self, layer, q, k, v, T_expected)
         if T > self.max_append:
             raise ValueError(f"k: at most max_append={self.max_append} tokens per call, got {T} (split the chunk)")
-        if self._pending[layer]:
-            raise ValueError(f"layer: layer {layer} already appended {self._pending[layer]} tokens at length "
-                             f"{self.length}; call advance() after every layer has run")
-        need = self.length + T
-        if need > self.capacity:
-            raise ValueError(f"capacity: the cache holds {self.length} tokens; {T} more need length {need} > "
-                             f"capacity {self.capacity}")
         if self._win_n[layer] + T > self._win_cap:
             raise RuntimeError(f"the full-precision window of layer {layer} is full ({self._win_n[layer]} tokens): "
                                f"an earlier page spill failed; free disk space and call advance(0)")
-        if cfg.sliding_window is not None and need > cfg.sliding_window:
-            raise ValueError(f"sliding_window: length {need} exceeds the {cfg.model_type} attention window "
-                             f"{cfg.sliding_window}; windowed attention is not implemented")
         n0 = self._win_n[layer]
         self._win_k[layer, :, n0:n0 + T] = k
         self._win_v[layer, :, n0:n0 + T] = v
@@ -587,32 +565,9 @@ class TieredKVCache:
         os.makedirs(d, exist_ok=True)
         path = os.path.join(d, f"page{rec['index']:06d}.kv")
         crc = _crc32c.crc32c(mv)
-        tmp = path + ".tmp"
-        try:
-            direct = self._reader.direct
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-            try:
-                fd = os.open(tmp, flags | (os.O_DIRECT if direct else 0))
-            except OSError as e:
-                if e.errno != errno.EINVAL or not direct:
-                    raise
-                self._reader.direct = direct = False
-                fd = os.open(tmp, flags)
-            try:
-                done = 0
-                while done < n:
-                    done += os.pwrite(fd, mv[done:], done)
-                if not direct:  # keep later reads cold: write back, then drop from the page cache
-                    os.fdatasync(fd)
-                    os.posix_fadvise(fd, 0, n, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError as e:
-            _unlink_quiet(tmp)
-            if e.errno in _DISK_FULL:
-                raise StoreError(f"disk full while writing KV page {tmp}: {e}") from e
-            raise
+        # O_DIRECT (no page cache: later reads are cold), not fsynced: the pages die with the
+        # process; the checksum catches a torn page, the rename a half-written one
+        self._reader.direct = _write_atomic(path, mv, direct=self._reader.direct, durable=False)
         rec.pop("slot", None)  # a CPU page's slot: reused by the caller
         rec.update(tier="disk", path=path, crc=crc)
         self.disk_bytes += n
@@ -733,11 +688,13 @@ class TieredKVCache:
         """(k, v) float32 [B, S, Hkv, D] of one page (read and checked if on disk)."""
         if rec["tier"] == "cpu":
             s, B = rec["slot"], self.batch
-            f = {n: t[s * B:(s + 1) * B] for n, t in self._pool[layer].items()}
-        else:
-            self._reader.read_page(rec["path"], scratch[0], rec["crc"])
-            f = _views(scratch[1], self._layout, self.batch)
-        if self.kv_bits is None:  # a copy: the scratch page is reused by the next read
+            return self._fields_kv({n: t[s * B:(s + 1) * B] for n, t in self._pool[layer].items()})
+        self._reader.read_page(rec["path"], scratch[0], rec["crc"])
+        return self._fields_kv(_views(scratch[1], self._layout, self.batch))
+
+    def _fields_kv(self, f):
+        """(k, v) float32 [B, S, Hkv, D], new tensors, of one page's fields (B blocks)."""
+        if self.kv_bits is None:  # a copy: read buffers are reused
             return f["k"].to(torch.float32, copy=True), f["v"].to(torch.float32, copy=True)
         k, v = kv_format.dequantize_kv(f, self.kv_bits, self.group_size, self.cfg.head_dim)
         return k.transpose(1, 2), v.transpose(1, 2)
@@ -749,17 +706,35 @@ class TieredKVCache:
     def prefill_attend(self, layer: int, q, k, v) -> torch.Tensor:
         """Append k, v [B, T, Hkv, D] and return the causal attention of q [B, T, Hq, D] over
         all held tokens and the new ones (query i sees the new tokens 0..i), exact over every
-        tier (disk pages read synchronously), in float32. -> [B, T, Hq, D] in q's dtype."""
+        tier, page by page in float32 (disk pages read by the reader threads, several in
+        flight, while earlier ones compute). -> [B, T, Hq, D] in q's dtype.
+
+        Each prefill chunk reads every disk page again: a long prompt over a spilled cache costs
+        (chunks x disk pages) reads, on top of attention's own quadratic compute."""
         T = self._reserve(layer, q, k, v)
         n_win = self._win_n[layer] + T
         qf = q.float()
         mask = (torch.arange(n_win)[None, :] <= (n_win - T + torch.arange(T))[:, None])
         o, lse = _attend_dense(qf, self._win_k[layer, :, :n_win], self._win_v[layer, :, :n_win], mask)
-        scratch = self._scratch() if self._disk_pages(layer) else None
-        for rec in self._pages[layer]:
-            kk, vv = self._page_kv(layer, rec, scratch)
+        B = self.batch
+
+        def attend(kk, vv):
+            nonlocal o, lse
             o2, lse2 = _attend_dense(qf, kk, vv, None)
             o, lse = _merge(o, lse, o2, lse2)
+
+        for rec in self._pages[layer]:
+            if rec["tier"] == "cpu":
+                attend(*self._page_kv(layer, rec, None))
+        disk = self._disk_pages(layer)
+        if disk:
+            items = [[(layer, p) for p in c] for c in _chunks(disk, self.chunk_pages)]
+            for buf, pages in self._reader.chunks(layer, items):
+                views = _views(buf, self._layout, len(pages) * B)
+                for j in range(len(pages)):
+                    attend(*self._fields_kv({n: t[j * B:(j + 1) * B] for n, t in views.items()}))
+                self._disk_attended += len(pages) * self.page_bytes
+                self._read_pages += len(pages)
         return o.to(q.dtype)
 
     def dequantize(self, layer: int):

@@ -384,6 +384,37 @@ def final_logits(cfg: LlamaConfig, norm_weight, lm_head, h: torch.Tensor, *, lut
 # --------------------------------------------------------------------------------------------
 # KV cache
 # --------------------------------------------------------------------------------------------
+def check_append(cache, layer, q, k, v, T_expected=None) -> int:
+    """Checks of one layer's append of T tokens to a cache of the ``KVCache`` protocol (``cfg``,
+    ``batch``, ``length``, ``capacity``, ``_pending``): the layer index, q [B, T, Hq, D] (or
+    None: T from k), k and v [B, T, Hkv, D], T (>= 1, or ``T_expected``), one append per layer
+    per forward, capacity and the sliding window. -> T; ValueError naming the argument."""
+    cfg = cache.cfg
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cfg.num_layers:
+        raise ValueError(f"layer: expected an int in [0, {cfg.num_layers}), got {layer!r}")
+    B, D = cache.batch, cfg.head_dim
+    if q is not None and (q.dim() != 4 or q.shape[0] != B or q.shape[2] != cfg.num_heads or q.shape[3] != D):
+        raise ValueError(f"q: expected [{B}, T, {cfg.num_heads}, {D}], got {tuple(q.shape)}")
+    first, T = ("q", q.shape[1]) if q is not None else ("k", k.shape[1] if k.dim() == 4 else -1)
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != (B, T, cfg.num_kv_heads, D):
+            raise ValueError(f"{name}: expected [{B}, {T}, {cfg.num_kv_heads}, {D}], got {tuple(t.shape)}")
+    if T < 1 or (T_expected is not None and T != T_expected):
+        raise ValueError(f"{first}: expected T == {T_expected or '>= 1'} tokens, got {T}")
+    if cache._pending[layer]:
+        raise ValueError(f"layer: layer {layer} already appended {cache._pending[layer]} tokens at length "
+                         f"{cache.length}; call advance() after every layer has run")
+    need = cache.length + T
+    if need > cache.capacity:
+        raise ValueError(f"capacity: the cache holds {cache.length} tokens; {T} more need length {need} > "
+                         f"capacity {cache.capacity}")
+    if cfg.sliding_window is not None and need > cfg.sliding_window:
+        raise ValueError(f"sliding_window: length {need} exceeds the {cfg.model_type} attention window "
+                         f"{cfg.sliding_window}; windowed attention is not implemented (full attention "
+                         "equals it only up to the window)")
+    return T
+
+
 class KVCache:
     """Per-layer K and V of a batch of B sequences that advance together.
 
@@ -443,30 +474,7 @@ class KVCache:
     def _reserve(self, layer, q, k, v, T_expected=None):
         if self._broken:
             raise RuntimeError(self._broken)
-        cfg = self.cfg
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cfg.num_layers:
-            raise ValueError(f"layer: expected an int in [0, {cfg.num_layers}), got {layer!r}")
-        B, D = self.batch, cfg.head_dim
-        if q.dim() != 4 or q.shape[0] != B or q.shape[2] != cfg.num_heads or q.shape[3] != D:
-            raise ValueError(f"q: expected [{B}, T, {cfg.num_heads}, {D}], got {tuple(q.shape)}")
-        T = q.shape[1]
-        for name, t in (("k", k), ("v", v)):
-            if tuple(t.shape) != (B, T, cfg.num_kv_heads, D):
-                raise ValueError(f"{name}: expected [{B}, {T}, {cfg.num_kv_heads}, {D}], got {tuple(t.shape)}")
-        if T < 1 or (T_expected is not None and T != T_expected):
-            raise ValueError(f"q: expected T == {T_expected or '>= 1'} tokens, got {T}")
-        if self._pending[layer]:
-            raise ValueError(f"layer: layer {layer} already appended {self._pending[layer]} tokens at length "
-                             f"{self.length}; call advance() after every layer has run")
-        need = self.length + T
-        if need > self.capacity:
-            raise ValueError(f"capacity: the cache holds {self.length} tokens; {T} more need length {need} > "
-                             f"capacity {self.capacity}")
-        if cfg.sliding_window is not None and need > cfg.sliding_window:
-            raise ValueError(f"sliding_window: length {need} exceeds the {cfg.model_type} attention window "
-                             f"{cfg.sliding_window}; windowed attention is not implemented (full attention "
-                             "equals it only up to the window)")
-        return T
+        return check_append(self, layer, q, k, v, T_expected)
 
     @torch.no_grad()
     def prefill_attend(self, layer: int, q, k, v) -> torch.Tensor:

@@ -85,15 +85,31 @@ def _dtype_of(name: str) -> torch.dtype:
     return dt
 
 
-def _write_atomic(path: str, mv: memoryview) -> None:
-    """``path + ".tmp"`` + fsync + os.replace + fsync(dir); disk full -> StoreError naming the
-    file, the temp file removed and any old ``path`` intact."""
+def _write_atomic(path: str, mv: memoryview, *, direct: bool = False, durable: bool = True) -> bool:
+    """``path + ".tmp"`` + os.replace; disk full -> StoreError naming the file, the temp file
+    removed and any old ``path`` intact. ``durable``: fsync the file and the directory.
+    ``direct``: write with O_DIRECT (``mv`` page-aligned, a multiple of 4096 long), falling back
+    to a buffered write + fdatasync + POSIX_FADV_DONTNEED where the filesystem refuses it (the
+    data never stays in the page cache). -> whether O_DIRECT was used."""
     tmp = path + ".tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    cold = direct  # the caller wants the bytes out of the page cache
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            fd = os.open(tmp, flags | (os.O_DIRECT if direct else 0), 0o644)
+        except OSError as e:
+            if not direct or e.errno != errno.EINVAL:
+                raise
+            direct = False
+            fd = os.open(tmp, flags, 0o644)
         try:
             _write_all(fd, mv, 0)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
+            elif cold and not direct:
+                os.fdatasync(fd)  # written back, so DONTNEED can drop it
+            if cold and not direct:
+                os.posix_fadvise(fd, 0, len(mv), os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -102,7 +118,9 @@ def _write_atomic(path: str, mv: memoryview) -> None:
         if e.errno in _DISK_FULL:
             raise StoreError(f"disk full while writing {tmp}: {e}") from e
         raise
-    _fsync_dir(os.path.dirname(path))
+    if durable:
+        _fsync_dir(os.path.dirname(path))
+    return direct
 
 
 def _write_json_atomic(path: str, obj) -> None:
