@@ -382,19 +382,10 @@ def test_generation_spills_kv_to_disk_and_matches_in_memory(tiny32, tmp_path, kv
     assert [f for f in os.listdir(tmp_path) if f.startswith("pk-kv-")] == []  # page files removed
 
 
-_RSS_SCRIPT = textwrap.dedent(r"""
-    import json, sys, torch
-    import torch.nn.functional as F
-    import pykernels as pk
-    import offload
-    from roofline.probe import proc_kib_field
+from rss_helpers import RSS_PRELUDE  # noqa: E402
+
+_RSS_SCRIPT = RSS_PRELUDE + textwrap.dedent(r"""
     ckpt, store, budget, ctx, kv_dir = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-    F.linear(torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(64, 64, dtype=torch.bfloat16))
-    q = torch.randn(1, 4, 64, dtype=torch.bfloat16); kv = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
-    pk.decode_attention(q, kv, kv, torch.tensor([8]))
-    base = proc_kib_field("/proc/self/status", "VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
     m = offload.load_model(ckpt, store_dir=store, budgets={"cpu": budget}, max_context=ctx, kv_page_tokens=256,
                            kv_dir=kv_dir)
     c = m.new_cache(1, ctx)

@@ -357,21 +357,11 @@ def test_plan_reserves_exactly_what_the_kv_cache_allocates(kv_bits):
                                                         residual=res) == c.nbytes
 
 
-_RSS_SCRIPT = textwrap.dedent(r"""
-    import json, sys, torch
-    import torch.nn.functional as F
-    import pykernels as pk
-    import offload
-    from roofline.probe import proc_kib_field
+from rss_helpers import RSS_PRELUDE  # noqa: E402
+
+_RSS_SCRIPT = RSS_PRELUDE + textwrap.dedent(r"""
     ckpt, store, budget, batch, ctx = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     kv_bits = None if sys.argv[6] == "none" else int(sys.argv[6])
-    # warm the code paths (oneDNN, the C++ kernels) before the baseline
-    F.linear(torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(64, 64, dtype=torch.bfloat16))
-    q = torch.randn(1, 4, 64, dtype=torch.bfloat16); kv = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
-    pk.decode_attention(q, kv, kv, torch.tensor([8]))
-    base = proc_kib_field("/proc/self/status", "VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
     m = offload.load_model(ckpt, store_dir=store, budgets={"cpu": budget}, max_context=ctx, max_batch=batch,
                            kv_bits=kv_bits, kv_residual=32)
     m.generate(torch.arange(1, 1 + batch * (ctx - 16)).view(batch, -1) % 8192, 16)
