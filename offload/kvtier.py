@@ -9,15 +9,16 @@ Tokens of each layer live in three places, newest first:
   with ``O_DIRECT`` and a crc32c kept in memory that every read checks.
 
 A page is plain (K and V in ``dtype``) or quantized in a ``pk.QuantizedKVCache`` format
-(``kv_bits`` 8 / 4 / 2 / "fp8", KIVI layout, quantized once when the page is sealed). The window
-holds between ``residual`` and ``residual + page_tokens`` tokens (``residual`` is 0 for plain
-pages and 128 by default for quantized ones, KIVI's full-precision window): when it reaches
-``page_tokens + residual`` the oldest ``page_tokens`` become a page in the CPU pool, and when the
-pool is full its oldest page moves to disk first. A page never moves back.
+(``kv_bits`` 8 / 4 / 2 / "fp8", KIVI layout). Plain: the window holds the unsealed page and is
+sealed when it reaches ``page_tokens``. Quantized: exactly as ``pk.QuantizedKVCache`` (so the
+values held are identical to it, bit for bit): the window keeps the newest ``residual`` tokens
+in full precision and every append quantizes the fewest whole groups that bring it back to that,
+into an *open page* in the CPU pool, which is sealed when full. A sealed page goes to a free CPU
+slot; when the pool is full its oldest page moves to disk first. A page never moves back.
 
-Decode attention is exact over all tiers: the window and the CPU pages in one kernel call
-(``pk.decode_attention`` on a paged view of the pool; quantized pages dequantized in the
-kernel), the disk pages in chunks read by background threads into a ring of slots (the next
+Decode attention is exact over all tiers: the window and the CPU pages (and the open page) in
+one kernel call (``pk.decode_attention`` on a paged view of the pool; quantized pages
+dequantized in the kernel), the disk pages in chunks read by background threads into a ring of slots (the next
 chunks, including the next layer's, are read while the current one computes), each chunk one
 more kernel call; the partial ``(out, lse)`` are combined with ``pk.merge_states`` in float32.
 
@@ -27,7 +28,7 @@ with the largest upper bound of ``q . k`` (Quest's bound), the window and CPU pa
 exactly. ``stats`` counts the pages it skipped.
 
 Memory the cache holds (``nbytes``) is fixed at construction: windows, the CPU pool, the read
-slots, one staging page and the summaries of up to ``capacity`` tokens. Disk bytes are at most
+slots, staging and scratch pages and the summaries of up to ``capacity`` tokens. Disk bytes are at most
 ``disk_bytes_max`` and are checked against ``disk_budget`` and the free space at construction,
 and the free space again before every page write: a full disk is an error raised before
 writing, never a partial page.
@@ -89,6 +90,14 @@ def page_bytes(batch: int, page_tokens: int, num_kv_heads: int, head_dim: int, k
     """Bytes of one page (``page_tokens`` tokens of ``batch`` sequences, K and V, one layer) as
     memory and disk hold it."""
     return batch * page_layout(batch, page_tokens, num_kv_heads, head_dim, kv_bits, group_size, dtype)[1]
+
+
+def _max_pages(capacity: int, S: int, kv_bits, gs: int, residual: int) -> int:
+    """Pages a layer seals at ``capacity``: plain, every whole page; quantized, the whole pages
+    of the tokens quantized by then (KIVI: all but the last ``residual``, in whole groups)."""
+    if kv_bits is None:
+        return capacity // S
+    return gs * -(-max(0, capacity - residual) // gs) // S
 
 
 def _alloc(nbytes: int) -> memoryview:
@@ -267,8 +276,8 @@ class TieredKVCache:
     dtype : full-precision dtype of the window (and of plain pages).
     kv_bits : None (plain pages in ``dtype``) or 8 / 4 / 2 / "fp8" (``pk.QuantizedKVCache``
         formats; ``group_size`` 32 / 64 / 128).
-    residual : tokens always kept in full precision (quantized pages; default 128, a multiple of
-        ``group_size``; 0 for plain pages).
+    residual : the full-precision window of quantized pages (``pk.QuantizedKVCache``'s
+        ``residual``; default 128, a multiple of ``group_size``); 0 for plain pages.
     page_tokens : tokens per page (a multiple of ``group_size`` for quantized pages).
     cpu_pages : pages per layer held in memory (None: enough for ``capacity``: nothing spills).
     disk_dir : where a private directory of page files is made (default: the system temp
@@ -325,7 +334,7 @@ class TieredKVCache:
         self.kv_bits, self.group_size, self.residual, self.page_tokens = kv_bits, group_size, residual, page_tokens
         self.approx = None if approx is None else float(approx)
         S, L = page_tokens, cfg.num_layers
-        self.max_pages = max(0, capacity - residual) // S  # pages a layer can seal at capacity
+        self.max_pages = _max_pages(capacity, S, kv_bits, group_size, residual)  # sealed at capacity
         self.cpu_pages = self.max_pages if cpu_pages is None else cpu_pages
         pos_int("cpu_pages", self.cpu_pages, 0)
         self.cpu_pages = min(self.cpu_pages, self.max_pages)
@@ -352,16 +361,20 @@ class TieredKVCache:
             self._parent = parent  # the private directory is made at the first spill
         # memory: windows, CPU pool, staging page, summaries, read slots
         self.max_append = min(max_append, S)
-        self._win_cap = S + residual + self.max_append
+        # plain: the window holds the unsealed page (< S) + one append; quantized: at most
+        # `residual` after an append (KIVI), + the append being quantized
+        self._win_cap = (S if kv_bits is None else residual) + self.max_append
+        quant = kv_bits is not None
+        pool_slots = self.cpu_pages + quant  # quantized: one more, the open page being filled
         with torch.inference_mode(False):
             self._win_k = torch.zeros(L, batch, self._win_cap, Hkv, D, dtype=dtype)
             self._win_v = torch.zeros_like(self._win_k)
-            self._pool_mem = [_alloc(self.cpu_pages * self.page_bytes) if self.cpu_pages else None for _ in range(L)]
+            self._pool_mem = [_alloc(pool_slots * self.page_bytes) if pool_slots else None for _ in range(L)]
             self._pool = [None if m is None else _views(torch.frombuffer(m, dtype=torch.uint8), self._layout,
-                                                        self.cpu_pages * batch) for m in self._pool_mem]
+                                                        pool_slots * batch) for m in self._pool_mem]
             self._stage_mem = _alloc(self.page_bytes)
             self._stage = _views(torch.frombuffer(self._stage_mem, dtype=torch.uint8), self._layout, batch)
-            self._kmin = torch.zeros(L, self.max_pages, batch, Hkv, D, dtype=torch.float32)
+            self._kmin = torch.zeros(L, self.max_pages + 1, batch, Hkv, D, dtype=torch.float32)
             self._kmax = torch.zeros_like(self._kmin)
         if chunk_pages is None:
             chunk_pages = max(1, min((8 << 20) // self.page_bytes, self.max_pages // 8))
@@ -373,6 +386,8 @@ class TieredKVCache:
         # a page read outside the ring (prefill, dequantize)
         self._scratch_mem = _alloc(self.page_bytes) if self._reader is not None else None
         self._cpu_free = [list(range(self.cpu_pages)) for _ in range(L)]
+        self._open_slot = [self.cpu_pages] * L  # quantized: the pool slot of the open page
+        self._open_n = [0] * L                  # and its quantized tokens
         self._win_n = [0] * L
         self.length = 0
         self._pending = [0] * L
@@ -410,11 +425,12 @@ class TieredKVCache:
         R = (0 if kv_bits is None else 128) if residual is None else residual
         S, L, B = page_tokens, num_layers, batch
         pb = page_bytes(B, S, num_kv_heads, head_dim, kv_bits, group_size, dtype)
-        max_pages = max(0, capacity - R) // S
+        max_pages = _max_pages(capacity, S, kv_bits, group_size, R)
         cp = max_pages if cpu_pages is None else min(cpu_pages, max_pages)
         cp_ = max(1, min((8 << 20) // pb, max_pages // 8)) if chunk_pages is None else chunk_pages
-        mem = 2 * L * B * (S + R + min(max_append, S)) * num_kv_heads * head_dim * dtype.itemsize
-        mem += L * cp * pb + pb + 2 * L * max_pages * B * num_kv_heads * head_dim * 4
+        win = (S if kv_bits is None else R) + min(max_append, S)
+        mem = 2 * L * B * win * num_kv_heads * head_dim * dtype.itemsize
+        mem += L * (cp + (kv_bits is not None)) * pb + pb + 2 * L * (max_pages + 1) * B * num_kv_heads * head_dim * 4
         disk = L * (max_pages - cp) * pb
         if disk:
             mem += slots * cp_ * pb + pb
@@ -439,7 +455,13 @@ class TieredKVCache:
         pages = self._pages[layer]
         nd = sum(1 for p in pages if p["tier"] == "disk")
         S = self.page_tokens
-        return {"window": self._win_n[layer] + self._pending[layer], "cpu": (len(pages) - nd) * S, "disk": nd * S}
+        return {"window": self._win_n[layer] + self._plain_pending(layer),
+                "cpu": (len(pages) - nd) * S + self._open_n[layer], "disk": nd * S}
+
+    def _plain_pending(self, layer) -> int:
+        """Tokens appended to ``layer`` in this forward that sit in the window uncommitted
+        (plain pages; a quantized append updates the window at once, as pk.QuantizedKVCache)."""
+        return self._pending[layer] if self.kv_bits is None else 0
 
     def __repr__(self):
         t = self.tier_tokens(0)
@@ -463,9 +485,19 @@ class TieredKVCache:
         if self._win_n[layer] + T > self._win_cap:
             raise RuntimeError(f"the full-precision window of layer {layer} is full ({self._win_n[layer]} tokens): "
                                f"an earlier page spill failed; free disk space and call advance(0)")
-        n0 = self._win_n[layer]
-        self._win_k[layer, :, n0:n0 + T] = k
-        self._win_v[layer, :, n0:n0 + T] = v
+        if self.kv_bits is not None:  # what pk.QuantizedKVCache rejects: nothing the format cannot hold
+            for name, t in (("k", k), ("v", v)):
+                x = t.detach().to(self.dtype)
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"{name}: non-finite values cannot be quantized")
+                if self.kv_bits != "fp8" and float(x.abs().max()) > 65504:
+                    raise ValueError(f"{name}: |value| > 65504 exceeds the float16 scales and zeros")
+        if self.kv_bits is None:
+            n0 = self._win_n[layer]
+            self._win_k[layer, :, n0:n0 + T] = k
+            self._win_v[layer, :, n0:n0 + T] = v
+        else:
+            self._append_quantized(layer, k, v, T)
         self._pending[layer] = T
         return T
 
@@ -476,22 +508,31 @@ class TieredKVCache:
         self._reserve(layer, None, k, v)
 
     def discard_pending(self) -> None:
-        """Forget what layers appended since the last ``advance`` (a forward that failed)."""
+        """Forget what layers appended since the last ``advance`` (a forward that failed part
+        way). Plain pages: the window rows are just ignored. Quantized: an append has already
+        quantized groups (as pk.QuantizedKVCache does) and cannot be undone, so the cache is
+        marked unusable and every later call raises (never silently misaligned)."""
+        if any(self._pending) and self.kv_bits is not None:
+            self._broken = ("the cache is unusable: a forward failed after some layers appended to the "
+                            "quantized cache, which cannot roll back; start a new cache")
         self._pending = [0] * self.cfg.num_layers
 
     def advance(self, T: int) -> None:
-        """Commit the T tokens every layer has appended, then seal full pages (moving the
-        oldest CPU pages to disk when the pool is full). A failed page write (disk full)
-        raises StoreError with the tokens committed and nothing lost: the window keeps them
-        and the next ``advance`` retries."""
+        """Commit the T tokens every layer has appended; plain pages: then seal full pages
+        (moving the oldest CPU pages to disk when the pool is full). A failed page write (disk
+        full) raises StoreError with the tokens committed and nothing lost: the window keeps
+        them and the next ``advance`` retries. (Quantized pages seal during the append, which
+        raises instead, before changing anything.)"""
         bad = [i for i, p in enumerate(self._pending) if p != T]
         if bad:
             raise ValueError(f"T: advance({T}) but layer {bad[0]} appended {self._pending[bad[0]]} tokens in this "
                              "forward (every layer must append the same T tokens first)")
         self.length += T
+        self._pending = [0] * self.cfg.num_layers
+        if self.kv_bits is not None:
+            return  # quantized appends already placed their tokens
         for i in range(self.cfg.num_layers):
             self._win_n[i] += T
-        self._pending = [0] * self.cfg.num_layers
         moved = False
         try:
             for i in range(self.cfg.num_layers):
@@ -502,19 +543,93 @@ class TieredKVCache:
                 self._reschedule()
 
     # ------------------------------------------------------------------ pages
+    def _write_fields(self, views, slot, start, f, a, b):
+        """Quantized fields f (token axis 2, [B, Hkv, n, ...]) tokens a..b -> block ``slot`` of
+        ``views`` from token ``start`` (all multiples of group_size)."""
+        B, gs = self.batch, self.group_size
+        per_group = {"k_scale", "k_zero"} | ({"v_scale"} if self.kv_bits == "fp8" else set())
+        for name, t in f.items():
+            if t is None:
+                continue
+            d = gs if name in per_group else 1
+            views[name][slot * B:(slot + 1) * B, :, start // d:(start + b - a) // d] = t[:, :, a // d:b // d]
+
+    def _append_quantized(self, layer, k, v, T):
+        """Append T tokens as pk.QuantizedKVCache does: into the window, then the fewest whole
+        groups that bring it back to ``residual`` tokens are quantized into the open page; a
+        full open page is sealed (to a free CPU slot; else the oldest CPU page moves to disk
+        first, or, with no CPU pool, the page itself). The disk write comes first: when it
+        fails nothing has changed."""
+        S, gs, R, B = self.page_tokens, self.group_size, self.residual, self.batch
+        kd, vd = k.to(self.dtype), v.to(self.dtype)
+        n0 = self._win_n[layer]
+        W = n0 + T
+        nq = gs * max(0, -(-(W - R) // gs))
+        if not nq:
+            self._win_k[layer, :, n0:W] = kd
+            self._win_v[layer, :, n0:W] = vd
+            self._win_n[layer] = W
+            return
+        Wk = torch.cat((self._win_k[layer, :, :n0], kd), 1)
+        Wv = torch.cat((self._win_v[layer, :, :n0], vd), 1)
+        f = kv_format.quantize_kv(Wk[:, :nq].transpose(1, 2), Wv[:, :nq].transpose(1, 2), self.kv_bits, gs)
+        kf = Wk[:, :nq].float()
+        pool, o, slot = self._pool[layer], self._open_n[layer], self._open_slot[layer]
+        c1 = min(nq, S - o)
+        idx = len(self._pages[layer])
+        seal, rec, freed = o + nq >= S, None, None
+        if seal:
+            if idx >= self.max_pages:
+                raise RuntimeError(f"layer {layer}: more than {self.max_pages} pages (capacity {self.capacity})")
+            if self.cpu_pages == 0:  # the page goes straight to disk, from the staging page
+                for name, t in self._stage.items():
+                    t.copy_(pool[name][slot * B:(slot + 1) * B])
+                self._write_fields(self._stage, 0, o, f, 0, c1)
+                rec = {"index": idx}
+                self._spill(layer, rec, self._stage_mem)
+            elif not self._cpu_free[layer]:  # the pool is full: its oldest page goes to disk first
+                old = next(p for p in self._pages[layer] if p["tier"] == "cpu")
+                freed = old["slot"]
+                self._spill(layer, old, self._pool_mem[layer][freed * self.page_bytes:(freed + 1) * self.page_bytes])
+        # nothing below needs the disk
+        self._write_fields(pool, slot, o, f, 0, c1)
+        self._summarize(layer, idx, kf[:, :c1], first=o == 0)
+        if seal:
+            if rec is None:
+                rec = {"index": idx, "tier": "cpu", "slot": slot}
+                slot = freed if freed is not None else self._cpu_free[layer].pop(0)
+            self._pages[layer].append(rec)
+            rest = nq - c1
+            if rest:
+                self._write_fields(pool, slot, 0, f, c1, nq)
+                self._summarize(layer, idx + 1, kf[:, c1:], first=True)
+            self._open_slot[layer], self._open_n[layer] = slot, rest
+        else:
+            self._open_n[layer] = o + nq
+        keep = W - nq
+        self._win_k[layer, :, :keep] = Wk[:, nq:]
+        self._win_v[layer, :, :keep] = Wv[:, nq:]
+        self._win_n[layer] = keep
+        if seal and (rec["tier"] == "disk" or freed is not None):
+            self._reschedule()
+
+    def _summarize(self, layer, idx, kf, first):
+        """Fold keys kf [B, n, Hkv, D] into page ``idx``'s per-channel min / max."""
+        lo, hi = kf.amin(1), kf.amax(1)
+        if first:
+            self._kmin[layer, idx], self._kmax[layer, idx] = lo, hi
+        else:
+            torch.minimum(self._kmin[layer, idx], lo, out=self._kmin[layer, idx])
+            torch.maximum(self._kmax[layer, idx], hi, out=self._kmax[layer, idx])
+
     def _seal(self, layer: int) -> bool:
-        """Turn the oldest ``page_tokens`` of the window into a page -> True if a page went to disk."""
+        """Plain pages: turn the oldest ``page_tokens`` of the window into a page -> True if a
+        page went to disk."""
         S, B = self.page_tokens, self.batch
         kp, vp = self._win_k[layer, :, :S], self._win_v[layer, :, :S]
         st = self._stage
-        if self.kv_bits is None:
-            st["k"].copy_(kp)
-            st["v"].copy_(vp)
-        else:
-            f = kv_format.quantize_kv(kp.transpose(1, 2), vp.transpose(1, 2), self.kv_bits, self.group_size)
-            for name, t in f.items():
-                if t is not None:
-                    st[name].copy_(t)
+        st["k"].copy_(kp)
+        st["v"].copy_(vp)
         idx = len(self._pages[layer])
         if idx >= self.max_pages:
             raise RuntimeError(f"layer {layer}: more than {self.max_pages} pages (capacity {self.capacity})")
@@ -539,9 +654,7 @@ class TieredKVCache:
             for name, t in st.items():
                 pool[name][slot * B:(slot + 1) * B].copy_(t)
             rec.update(tier="cpu", slot=slot)
-        kf = kp.float()
-        self._kmin[layer, idx] = kf.amin(1)
-        self._kmax[layer, idx] = kf.amax(1)
+        self._summarize(layer, idx, kp.float(), first=True)
         self._pages[layer].append(rec)
         n = self._win_n[layer] - S
         self._win_k[layer, :, :n] = self._win_k[layer, :, S:S + n].clone()
@@ -596,8 +709,12 @@ class TieredKVCache:
         return [p["index"] for p in self._pages[layer] if p["tier"] == "disk"]
 
     def _cpu_table(self, layer):
-        """(block table int32 [B, n], n pages) of the CPU pages of ``layer``."""
+        """(block table int32 [B, n], n sealed pages) of the CPU pages of ``layer``, in order;
+        quantized: then the open page (partly filled: the kernel's paged view ends in it)."""
         slots = [p["slot"] for p in self._pages[layer] if p["tier"] == "cpu"]
+        n = len(slots)
+        if self.kv_bits is not None:
+            slots.append(self._open_slot[layer])
         B = self.batch
         key = (layer, tuple(slots))
         t = self._tables.get(key)
@@ -605,7 +722,7 @@ class TieredKVCache:
             if len(self._tables) > 4 * self.cfg.num_layers:
                 self._tables.clear()
             t = self._tables[key] = torch.tensor([[s * B + b for s in slots] or [0] for b in range(B)], dtype=torch.int32)
-        return t, len(slots)
+        return t, n
 
     def _chunk_table(self, n):
         B = self.batch
@@ -616,14 +733,15 @@ class TieredKVCache:
         return t
 
     # ------------------------------------------------------------------ attention
-    def _attend_pages(self, qf, views, table, npages, fp_k=None, fp_v=None, n_fp=0):
+    def _attend_pages(self, qf, views, table, npages, fp_k=None, fp_v=None, n_fp=0, extra=0):
         """(out, lse) of qf [B, Hq, D] float32 over ``npages`` pages of ``views`` (block ids in
-        ``table``) and, for quantized pages, ``n_fp`` full-precision rows of fp_k/fp_v."""
+        ``table``), then ``extra`` quantized tokens of the next block, and, for quantized pages,
+        ``n_fp`` full-precision rows of fp_k/fp_v."""
         B, S = self.batch, self.page_tokens
         if self.kv_bits is None:
             sl = torch.full((B,), npages * S, dtype=torch.int32)
             return pk.decode_attention(qf, views["k"], views["v"], sl, block_table=table, return_lse=True)
-        n_q = torch.full((B,), npages * S, dtype=torch.int32)
+        n_q = torch.full((B,), npages * S + extra, dtype=torch.int32)
         n_r = torch.full((B,), n_fp, dtype=torch.int32)
         c = QuantizedKVCache.from_tensors(
             views["k_codes"], views["k_scale"], views.get("k_zero"), views["v_codes"], views["v_scale"],
@@ -633,13 +751,14 @@ class TieredKVCache:
 
     def _attend_resident(self, layer, qf):
         """(out, lse) over the window and the CPU pages of ``layer`` (float32)."""
-        n_win = self._win_n[layer] + self._pending[layer]
+        n_win = self._win_n[layer] + self._plain_pending(layer)
         wk, wv = self._win_k[layer], self._win_v[layer]
         table, n = self._cpu_table(layer)
-        self._cpu_attended += n * self.page_bytes + 2 * n_win * self.batch * wk[0, 0].numel() * wk.element_size()
+        no = self._open_n[layer]
+        self._cpu_attended += ((n * self.page_tokens + no) * self.page_bytes // self.page_tokens
+                               + 2 * n_win * self.batch * wk[0, 0].numel() * wk.element_size())
         if self.kv_bits is not None:
-            views = self._pool[layer] if n else self._stage
-            return self._attend_pages(qf, views, table, n, wk, wv, n_win)
+            return self._attend_pages(qf, self._pool[layer], table, n, wk, wv, n_win, extra=no)
         sl = torch.full((self.batch,), n_win, dtype=torch.int32)
         o, lse = pk.decode_attention(qf, wk, wv, sl, return_lse=True)
         if n:
@@ -711,31 +830,55 @@ class TieredKVCache:
 
         Each prefill chunk reads every disk page again: a long prompt over a spilled cache costs
         (chunks x disk pages) reads, on top of attention's own quadratic compute."""
+        L0 = self.length
         T = self._reserve(layer, q, k, v)
-        n_win = self._win_n[layer] + T
         qf = q.float()
-        mask = (torch.arange(n_win)[None, :] <= (n_win - T + torch.arange(T))[:, None])
-        o, lse = _attend_dense(qf, self._win_k[layer, :, :n_win], self._win_v[layer, :, :n_win], mask)
-        B = self.batch
+        B, S = self.batch, self.page_tokens
+        if self.kv_bits is None:  # the window holds the old unsealed tokens and the new ones
+            n_win = self._win_n[layer] + T
+            mask = (torch.arange(n_win)[None, :] <= (n_win - T + torch.arange(T))[:, None])
+            o, lse = _attend_dense(qf, self._win_k[layer, :, :n_win], self._win_v[layer, :, :n_win], mask)
+            limit = None
+        else:  # as offload.llama.KVCache: the new tokens in full precision (causal), the old
+            # ones as the cache holds them after this append (some now quantized)
+            kd, vd = k.to(self.dtype), v.to(self.dtype)
+            o, lse = _attend_dense(qf, kd, vd, torch.ones(T, T, dtype=torch.bool).tril())
+            limit = L0
+            start = len(self._pages[layer]) * S  # open page, then window
+            segs = [(self._open_kv(layer), start), ((self._win_k[layer, :, :self._win_n[layer]].float(),
+                                                     self._win_v[layer, :, :self._win_n[layer]].float()),
+                                                    start + self._open_n[layer])]
+        o_l = [o, lse]
 
-        def attend(kk, vv):
-            nonlocal o, lse
-            o2, lse2 = _attend_dense(qf, kk, vv, None)
-            o, lse = _merge(o, lse, o2, lse2)
+        def attend(kk, vv, pos):
+            """Attend the tokens at positions pos.. of kk, vv that are older than L0."""
+            m = kk.shape[1] if limit is None else min(kk.shape[1], limit - pos)
+            if m > 0:
+                o2, lse2 = _attend_dense(qf, kk[:, :m], vv[:, :m], None)
+                o_l[:] = _merge(o_l[0], o_l[1], o2, lse2)
 
+        if limit is not None:
+            for (kk, vv), pos in segs:
+                attend(kk, vv, pos)
         for rec in self._pages[layer]:
             if rec["tier"] == "cpu":
-                attend(*self._page_kv(layer, rec, None))
+                attend(*self._page_kv(layer, rec, None), rec["index"] * S)
         disk = self._disk_pages(layer)
         if disk:
             items = [[(layer, p) for p in c] for c in _chunks(disk, self.chunk_pages)]
             for buf, pages in self._reader.chunks(layer, items):
                 views = _views(buf, self._layout, len(pages) * B)
-                for j in range(len(pages)):
-                    attend(*self._fields_kv({n: t[j * B:(j + 1) * B] for n, t in views.items()}))
+                for j, (_, p) in enumerate(pages):
+                    attend(*self._fields_kv({n: t[j * B:(j + 1) * B] for n, t in views.items()}), p * S)
                 self._disk_attended += len(pages) * self.page_bytes
                 self._read_pages += len(pages)
-        return o.to(q.dtype)
+        return o_l[0].to(q.dtype)
+
+    def _open_kv(self, layer):
+        """(k, v) float32 [B, open_n, Hkv, D] of the quantized open page."""
+        s, B, n = self._open_slot[layer], self.batch, self._open_n[layer]
+        k, v = self._fields_kv({name: t[s * B:(s + 1) * B] for name, t in self._pool[layer].items()})
+        return k[:, :n], v[:, :n]
 
     def dequantize(self, layer: int):
         """(k, v) float32 [B, n, Hkv, D] of every token ``layer`` holds, in order (pages as
@@ -746,7 +889,11 @@ class TieredKVCache:
             kk, vv = self._page_kv(layer, rec, scratch)
             ks.append(kk)
             vs.append(vv)
-        n = self._win_n[layer] + self._pending[layer]
+        if self.kv_bits is not None:
+            kk, vv = self._open_kv(layer)
+            ks.append(kk)
+            vs.append(vv)
+        n = self._win_n[layer] + self._plain_pending(layer)
         ks.append(self._win_k[layer, :, :n].float())
         vs.append(self._win_v[layer, :, :n].float())
         return torch.cat(ks, 1), torch.cat(vs, 1)

@@ -226,7 +226,7 @@ def _kv_tier(c: dict, batch, context, kv_bits, group_size, residual, page_tokens
     being read: ``slots = 2 + ceil(that / chunk bytes)`` in [3, 16] (4 without a profile)."""
     import torch
 
-    from .kvtier import TieredKVCache, page_bytes
+    from .kvtier import TieredKVCache, _max_pages, page_bytes
 
     L = c["num_hidden_layers"]
     nh = c["num_attention_heads"]
@@ -235,7 +235,7 @@ def _kv_tier(c: dict, batch, context, kv_bits, group_size, residual, page_tokens
     dt = getattr(torch, dtype_name)
     pb = page_bytes(batch, page_tokens, kvh, hd, kv_bits, group_size, dt)
     R = residual if kv_bits is not None else 0
-    max_pages = max(0, context - R) // page_tokens
+    max_pages = _max_pages(context, page_tokens, kv_bits, group_size, R)
     if max_pages == 0:
         return None
     chunk = max(1, min((8 << 20) // pb, max_pages // 8))  # ~8 MiB reads; a few slots hold < a layer

@@ -61,11 +61,17 @@ def test_decode_is_exact_over_all_tiers(tmp_path, kv_bits, B, Hkv, D):
               dtype=torch.bfloat16)
     tiered = TieredKVCache(cfg, B, 700, cpu_pages=2, disk_dir=tmp_path, **kw)
     memory = TieredKVCache(cfg, B, 700, cpu_pages=None, **kw)  # every page in the CPU pool
+    # quantized: pk.QuantizedKVCache with the same format holds exactly the same values
+    qref = None if kv_bits is None else [
+        pk.QuantizedKVCache(B, 700, Hkv, D, bits=kv_bits, group_size=gs, residual=32, dtype=torch.bfloat16)
+        for _ in range(cfg.num_layers)]
     g = torch.Generator().manual_seed(1)
     k, v = _kv(g, B, 37, Hkv, D)  # an odd prompt, then single tokens
     for layer in range(cfg.num_layers):
         for c in (tiered, memory):
             c.append(layer, k, v)
+        if qref:
+            qref[layer].append(k, v)
     tiered.advance(37)
     memory.advance(37)
     checked = 0
@@ -75,9 +81,16 @@ def test_decode_is_exact_over_all_tiers(tmp_path, kv_bits, B, Hkv, D):
             k, v = _kv(g, B, 1, Hkv, D)
             o = tiered.decode_attend(layer, q, k.bfloat16(), v.bfloat16())
             o_mem = memory.decode_attend(layer, q, k.bfloat16(), v.bfloat16())
+            if qref:
+                qref[layer].append(k.bfloat16(), v.bfloat16())
             if step in (37, 100, 203, 333, 410):
                 K, V = tiered.dequantize(layer)
                 assert K.shape[1] == step + 1
+                if qref:  # the same tokens quantized at the same moments: identical values
+                    qk, qv = qref[layer].dequantize()
+                    assert torch.equal(K, qk) and torch.equal(V, qv)
+                    o_q = pk.decode_attention(q[:, 0], qref[layer])
+                    torch.testing.assert_close(o[:, 0], o_q, atol=2 ** -7 * float(o_q.abs().max()), rtol=0)
                 ref = _ref(q[:, 0].float(), K, V)
                 # bf16 output: one rounding (half an ulp, 2^-8 relative) of a value <= max|out|;
                 # tiered vs in-memory: the same kernels over other page groupings, merged in
@@ -135,8 +148,10 @@ def test_prefill_is_causal_and_exact_over_all_tiers(tmp_path, kv_bits):
     o = c.prefill_attend(0, q, kn, vn)
     K, V = c.dequantize(0)
     assert K.shape[1] == 345
-    for i in (0, 17, 44):  # query i sees the 300 old tokens and new tokens 0..i
-        ref = _ref(q[:, i], K[:, :301 + i], V[:, :301 + i])
+    for i in (0, 17, 44):
+        # query i sees the 300 old tokens as the cache holds them after the append and new
+        # tokens 0..i in full precision (offload.llama.KVCache's rule)
+        ref = _ref(q[:, i], torch.cat((K[:, :300], kn[:, :i + 1]), 1), torch.cat((V[:, :300], vn[:, :i + 1]), 1))
         torch.testing.assert_close(o[:, i].double(), ref, atol=TOL, rtol=0)
     c.advance(45)
     c.close()
@@ -353,24 +368,18 @@ def test_generation_spills_kv_to_disk_and_matches_in_memory(tiny32, tmp_path, kv
     ctx = 700
     kw = dict(store_dir=str(tmp_path / "store"), max_context=ctx, kv_bits=kv_bits, kv_page_tokens=64,
               kv_residual=32, kv_group_size=32)
-    with offload.load_model(tiny32, **kw) as m:  # no budget: everything in memory
+    with offload.load_model(tiny32, **kw) as m:  # no budget: offload.llama.KVCache in memory
         full = m.placement
         assert not full.kv_tiered
-    # the same weights placement with the KV in pages: every page in memory (the reference), or
-    # 2 pages per layer in memory and older pages on disk. (A quantized tiered cache quantizes
-    # a page when it seals, later than pk.QuantizedKVCache's group-by-group window, so its
-    # reference is the tiered cache in memory; the tiny model's KV is too small for the planner
-    # to prefer spilling it: see the test above.)
-    pb = offload.kvtier.page_bytes(1, 64, 2, 16, kv_bits, 32, torch.float32)
-    paged = dict(kv_page_tokens=64, kv_page_bytes=pb, kv_slots=3, kv_chunk_pages=2, kv_disk_budget=64 << 20)
-    in_memory = dataclasses.replace(full, kv_cpu_pages=ctx, **paged)
-    tiered = dataclasses.replace(full, kv_cpu_pages=2, **paged)
-    ids = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(7))
-    with offload.load_model(tiny32, placement=in_memory, **kw) as m:
-        cache = m.new_cache(1, ctx)
-        assert cache.disk_bytes_max == 0
-        cache.close()
+        assert not isinstance(m.new_cache(1, ctx), TieredKVCache)
+        ids = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(7))
         ref = m.generate(ids, max_new_tokens=ctx - 150)
+    # the same weights placement with the KV in pages, 2 pages per layer in memory and older
+    # pages on disk (the tiny model's KV is too small for the planner to prefer spilling it:
+    # see the test above)
+    pb = offload.kvtier.page_bytes(1, 64, 2, 16, kv_bits, 32, torch.float32)
+    tiered = dataclasses.replace(full, kv_cpu_pages=2, kv_page_tokens=64, kv_page_bytes=pb, kv_slots=3,
+                                 kv_chunk_pages=2, kv_disk_budget=64 << 20)
     with offload.load_model(tiny32, placement=tiered, kv_dir=str(tmp_path), **kw) as m:
         cache = m.new_cache(1, ctx)
         assert isinstance(cache, TieredKVCache) and cache.cpu_pages == 2 and cache.disk_bytes_max > 0
@@ -378,7 +387,7 @@ def test_generation_spills_kv_to_disk_and_matches_in_memory(tiny32, tmp_path, kv
         out = m.generate(ids, max_new_tokens=ctx - 150)
         s = m.stats.summary()
         assert s["bytes_per_step"]["kv_disk"] > 0 and s["kv_disk_fraction_read"] == 1.0
-    assert torch.equal(out, ref)  # identical greedy tokens
+    assert torch.equal(out, ref)  # identical greedy tokens (quantized: the same KIVI groups quantized)
     assert [f for f in os.listdir(tmp_path) if f.startswith("pk-kv-")] == []  # page files removed
 
 
