@@ -272,6 +272,36 @@ def test_full_disk_raises_before_writing_and_loses_nothing(tmp_path, monkeypatch
     c.close()
 
 
+def test_full_disk_during_a_quantized_append_changes_nothing(tmp_path, monkeypatch):
+    cfg = _cfg(L=1)
+    c = TieredKVCache(cfg, 1, 400, kv_bits=4, residual=32, page_tokens=64, cpu_pages=1, disk_dir=tmp_path,
+                      dtype=torch.float32)
+    ref = pk.QuantizedKVCache(1, 400, 2, 32, bits=4, group_size=32, residual=32, dtype=torch.float32)
+    g = torch.Generator().manual_seed(8)
+    for _ in range(2):  # 128 tokens: 96 quantized (page 0 sealed in memory, 32 in the open page), 32 fp
+        k, v = _kv(g, 1, 64, 2, 32)
+        c.append(0, k, v)
+        ref.append(k, v)
+        c.advance(64)
+    K0, V0 = c.dequantize(0)
+    real = kvtier._disk_free
+    monkeypatch.setattr(kvtier, "_disk_free", lambda path: 1 << 20)
+    k, v = _kv(g, 1, 64, 2, 32)
+    with pytest.raises(StoreError, match="nothing was written"):
+        c.append(0, k, v)  # seals page 1: page 0 must move to disk first
+    K1, V1 = c.dequantize(0)
+    assert torch.equal(K1, K0) and torch.equal(V1, V0) and c.length == 128 and c.disk_bytes == 0
+    monkeypatch.setattr(kvtier, "_disk_free", real)
+    c.append(0, k, v)  # the same append, now with room
+    c.advance(64)
+    ref.append(k, v)
+    assert c.tier_tokens(0)["disk"] == 64 and c.disk_bytes == c.page_bytes
+    qk, qv = ref.dequantize()
+    K2, V2 = c.dequantize(0)
+    assert torch.equal(K2, qk) and torch.equal(V2, qv)
+    c.close()
+
+
 def test_memory_is_fixed_and_accounted(tmp_path):
     cfg = _cfg(L=3)
     for kv_bits in (None, 4):
