@@ -90,13 +90,16 @@ def suite_kvtier(ctx) -> dict:
         from roofline.advise import default_machine
         mach = default_machine("cpu")
     mach = get_machine(mach) if mach is not None else None
+    from roofline.measure import probe_disk
+    bw0 = probe_disk(kv_dir, size_bytes=(64 if quick else 1024) * _MiB)["read"]  # for the read slots
+    notes.append(f"cold read bandwidth of the page directory before the fill: {bw0 / 1e9:.2f} GB/s (probe_disk)")
     g = torch.Generator().manual_seed(0)
     topics = torch.randn(L, 64, Hkv, D, generator=g)  # a direction per page (cycled), per layer
     caches, rows, plans = {}, [], {}
     try:
         for bits in (None, 4):
             tier = _kv_tier(model.store.config, 1, context + 64, bits, 32, 128, page, "bfloat16",
-                            max(model.store.unit_nbytes(f"layer.{i}") for i in range(L)), mach, None)
+                            max(model.store.unit_nbytes(f"layer.{i}") for i in range(L)), mach, bw0)
             plans[bits] = tier
             t0 = time.perf_counter()
             c = TieredKVCache(cfg, 1, context + 64, dtype=torch.bfloat16, kv_bits=bits, group_size=32,

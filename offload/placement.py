@@ -239,7 +239,7 @@ def _kv_tier(c: dict, batch, context, kv_bits, group_size, residual, page_tokens
     if max_pages == 0:
         return None
     chunk = max(1, min((8 << 20) // pb, max_pages // 8))  # ~8 MiB reads; a few slots hold < a layer
-    slots, why = 4, "no measured profile: default"
+    slots, why = 4, "default: no machine profile (run `roofline probe`)"
     try:
         from roofline.advise import default_machine
         from roofline.hardware import get_machine
@@ -247,15 +247,18 @@ def _kv_tier(c: dict, batch, context, kv_bits, group_size, residual, page_tokens
         m = default_machine("cpu") if machine is None else get_machine(machine)
     except (ValueError, OSError):
         m = None
+    dbw, mbw = disk_bandwidth, None
     if m is not None:
         reads = [d.get("read") for d in m.disk.values() if d.get("read")]
-        dbw = disk_bandwidth or (max(reads) if reads else m.links.get("disk_read"))
+        dbw = dbw or (max(reads) if reads else m.links.get("disk_read"))
         mbw = m.mem_bandwidth.get("read") or max(m.mem_bandwidth.values(), default=0)
-        if dbw and mbw:
-            gap = layer_bytes / mbw
-            slots = int(min(16, max(3, 2 + math.ceil(dbw * gap / (chunk * pb)))))
-            why = (f"a layer's weights compute {gap * 1e3:.1f} ms at {mbw / 1e9:.1f} GB/s, while the disk reads "
-                   f"{dbw * gap / _MiB:.1f} MiB at {dbw / 1e9:.2f} GB/s")
+        if not dbw:
+            why = "default: the machine profile has no disk bandwidth (roofline probe with a disk directory)"
+    if dbw and mbw:
+        gap = layer_bytes / mbw
+        slots = int(min(16, max(3, 2 + math.ceil(dbw * gap / (chunk * pb)))))
+        why = (f"a layer's weights compute {gap * 1e3:.1f} ms at {mbw / 1e9:.1f} GB/s, while the disk reads "
+               f"{dbw * gap / _MiB:.1f} MiB at {dbw / 1e9:.2f} GB/s")
     sizes = TieredKVCache.memory_bytes(L, batch, context, kvh, hd, kv_bits=kv_bits, group_size=group_size,
                                        residual=R, page_tokens=page_tokens, cpu_pages=0, slots=slots,
                                        chunk_pages=chunk, dtype=dt)

@@ -377,6 +377,18 @@ def test_planner_spills_the_kv_when_the_weights_leave_too_little_room(tmp_path):
     assert 0 < p.kv_cpu_pages < mp and p.kv_disk_bytes == 8 * (mp - p.kv_cpu_pages) * p.kv_page_bytes
     assert p.disk_bytes_per_token == p.kv_disk_bytes + min(ub["embed"], 4 << 20)
     assert "spill" in p.explain() and 3 <= p.kv_slots <= 16
+    # the prefetch depth from the roofline: the disk's reads while a layer's weights compute
+    from roofline.hardware import MachineProfile
+    nodisk = MachineProfile("toy", {"bf16": 1e12, "fp32": 1e12}, {"read": 1e10, "copy": 1e10, "triad": 1e10})
+    pn = plan_placement(cfg, nodisk, {"cpu": cap}, context=ctx)
+    assert pn.kv_slots == 4 and "no disk bandwidth" in pn.explain()
+    fast = MachineProfile("toy", {"bf16": 1e12, "fp32": 1e12}, {"read": 1e10, "copy": 1e10, "triad": 1e10},
+                          disk={str(tmp_path): {"read": 2e10, "write": 1e9}})
+    pf = plan_placement(cfg, fast, {"cpu": cap}, context=ctx)
+    gap = ub["layer.0"] / 1e10  # seconds of weights per layer at 10 GB/s
+    chunk = pf.kv_chunk_pages * pf.kv_page_bytes
+    assert pf.kv_slots == min(16, max(3, 2 + math.ceil(2e10 * gap / chunk))) > 4
+    assert "while the disk reads" in pf.explain()
     # what the planner reserves is what the cache holds
     c = TieredKVCache(_cfg(Hq=8, Hkv=8, D=128, L=8), 1, ctx, page_tokens=p.kv_page_tokens, cpu_pages=p.kv_cpu_pages,
                       slots=p.kv_slots, chunk_pages=p.kv_chunk_pages, disk_dir=tmp_path)
