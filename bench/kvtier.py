@@ -208,4 +208,4 @@ def suite_kvtier(ctx) -> dict:
     return {"rows": rows, "targets": targets, "notes": notes}
 
 
-SUITES = [("offload-kv", "A 64k-token KV cache on disk: tiered decode attention", suite_kvtier)]
+SUITES = [("kvtier-1", "A 64k-token KV cache on disk: tiered decode attention", suite_kvtier)]

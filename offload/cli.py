@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--disk-budget", default=None,
                        help="most bytes of KV page files when the KV spills to disk, e.g. 8GiB")
         g.add_argument("--kv-page-tokens", type=int, default=1024, help="tokens per KV page (tiered KV)")
-        g.add_argument("--kv-dir", default=None, help="directory for KV page files (default: the temp dir)")
+        g.add_argument("--kv-dir", default=None, help="directory for KV page files (default: ~/.cache/pykernels/kv-pages)")
         g.add_argument("--kv-approx", type=float, default=None,
                        help="approximate attention over the disk pages: the fraction of them read per step")
         g.set_defaults(func=fn)

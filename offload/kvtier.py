@@ -25,7 +25,8 @@ more kernel call; the partial ``(out, lse)`` are combined with ``pk.merge_states
 The approximate mode (``approx=fraction``, opt-in) keeps each disk page's per-channel key
 minimum and maximum in memory and reads, per layer and step, only the ``fraction`` of disk pages
 with the largest upper bound of ``q . k`` (Quest's bound), the window and CPU pages always
-exactly. ``stats`` counts the pages it skipped.
+exactly. ``stats`` counts the pages it skipped. Its reads start when the layer's query exists
+(several in flight, but not overlapped with the previous layer as the exact mode's are).
 
 Memory the cache holds (``nbytes``) is fixed at construction: windows, the CPU pool, the read
 slots, staging and scratch pages and the summaries of up to ``capacity`` tokens. Disk bytes are at most
@@ -56,7 +57,7 @@ from pykernels.kv_cache import QuantizedKVCache
 from .llama import check_append
 from .store import ALIGN, CorruptPageError, StoreError, _crc32c, _round_up, _write_atomic
 
-__all__ = ["TieredKVCache", "page_layout", "page_bytes"]
+__all__ = ["TieredKVCache", "page_layout", "page_bytes", "default_kv_dir"]
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 #: free space left untouched on the disk when spilling pages (other writers, metadata)
@@ -118,6 +119,15 @@ def _views(buf: torch.Tensor, layout, nblocks: int) -> dict:
     return out
 
 
+def default_kv_dir() -> str:
+    """``$XDG_CACHE_HOME/pykernels/kv-pages`` (made if missing): page files on a real disk by
+    default (a tmpfs /tmp would hold them in memory, outside every budget)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    d = os.path.join(base, "pykernels", "kv-pages")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
 def _disk_free(path: str) -> int:
     s = os.statvfs(path)
     return s.f_bavail * s.f_frsize
@@ -148,11 +158,20 @@ class _Reader:
     def read_page(self, path: str, mv: memoryview, crc: int) -> None:
         """Fill mv from the page file at ``path`` and check its crc32c (any thread)."""
         t0 = time.perf_counter()
-        fd = self._open(path)
+        fd = None
         try:
+            fd = self._open(path)
             got, n = 0, len(mv)
             while got < n:
-                k = os.preadv(fd, [mv[got:]], got)
+                try:
+                    k = os.preadv(fd, [mv[got:]], got)
+                except OSError as e:
+                    if e.errno != errno.EINVAL or not self.direct:
+                        raise
+                    self.direct = False  # O_DIRECT accepted at open, refused at read: buffered
+                    os.close(fd)
+                    fd = self._open(path)
+                    continue
                 if k == 0:
                     raise StoreError(f"{path}: short read: {got} of {n} bytes (page file truncated)")
                 got += k
@@ -163,7 +182,8 @@ class _Reader:
                 raise
             raise StoreError(f"{path}: read failed: {e}") from e
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         got_crc = _crc32c.crc32c(mv)
         if got_crc != crc:
             raise CorruptPageError(path, 0, crc, got_crc)
@@ -259,6 +279,10 @@ class _Reader:
                     self._fill()
 
     def close(self):
+        if threading.current_thread().name.startswith("pk-kv-read"):
+            # collected on one of our own threads: it cannot wait for itself
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            return
         self.drain()
         self.pool.shutdown(wait=True)
 
@@ -280,8 +304,9 @@ class TieredKVCache:
         ``residual``; default 128, a multiple of ``group_size``); 0 for plain pages.
     page_tokens : tokens per page (a multiple of ``group_size`` for quantized pages).
     cpu_pages : pages per layer held in memory (None: enough for ``capacity``: nothing spills).
-    disk_dir : where a private directory of page files is made (default: the system temp
-        directory); removed by ``close``.
+    disk_dir : where a private directory of page files is made (default ``default_kv_dir()``:
+        ``$XDG_CACHE_HOME/pykernels/kv-pages``, on disk, not a RAM-backed /tmp); removed by
+        ``close`` (or when the cache is garbage-collected).
     disk_budget : most bytes of page files (None: no limit besides the free space).
     slots, chunk_pages, io_threads : the disk read ring: ``slots`` buffers of ``chunk_pages``
         pages, read by ``io_threads`` threads (default: about 8 MiB, at most an eighth of a
@@ -323,8 +348,8 @@ class TieredKVCache:
         if residual is None:
             residual = 0 if kv_bits is None else 128
         pos_int("residual", residual, 0)
-        if kv_bits is not None and (residual % group_size):
-            raise ValueError(f"residual: expected a multiple of group_size={group_size}, got {residual}")
+        if kv_bits is not None and (residual < group_size or residual % group_size):
+            raise ValueError(f"residual: expected a positive multiple of group_size={group_size}, got {residual}")
         if kv_bits is None and residual:
             raise ValueError(f"residual: plain pages keep every token in full precision; expected 0, got {residual}")
         if approx is not None and (isinstance(approx, bool) or not isinstance(approx, (int, float))
@@ -350,7 +375,7 @@ class TieredKVCache:
         self.disk_budget = disk_budget
         self._dirbox = [None]  # the private page directory, shared with the finalizer
         if self.disk_bytes_max:
-            parent = os.fspath(disk_dir) if disk_dir is not None else tempfile.gettempdir()
+            parent = os.fspath(disk_dir) if disk_dir is not None else default_kv_dir()
             if not os.path.isdir(parent):
                 raise FileNotFoundError(f"disk_dir: {parent!r} is not a directory")
             free = _disk_free(parent)
@@ -393,6 +418,7 @@ class TieredKVCache:
         self._pending = [0] * L
         self._broken = None
         self.disk_bytes = 0
+        self._stale = False
         self._cpu_attended = 0
         self._disk_attended = 0
         self._skipped = 0
@@ -521,8 +547,12 @@ class TieredKVCache:
         """Commit the T tokens every layer has appended; plain pages: then seal full pages
         (moving the oldest CPU pages to disk when the pool is full). A failed page write (disk
         full) raises StoreError with the tokens committed and nothing lost: the window keeps
-        them and the next ``advance`` retries. (Quantized pages seal during the append, which
-        raises instead, before changing anything.)"""
+        them and the next ``advance`` retries. (Quantized pages seal during the append: the
+        first layer's append checks the room for every layer's page and raises before changing
+        anything; a write failing at a later layer leaves the forward failed and the cache
+        unusable, as any failed forward on a quantized cache.)"""
+        if not self._finalizer.alive:
+            raise RuntimeError("TieredKVCache: closed")
         bad = [i for i, p in enumerate(self._pending) if p != T]
         if bad:
             raise ValueError(f"T: advance({T}) but layer {bad[0]} appended {self._pending[bad[0]]} tokens in this "
@@ -533,14 +563,9 @@ class TieredKVCache:
             return  # quantized appends already placed their tokens
         for i in range(self.cfg.num_layers):
             self._win_n[i] += T
-        moved = False
-        try:
-            for i in range(self.cfg.num_layers):
-                while self._win_n[i] >= self.page_tokens + self.residual:
-                    moved |= self._seal(i)
-        finally:
-            if moved:
-                self._reschedule()
+        for i in range(self.cfg.num_layers):
+            while self._win_n[i] >= self.page_tokens + self.residual:
+                self._seal(i)  # a page written to disk marks the reader's schedule stale
 
     # ------------------------------------------------------------------ pages
     def _write_fields(self, views, slot, start, f, a, b):
@@ -581,6 +606,12 @@ class TieredKVCache:
         if seal:
             if idx >= self.max_pages:
                 raise RuntimeError(f"layer {layer}: more than {self.max_pages} pages (capacity {self.capacity})")
+            spills = self.cpu_pages == 0 or not self._cpu_free[layer]
+            if spills and not any(self._pending):
+                # every layer seals (and spills) in this same forward: check room for all of
+                # them before the first layer changes anything, so a full disk leaves the cache
+                # usable (a later layer can still fail if another process fills the disk meanwhile)
+                self._check_disk(self.cfg.num_layers * self.page_bytes)
             if self.cpu_pages == 0:  # the page goes straight to disk, from the staging page
                 for name, t in self._stage.items():
                     t.copy_(pool[name][slot * B:(slot + 1) * B])
@@ -610,8 +641,6 @@ class TieredKVCache:
         self._win_k[layer, :, :keep] = Wk[:, nq:]
         self._win_v[layer, :, :keep] = Wv[:, nq:]
         self._win_n[layer] = keep
-        if seal and (rec["tier"] == "disk" or freed is not None):
-            self._reschedule()
 
     def _summarize(self, layer, idx, kf, first):
         """Fold keys kf [B, n, Hkv, D] into page ``idx``'s per-channel min / max."""
@@ -662,16 +691,22 @@ class TieredKVCache:
         self._win_n[layer] = n
         return moved
 
+    def _check_disk(self, n: int) -> None:
+        """StoreError, before anything is written, when ``n`` more bytes of pages would exceed
+        the disk budget or the free space (less ``DISK_RESERVE``)."""
+        if self.disk_budget is not None and self.disk_bytes + n > self.disk_budget:
+            raise StoreError(f"disk_budget: {self.disk_bytes + n} bytes of KV pages would exceed {self.disk_budget}; "
+                             "nothing was written")
+        free = _disk_free(self._parent)
+        if free < n + DISK_RESERVE:
+            raise StoreError(f"{self._parent}: {free / 2**20:.0f} MiB free, KV pages need {n / 2**20:.1f} MiB "
+                             f"(+{DISK_RESERVE >> 20} MiB reserve); nothing was written")
+
     def _spill(self, layer: int, rec: dict, mv: memoryview) -> None:
         """Write page ``rec`` (bytes ``mv``) to its file atomically; on success ``rec`` becomes a
         disk page. Raises StoreError before writing when the disk budget or free space is short."""
         n = len(mv)
-        if self.disk_budget is not None and self.disk_bytes + n > self.disk_budget:
-            raise StoreError(f"disk_budget: {self.disk_bytes + n} bytes of KV pages would exceed {self.disk_budget}")
-        free = _disk_free(self._parent)
-        if free < n + DISK_RESERVE:
-            raise StoreError(f"{self._parent}: {free / 2**20:.0f} MiB free, a KV page needs {n / 2**20:.1f} MiB "
-                             f"(+{DISK_RESERVE >> 20} MiB reserve); nothing was written")
+        self._check_disk(n)
         if self._dirbox[0] is None:
             self._dirbox[0] = tempfile.mkdtemp(prefix="pk-kv-", dir=self._parent)
         d = os.path.join(self._dirbox[0], f"layer{layer}")
@@ -684,9 +719,16 @@ class TieredKVCache:
         rec.pop("slot", None)  # a CPU page's slot: reused by the caller
         rec.update(tier="disk", path=path, crc=crc)
         self.disk_bytes += n
+        self._stale = True  # the reader's schedule lacks this page: rebuilt before the next read
+
+    def _fresh_schedule(self):
+        """Rebuild the reader's schedule if a page went to disk since it was made."""
+        if self._stale:
+            self._reschedule()
 
     def _reschedule(self):
         """The reader's cyclic order: every layer's disk pages in chunks of ``chunk_pages``."""
+        self._stale = False
         sched = []
         for layer, pages in enumerate(self._pages):
             disk = [(layer, p["index"]) for p in pages if p["tier"] == "disk"]
@@ -786,6 +828,7 @@ class TieredKVCache:
         """Append one token k, v [B, 1, Hkv, D], then attention of q [B, 1, Hq, D] over every
         tier, exact (or approximate on the disk pages with ``approx``). -> [B, 1, Hq, D]."""
         self._reserve(layer, q, k, v, T_expected=1)
+        self._fresh_schedule()
         qf = q[:, 0].float()
         o, lse = self._attend_resident(layer, qf)
         disk = self._disk_pages(layer)
@@ -794,6 +837,7 @@ class TieredKVCache:
             if self.approx is not None:
                 sel = self._select(layer, qf, disk)
                 items = [[(layer, p) for p in sel[s:s + self.chunk_pages]] for s in range(0, len(sel), self.chunk_pages)]
+            seen = 0
             for buf, pages in self._reader.chunks(layer, items):
                 n = len(pages)
                 views = _views(buf, self._layout, n * self.batch)
@@ -801,6 +845,9 @@ class TieredKVCache:
                 o, lse = pk.merge_states(o, lse, o2, lse2)
                 self._disk_attended += n * self.page_bytes
                 self._read_pages += n
+                seen += n
+            if items is None and seen != len(disk):  # a schedule out of date: never a silent skip
+                raise RuntimeError(f"layer {layer}: read {seen} of {len(disk)} disk pages (stale read schedule)")
         return o.to(q.dtype)[:, None]
 
     def _page_kv(self, layer, rec, scratch):
@@ -904,6 +951,7 @@ class TieredKVCache:
         r = self._reader
         if r is None or not any(self._disk_pages(i) for i in range(self.cfg.num_layers)):
             return 0.0
+        self._fresh_schedule()
         r.drain()
         t0 = time.perf_counter()
         for layer in range(self.cfg.num_layers):

@@ -504,7 +504,7 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
     max_context, max_batch : the KV reserved in the budget (default ``min(max_position_embeddings, 4096)``, 1).
     io_threads, slots : readers in flight, streaming buffers.
     kv_page_tokens, kv_dir, kv_approx : the tiered KV cache's page size, the directory for its
-        page files (default: the system temp directory) and its approximate mode (None: exact;
+        page files (default ``$XDG_CACHE_HOME/pykernels/kv-pages``) and its approximate mode (None: exact;
         a fraction: read that share of the disk pages per step, ``TieredKVCache``).
     machine, disk_bandwidth : for the placement's prediction (default: this machine's cached profile).
 

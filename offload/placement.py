@@ -359,8 +359,11 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
 
     # the tiered KV cache: memory held besides its CPU pages, and the bytes of a page
     dt_kv = {4: "float32", 2: "bfloat16"}.get(dtype_bytes, "bfloat16")
+    if kv_bits is not None and kv_page_tokens % kv_group_size:
+        raise ValueError(f"kv_page_tokens: expected a multiple of kv_group_size={kv_group_size} for quantized "
+                         f"pages, got {kv_page_tokens}")
     tier = _kv_tier(c, batch, context, kv_bits, kv_group_size, kv_residual, kv_page_tokens, dt_kv, lay, machine,
-                    disk_bandwidth) if kv_page_tokens % (kv_group_size if kv_bits is not None else 1) == 0 else None
+                    disk_bandwidth)
 
     def option(stream_head: bool, n_stream: int, embed_disk: bool = False):
         """(tiers, cpu bytes, disk bytes per token, KV pages per layer in memory or None) with

@@ -95,23 +95,31 @@ def _write_atomic(path: str, mv: memoryview, *, direct: bool = False, durable: b
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
     cold = direct  # the caller wants the bytes out of the page cache
     try:
-        try:
-            fd = os.open(tmp, flags | (os.O_DIRECT if direct else 0), 0o644)
-        except OSError as e:
-            if not direct or e.errno != errno.EINVAL:
-                raise
-            direct = False
-            fd = os.open(tmp, flags, 0o644)
-        try:
-            _write_all(fd, mv, 0)
-            if durable:
-                os.fsync(fd)
-            elif cold and not direct:
-                os.fdatasync(fd)  # written back, so DONTNEED can drop it
-            if cold and not direct:
-                os.posix_fadvise(fd, 0, len(mv), os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        while True:
+            try:
+                fd = os.open(tmp, flags | (os.O_DIRECT if direct else 0), 0o644)
+            except OSError as e:
+                if not direct or e.errno != errno.EINVAL:
+                    raise
+                direct = False  # the filesystem refuses O_DIRECT: buffered
+                continue
+            try:
+                try:
+                    _write_all(fd, mv, 0)
+                except OSError as e:
+                    if not direct or e.errno != errno.EINVAL:
+                        raise
+                    direct = False  # O_DIRECT accepted at open, refused at write: buffered
+                    continue
+                if durable:
+                    os.fsync(fd)
+                elif cold and not direct:
+                    os.fdatasync(fd)  # written back, so DONTNEED can drop it
+                if cold and not direct:
+                    os.posix_fadvise(fd, 0, len(mv), os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            break
         os.replace(tmp, path)
     except OSError as e:
         _unlink_quiet(tmp)

@@ -132,11 +132,14 @@ def test_plain_pages_match_decode_attention_on_one_dense_cache(tmp_path):
     c.close()
 
 
+@pytest.mark.parametrize("cpu_pages", [0, 1])
 @pytest.mark.parametrize("kv_bits", [None, 4])
-def test_prefill_is_causal_and_exact_over_all_tiers(tmp_path, kv_bits):
+def test_prefill_is_causal_and_exact_over_all_tiers(tmp_path, kv_bits, cpu_pages):
+    # cpu_pages=0: the page sealed during the prefill's append (holding some of its new tokens,
+    # quantized) goes straight to disk, and must be read only up to the old tokens
     cfg = _cfg(L=1)
     c = TieredKVCache(cfg, 1, 600, kv_bits=kv_bits, residual=None if kv_bits is None else 32, page_tokens=64,
-                      cpu_pages=1, disk_dir=tmp_path, dtype=torch.float32)
+                      cpu_pages=cpu_pages, disk_dir=tmp_path, dtype=torch.float32)
     g = torch.Generator().manual_seed(3)
     k, v = _kv(g, 1, 300, 2, 32)
     for s in range(0, 300, 64):
@@ -302,6 +305,35 @@ def test_full_disk_during_a_quantized_append_changes_nothing(tmp_path, monkeypat
     c.close()
 
 
+def test_full_disk_in_a_quantized_forward_is_caught_before_the_first_layer_changes(tmp_path, monkeypatch):
+    cfg = _cfg(L=3)
+    c = TieredKVCache(cfg, 1, 400, kv_bits=4, residual=32, page_tokens=64, cpu_pages=0, disk_dir=tmp_path,
+                      dtype=torch.float32)
+    g = torch.Generator().manual_seed(9)
+    k, v = _kv(g, 1, 64, 2, 32)
+    for layer in range(3):  # 64 tokens: 32 quantized into each open page, 32 in the window
+        c.append(layer, k, v)
+    c.advance(64)
+    before = [c.dequantize(i) for i in range(3)]
+    page = c.page_bytes
+    # room for one layer's page but not three: the first layer's append must refuse
+    monkeypatch.setattr(kvtier, "_disk_free", lambda path: kvtier.DISK_RESERVE + 2 * page)
+    k2, v2 = _kv(g, 1, 64, 2, 32)
+    with pytest.raises(StoreError, match="nothing was written"):
+        c.append(0, k2, v2)
+    assert c._pending == [0, 0, 0] and c.disk_bytes == 0
+    for i in range(3):
+        K, V = c.dequantize(i)
+        assert torch.equal(K, before[i][0]) and torch.equal(V, before[i][1])
+    monkeypatch.undo()
+    q = torch.randn(1, 1, 8, 32, generator=g)
+    for layer in range(3):  # the cache is still usable: the same forward, now with room
+        c.prefill_attend(layer, q.expand(1, 64, 8, 32).contiguous(), k2, v2)
+    c.advance(64)
+    assert c.tier_tokens(0)["disk"] == 64 and c.disk_bytes == 3 * page
+    c.close()
+
+
 def test_memory_is_fixed_and_accounted(tmp_path):
     cfg = _cfg(L=3)
     for kv_bits in (None, 4):
@@ -310,14 +342,13 @@ def test_memory_is_fixed_and_accounted(tmp_path):
         c = TieredKVCache(cfg, 2, 2000, disk_dir=tmp_path, **kw)
         plan = TieredKVCache.memory_bytes(3, 2, 2000, 2, 32, **kw)
         assert c.nbytes == plan["memory"] and c.disk_bytes_max == plan["disk"]
-        n0 = c.nbytes
         g = torch.Generator().manual_seed(6)
         for s in range(0, 1900, 128):
             for layer in range(3):
                 k, v = _kv(g, 2, 128, 2, 32)
                 c.append(layer, k, v)
             c.advance(128)
-        assert c.nbytes == n0 and 0 < c.disk_bytes <= c.disk_bytes_max
+        assert 0 < c.disk_bytes <= c.disk_bytes_max
         d = c.directory
         assert d is not None and os.path.isdir(d)
         c.close()
@@ -330,6 +361,8 @@ def test_bad_arguments_name_the_argument(tmp_path):
         TieredKVCache(cfg, 1, 100, kv_bits=4, group_size=32, page_tokens=48)
     with pytest.raises(ValueError, match="residual"):
         TieredKVCache(cfg, 1, 100, residual=32)
+    with pytest.raises(ValueError, match="residual"):  # a quantized window needs a whole group
+        TieredKVCache(cfg, 1, 100, kv_bits=4, group_size=32, residual=0)
     with pytest.raises(ValueError, match="approx"):
         TieredKVCache(cfg, 1, 100, approx=0)
     with pytest.raises(ValueError, match="bits"):
@@ -351,6 +384,8 @@ def test_bad_arguments_name_the_argument(tmp_path):
     c.close()
     with pytest.raises(RuntimeError, match="closed"):
         c.append(0, k[:, :1], k[:, :1])
+    with pytest.raises(RuntimeError, match="closed"):
+        c.advance(0)
 
 
 # -------------------------------------------------------------------- in OffloadedModel
@@ -401,6 +436,8 @@ def test_planner_spills_the_kv_when_the_weights_leave_too_little_room(tmp_path):
         plan_placement(cfg, budgets={"cpu": cap, "disk": 0}, context=ctx)
     with pytest.raises(ValueError, match="kv_page_tokens"):
         plan_placement(cfg, budgets={"cpu": cap}, context=ctx, kv_page_tokens=32)
+    with pytest.raises(ValueError, match="kv_page_tokens"):  # quantized pages hold whole groups
+        plan_placement(cfg, budgets={"cpu": cap}, context=ctx, kv_bits=4, kv_group_size=64, kv_page_tokens=1056)
 
 
 @pytest.mark.parametrize("kv_bits", [None, 4])
