@@ -76,7 +76,7 @@ def _load(a, **kw):
     return load_model(a.path, budgets=_budgets(a), weight_bits=a.weight_bits, kv_bits=a.kv_bits,
                       store_dir=a.store_dir, placement=a.placement, max_context=a.max_context,
                       group_size=a.group_size, progress=True, kv_page_tokens=a.kv_page_tokens,
-                      kv_dir=a.kv_dir, kv_approx=a.kv_approx, **kw)
+                      kv_dir=a.kv_dir, kv_approx=a.kv_approx, kv_approx_audit=a.kv_approx_audit, **kw)
 
 
 def cmd_plan(a) -> int:
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--kv-dir", default=None, help="directory for KV page files (default: ~/.cache/pykernels/kv-pages)")
         g.add_argument("--kv-approx", type=float, default=None,
                        help="approximate attention over the disk pages: the fraction of them read per step")
+        g.add_argument("--kv-approx-audit", type=int, default=0,
+                       help="with --kv-approx: every N layer-steps also compute the exact output, report the cosine")
         g.set_defaults(func=fn)
         if name == "plan":
             g.add_argument("--json", action="store_true")

@@ -25,8 +25,10 @@ more kernel call; the partial ``(out, lse)`` are combined with ``pk.merge_states
 The approximate mode (``approx=fraction``, opt-in) keeps each disk page's per-channel key
 minimum and maximum in memory and reads, per layer and step, only the ``fraction`` of disk pages
 with the largest upper bound of ``q . k`` (Quest's bound), the window and CPU pages always
-exactly. ``stats`` counts the pages it skipped. Its reads start when the layer's query exists
-(several in flight, but not overlapped with the previous layer as the exact mode's are).
+exactly. ``stats`` counts the pages it skipped and, with ``approx_audit=N``, the cosine of the
+approximate output to the exact one, computed every N layer-steps. Its reads start when the
+layer's query exists (several in flight, but not overlapped with the previous layer as the exact
+mode's are).
 
 Memory the cache holds (``nbytes``) is fixed at construction: windows, the CPU pool, the read
 slots, staging and scratch pages and the summaries of up to ``capacity`` tokens. Disk bytes are at most
@@ -313,6 +315,9 @@ class TieredKVCache:
         layer's pages).
     approx : None (exact) or a fraction in (0, 1]: read only that share of each layer's disk
         pages per decode step, chosen by their key bounds (see the module docstring).
+    approx_audit : with ``approx``, every this many approximate layer-steps also compute the
+        exact output (reading every disk page once more) and record the cosine between the two
+        in ``stats`` (``approx_audits``, ``approx_cosine_min``, ``approx_cosine_last``); 0: never.
     max_append : most tokens one call appends (the window holds ``page_tokens + residual +
         max_append``); default 64, ``OffloadedModel``'s prefill chunk; at most ``page_tokens``.
 
@@ -327,7 +332,8 @@ class TieredKVCache:
     def __init__(self, cfg, batch: int, capacity: int, *, dtype=torch.bfloat16, kv_bits=None, group_size: int = 32,
                  residual: int | None = None, page_tokens: int = 1024, cpu_pages: int | None = None,
                  disk_dir=None, disk_budget: int | None = None, slots: int = 4, chunk_pages: int | None = None,
-                 io_threads: int = 4, approx: float | None = None, max_append: int = 64):
+                 io_threads: int = 4, approx: float | None = None, max_append: int = 64,
+                 approx_audit: int = 0):
         def pos_int(name, v, lo=1):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
@@ -338,6 +344,7 @@ class TieredKVCache:
         pos_int("slots", slots, 2)
         pos_int("io_threads", io_threads)
         pos_int("max_append", max_append)
+        pos_int("approx_audit", approx_audit, 0)
         if dtype not in _FLOAT:
             raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {dtype!r}")
         Hkv, D = cfg.num_kv_heads, cfg.head_dim
@@ -358,6 +365,9 @@ class TieredKVCache:
         self.cfg, self.batch, self.capacity, self.dtype = cfg, batch, capacity, dtype
         self.kv_bits, self.group_size, self.residual, self.page_tokens = kv_bits, group_size, residual, page_tokens
         self.approx = None if approx is None else float(approx)
+        self.approx_audit = approx_audit
+        self._approx_steps = 0
+        self._audit_cos: list[float] = []
         S, L = page_tokens, cfg.num_layers
         self.max_pages = _max_pages(capacity, S, kv_bits, group_size, residual)  # sealed at capacity
         self.cpu_pages = self.max_pages if cpu_pages is None else cpu_pages
@@ -474,6 +484,9 @@ class TieredKVCache:
         return {"cpu_bytes": self._cpu_attended, "disk_bytes": self._disk_attended, "stall_s": r.stall_s if r else 0.0,
                 "read_busy_s": r.busy_s if r else 0.0, "read_bytes": r.bytes if r else 0,
                 "pages_read": self._read_pages, "pages_skipped": self._skipped,
+                "approx_audits": len(self._audit_cos),
+                "approx_cosine_min": min(self._audit_cos) if self._audit_cos else None,
+                "approx_cosine_last": self._audit_cos[-1] if self._audit_cos else None,
                 "read_mode": None if r is None else ("direct" if r.direct else "buffered")}
 
     def tier_tokens(self, layer: int = 0) -> dict:
@@ -833,22 +846,36 @@ class TieredKVCache:
         o, lse = self._attend_resident(layer, qf)
         disk = self._disk_pages(layer)
         if disk:
-            items = None
-            if self.approx is not None:
+            if self.approx is None:
+                o, lse = self._attend_disk(layer, qf, o, lse, None, disk)
+            else:
                 sel = self._select(layer, qf, disk)
-                items = [[(layer, p) for p in sel[s:s + self.chunk_pages]] for s in range(0, len(sel), self.chunk_pages)]
-            seen = 0
-            for buf, pages in self._reader.chunks(layer, items):
-                n = len(pages)
-                views = _views(buf, self._layout, n * self.batch)
-                o2, lse2 = self._attend_pages(qf, views, self._chunk_table(n), n)
-                o, lse = pk.merge_states(o, lse, o2, lse2)
-                self._disk_attended += n * self.page_bytes
-                self._read_pages += n
-                seen += n
-            if items is None and seen != len(disk):  # a schedule out of date: never a silent skip
-                raise RuntimeError(f"layer {layer}: read {seen} of {len(disk)} disk pages (stale read schedule)")
+                o_r, lse_r = o, lse
+                o, lse = self._attend_disk(layer, qf, o, lse, sel, disk)
+                self._approx_steps += 1
+                if self.approx_audit and self._approx_steps % self.approx_audit == 0 and len(sel) < len(disk):
+                    # the audit: this step's exact output too, and how far the approximation is
+                    ex, _ = self._attend_disk(layer, qf, o_r, lse_r, disk, disk)
+                    cos = torch.nn.functional.cosine_similarity(o.flatten(1), ex.flatten(1), dim=1)
+                    self._audit_cos.append(float(cos.min()))
         return o.to(q.dtype)[:, None]
+
+    def _attend_disk(self, layer, qf, o, lse, sel, disk):
+        """Merge into (o, lse) the attention over ``layer``'s disk pages: every one through the
+        scheduled prefetch (``sel`` None), or the pages ``sel`` read now."""
+        items = None if sel is None else [[(layer, p) for p in c] for c in _chunks(sel, self.chunk_pages)]
+        seen = 0
+        for buf, pages in self._reader.chunks(layer, items):
+            n = len(pages)
+            views = _views(buf, self._layout, n * self.batch)
+            o2, lse2 = self._attend_pages(qf, views, self._chunk_table(n), n)
+            o, lse = pk.merge_states(o, lse, o2, lse2)
+            self._disk_attended += n * self.page_bytes
+            self._read_pages += n
+            seen += n
+        if items is None and seen != len(disk):  # a schedule out of date: never a silent skip
+            raise RuntimeError(f"layer {layer}: read {seen} of {len(disk)} disk pages (stale read schedule)")
+        return o, lse
 
     def _page_kv(self, layer, rec, scratch):
         """(k, v) float32 [B, S, Hkv, D] of one page (read and checked if on disk)."""

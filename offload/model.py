@@ -88,6 +88,9 @@ class Stats:
                 out["kv_stall_s_per_step"] = sum(s["kv_stall_s"] for s in kvs) / len(kvs)
                 read, skip = sum(s["kv_pages_read"] for s in kvs), sum(s["kv_pages_skipped"] for s in kvs)
                 out["kv_disk_fraction_read"] = read / (read + skip) if read + skip else None
+                cos = [s["kv_approx_cosine_min"] for s in kvs if s.get("kv_approx_cosine_min") is not None]
+                if cos:  # the approximate mode's audits: its worst cosine to the exact output
+                    out["kv_approx_cosine_min"] = min(cos)
         return out
 
     def reset(self) -> None:
@@ -110,13 +113,15 @@ class OffloadedModel:
     """
 
     def __init__(self, store, placement: Placement, *, dtype: torch.dtype, kv_bits=None, io_threads: int = 4,
-                 kv_group_size: int = 32, kv_residual: int = 128, kv_dir=None, kv_approx: float | None = None):
+                 kv_group_size: int = 32, kv_residual: int = 128, kv_dir=None, kv_approx: float | None = None,
+                 kv_approx_audit: int = 0):
         self.store = store
         self.config = llama.LlamaConfig.from_hf(store.config)
         self.placement = placement
         self.dtype = dtype
         self.kv_bits, self.kv_group_size, self.kv_residual = kv_bits, kv_group_size, kv_residual
         self.kv_dir, self.kv_approx, self.io_threads = kv_dir, kv_approx, io_threads
+        self.kv_approx_audit = kv_approx_audit
         self.stats = Stats()
         self._resident: dict[str, dict] = {}
         self._bufs = []
@@ -213,7 +218,8 @@ class OffloadedModel:
                                  group_size=self.kv_group_size, residual=self.kv_residual if self.kv_bits else 0,
                                  page_tokens=p.kv_page_tokens, cpu_pages=p.kv_cpu_pages, disk_dir=self.kv_dir,
                                  disk_budget=p.kv_disk_budget, slots=p.kv_slots, chunk_pages=p.kv_chunk_pages,
-                                 io_threads=self.io_threads, approx=self.kv_approx)
+                                 io_threads=self.io_threads, approx=self.kv_approx,
+                                 approx_audit=self.kv_approx_audit)
         return llama.KVCache(self.config, batch, capacity, dtype=self.dtype, kv_bits=self.kv_bits,
                              group_size=self.kv_group_size, residual=self.kv_residual)
 
@@ -272,6 +278,8 @@ class OffloadedModel:
         kv1 = getattr(cache, "stats", None)
         kv = {f"kv_{k}": kv1[k] - kv0[k] for k in ("disk_bytes", "cpu_bytes", "stall_s", "pages_skipped",
                                                     "pages_read")} if kv0 else {}
+        if kv0 and kv1["approx_audits"] > kv0["approx_audits"]:
+            kv["kv_approx_cosine_min"] = kv1["approx_cosine_min"]
         self.stats.steps.append({**kv,
             "phase": _phase or ("decode" if T == 1 else "prefill"), "tokens": B * T, "wall_s": time.perf_counter() - t0,
             "stall_s": (st.stall_s - stall0) if st else 0.0, "io_busy_s": (st.io_busy_s - busy0) if st else 0.0,
@@ -482,7 +490,7 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
                max_batch: int = 1, io_threads: int = 4, slots: int = 2, machine=None,
                disk_bandwidth: float | None = None, progress=None, kv_group_size: int = 32,
                kv_residual: int = 128, kv_page_tokens: int = 1024, kv_dir=None,
-               kv_approx: float | None = None) -> OffloadedModel:
+               kv_approx: float | None = None, kv_approx_audit: int = 0) -> OffloadedModel:
     """Open an HF Llama / Mistral / Qwen2 checkpoint for decoding under memory budgets.
 
     Parameters
@@ -506,6 +514,8 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
     kv_page_tokens, kv_dir, kv_approx : the tiered KV cache's page size, the directory for its
         page files (default ``$XDG_CACHE_HOME/pykernels/kv-pages``) and its approximate mode (None: exact;
         a fraction: read that share of the disk pages per step, ``TieredKVCache``).
+    kv_approx_audit : every this many approximate layer-steps, also compute the exact output and
+        record the cosine (``stats.summary()["kv_approx_cosine_min"]``); 0: never.
     machine, disk_bandwidth : for the placement's prediction (default: this machine's cached profile).
 
     Example
@@ -579,9 +589,11 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
             raise ValueError(f"kv_approx: expected None or a fraction in (0, 1], got {kv_approx!r}")
         if kv_dir is not None and not os.path.isdir(kv_dir):
             raise FileNotFoundError(f"kv_dir: {kv_dir!r} is not a directory")
+        if isinstance(kv_approx_audit, bool) or not isinstance(kv_approx_audit, int) or kv_approx_audit < 0:
+            raise ValueError(f"kv_approx_audit: expected an int >= 0, got {kv_approx_audit!r}")
         return OffloadedModel(store, plan, dtype=dtype, kv_bits=kv_bits, io_threads=io_threads,
                               kv_group_size=kv_group_size, kv_residual=kv_residual, kv_dir=kv_dir,
-                              kv_approx=kv_approx)
+                              kv_approx=kv_approx, kv_approx_audit=kv_approx_audit)
     except BaseException:
         store.close()
         raise

@@ -166,7 +166,7 @@ def test_approximate_mode_reads_the_pages_that_matter_and_counts_the_rest(tmp_pa
     exact = TieredKVCache(cfg, 1, S * n_pages + 8, page_tokens=S, cpu_pages=0, disk_dir=tmp_path,
                           dtype=torch.float32)
     approx = TieredKVCache(cfg, 1, S * n_pages + 8, page_tokens=S, cpu_pages=0, disk_dir=tmp_path,
-                           dtype=torch.float32, approx=0.25)
+                           dtype=torch.float32, approx=0.25, approx_audit=1)
     g = torch.Generator().manual_seed(4)
     q = torch.randn(1, 1, 4, 32, generator=g)
     direction = q[0, 0].mean(0)
@@ -182,10 +182,13 @@ def test_approximate_mode_reads_the_pages_that_matter_and_counts_the_rest(tmp_pa
     o_exact = exact.decode_attend(0, q, k1 * 0.1, v1)
     o_approx = approx.decode_attend(0, q, k1 * 0.1, v1)
     st = approx.stats
-    assert st["pages_read"] == 3 and st["pages_skipped"] == n_pages - 3  # ceil(0.25 * 12) of 12
-    assert st["disk_bytes"] == 3 * approx.page_bytes
+    # ceil(0.25 * 12) = 3 of 12 pages, then the audit (approx_audit=1) reads all 12 for the exact output
+    assert st["pages_read"] == 3 + n_pages and st["pages_skipped"] == n_pages - 3
+    assert st["disk_bytes"] == (3 + n_pages) * approx.page_bytes
     cos = torch.nn.functional.cosine_similarity(o_exact.flatten(), o_approx.flatten(), dim=0)
     assert cos > 0.99, cos
+    # the audit reports the cosine the test computes
+    assert st["approx_audits"] == 1 and abs(st["approx_cosine_min"] - float(cos)) < 1e-5
     # approx=1.0 reads every page and equals the exact mode
     full = TieredKVCache(cfg, 1, S * n_pages + 8, page_tokens=S, cpu_pages=0, disk_dir=tmp_path,
                          dtype=torch.float32, approx=1.0)
@@ -467,6 +470,13 @@ def test_generation_spills_kv_to_disk_and_matches_in_memory(tiny32, tmp_path, kv
         s = m.stats.summary()
         assert s["bytes_per_step"]["kv_disk"] > 0 and s["kv_disk_fraction_read"] == 1.0
     assert torch.equal(out, ref)  # identical greedy tokens (quantized: the same KIVI groups quantized)
+    # the approximate mode through the model: the share read and the audited cosine are reported
+    with offload.load_model(tiny32, placement=tiered, kv_dir=str(tmp_path), kv_approx=0.5, kv_approx_audit=4,
+                            **kw) as m:
+        m.generate(ids, max_new_tokens=ctx - 150)
+        s = m.stats.summary()
+        assert 0.5 <= s["kv_disk_fraction_read"] < 1  # half the pages (rounded up), plus the audits' reads
+        assert -1 <= s["kv_approx_cosine_min"] <= 1
     assert [f for f in os.listdir(tmp_path) if f.startswith("pk-kv-")] == []  # page files removed
 
 
