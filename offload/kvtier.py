@@ -42,6 +42,7 @@ import errno
 import math
 import mmap
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -59,7 +60,7 @@ from pykernels.kv_cache import QuantizedKVCache
 from .llama import check_append
 from .store import ALIGN, CorruptPageError, StoreError, _crc32c, _round_up, _write_atomic
 
-__all__ = ["TieredKVCache", "page_layout", "page_bytes", "default_kv_dir"]
+__all__ = ["TieredKVCache", "page_layout", "page_bytes", "default_kv_dir", "remove_stale_dirs"]
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 #: free space left untouched on the disk when spilling pages (other writers, metadata)
@@ -128,6 +129,36 @@ def default_kv_dir() -> str:
     d = os.path.join(base, "pykernels", "kv-pages")
     os.makedirs(d, exist_ok=True)
     return d
+
+
+_PRIVATE = re.compile(r"^pk-kv-(\d+)-[A-Za-z0-9_]+$")
+
+
+def remove_stale_dirs(parent: str) -> list[str]:
+    """Delete the page directories under ``parent`` left by caches whose process died without
+    closing them (killed, crashed): ``pk-kv-<pid>-*`` owned by this user whose pid is not
+    running. -> the directories removed. (A reused pid keeps its directory: never one in use.)"""
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = _PRIVATE.match(name)
+        if not m:
+            continue
+        path = os.path.join(parent, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(m.group(1)), 0)
+            continue  # the process is alive
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except (PermissionError, OSError):
+            continue  # alive under another user, or unreadable: leave it
+    return removed
 
 
 def _disk_free(path: str) -> int:
@@ -306,9 +337,10 @@ class TieredKVCache:
         ``residual``; default 128, a multiple of ``group_size``); 0 for plain pages.
     page_tokens : tokens per page (a multiple of ``group_size`` for quantized pages).
     cpu_pages : pages per layer held in memory (None: enough for ``capacity``: nothing spills).
-    disk_dir : where a private directory of page files is made (default ``default_kv_dir()``:
-        ``$XDG_CACHE_HOME/pykernels/kv-pages``, on disk, not a RAM-backed /tmp); removed by
-        ``close`` (or when the cache is garbage-collected).
+    disk_dir : where a private directory of page files (``pk-kv-<pid>-*``) is made (default
+        ``default_kv_dir()``: ``$XDG_CACHE_HOME/pykernels/kv-pages``, on disk, not a RAM-backed
+        /tmp); removed by ``close`` (or when the cache is garbage-collected). Directories left
+        there by processes that died are removed when a new cache is built there.
     disk_budget : most bytes of page files (None: no limit besides the free space).
     slots, chunk_pages, io_threads : the disk read ring: ``slots`` buffers of ``chunk_pages``
         pages, read by ``io_threads`` threads (default: about 8 MiB, at most an eighth of a
@@ -394,6 +426,7 @@ class TieredKVCache:
                                  f"{self.disk_bytes_max / 2**20:.0f} MiB (+{DISK_RESERVE >> 20} MiB reserve) at "
                                  f"capacity {capacity}")
             self._parent = parent  # the private directory is made at the first spill
+            remove_stale_dirs(parent)
         # memory: windows, CPU pool, staging page, summaries, read slots
         self.max_append = min(max_append, S)
         # plain: the window holds the unsealed page (< S) + one append; quantized: at most
@@ -721,7 +754,7 @@ class TieredKVCache:
         n = len(mv)
         self._check_disk(n)
         if self._dirbox[0] is None:
-            self._dirbox[0] = tempfile.mkdtemp(prefix="pk-kv-", dir=self._parent)
+            self._dirbox[0] = tempfile.mkdtemp(prefix=f"pk-kv-{os.getpid()}-", dir=self._parent)
         d = os.path.join(self._dirbox[0], f"layer{layer}")
         os.makedirs(d, exist_ok=True)
         path = os.path.join(d, f"page{rec['index']:06d}.kv")

@@ -337,6 +337,20 @@ def test_full_disk_in_a_quantized_forward_is_caught_before_the_first_layer_chang
     c.close()
 
 
+def test_page_directories_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is no longer running
+    for pid in (dead.pid, os.getpid()):
+        d = tmp_path / f"pk-kv-{pid}-abc123"
+        d.mkdir()
+        (d / "page000000.kv").write_bytes(b"x" * 4096)
+    (tmp_path / "pk-kv-notapid").mkdir()  # not ours: left alone
+    c = TieredKVCache(_cfg(L=1), 1, 64 * 4, page_tokens=64, cpu_pages=0, disk_dir=tmp_path, dtype=torch.float32)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([f"pk-kv-{os.getpid()}-abc123", "pk-kv-notapid"])
+    c.close()
+
+
 def test_memory_is_fixed_and_accounted(tmp_path):
     cfg = _cfg(L=3)
     for kv_bits in (None, 4):
