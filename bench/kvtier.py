@@ -62,17 +62,17 @@ def suite_kvtier(ctx) -> dict:
     import torch
 
     import offload
-    from offload.kvtier import TieredKVCache
-    from offload.placement import _kv_tier
+    from offload.kvtier import TieredKVCache, default_kv_dir
+    from offload.placement import _kv_tier, disk_read_bandwidth
     from roofline.hardware import get_machine
+    from roofline.measure import pykernels_cache
     from roofline.model import analyze_model
 
     from .attention import _target
 
     quick = getattr(ctx, "quick", False)
     log = getattr(ctx, "log", print)
-    base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pykernels")
-    root = os.path.join(base, "offload-demo")
+    root = pykernels_cache("offload-demo")
     os.makedirs(root, exist_ok=True)
     preset = "small" if quick else "long"
     context = 2048 if quick else 65536
@@ -83,8 +83,7 @@ def suite_kvtier(ctx) -> dict:
     offload.demo_checkpoint(ckpt, preset=preset, progress=False)
     notes = [f"checkpoint: offload.demo_checkpoint({preset!r}) (ready in {time.perf_counter() - t0:.0f} s); "
              f"context {context} tokens, pages of {page} tokens, every page on disk (cpu_pages=0)"]
-    kv_dir = os.path.join(base, "kv-pages")
-    os.makedirs(kv_dir, exist_ok=True)
+    kv_dir = default_kv_dir()
     model = offload.load_model(ckpt, placement="memory", max_context=context + 64, progress=False)
     cfg = model.config
     L, Hkv, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
@@ -186,8 +185,7 @@ def suite_kvtier(ctx) -> dict:
         # one-thread probe_disk figure is reported beside it
         if mach is not None:
             from roofline.measure import probe_disk
-            reads = [d.get("read") for d in mach.disk.values() if d.get("read")]
-            alt = max(reads) if reads else mach.links.get("disk_read")
+            alt = disk_read_bandwidth(mach)
             alt_src = "the machine profile"
             if not alt:
                 alt = probe_disk(kv_dir, size_bytes=(64 if quick else 1024) * _MiB)["read"]

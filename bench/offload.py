@@ -224,13 +224,13 @@ def suite_offload(ctx) -> dict:
     from offload.checkpoint import demo_checkpoint
     from offload.model import default_store_dir
     from offload.store import convert
-    from roofline.measure import probe_disk
+    from roofline.measure import probe_disk, pykernels_cache
 
     from .attention import _target
 
     quick = getattr(ctx, "quick", False)
     log = getattr(ctx, "log", print)
-    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pykernels", "offload-demo")
+    root = pykernels_cache("offload-demo")
     os.makedirs(root, exist_ok=True)
     preset = "small" if quick else DEMO_PRESET
     ckpt = os.path.join(root, f"{preset}-bf16")

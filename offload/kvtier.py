@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import errno
 import math
-import mmap
 import os
 import re
 import shutil
@@ -58,7 +57,7 @@ from pykernels import kv_format
 from pykernels.kv_cache import QuantizedKVCache
 
 from .llama import check_append
-from .store import ALIGN, CorruptPageError, StoreError, _crc32c, _round_up, _write_atomic
+from .store import ALIGN, CorruptPageError, StoreError, _crc32c, _round_up, _write_atomic, aligned_buffer
 
 __all__ = ["TieredKVCache", "page_layout", "page_bytes", "default_kv_dir", "remove_stale_dirs"]
 
@@ -104,11 +103,6 @@ def _max_pages(capacity: int, S: int, kv_bits, gs: int, residual: int) -> int:
     return gs * -(-max(0, capacity - residual) // gs) // S
 
 
-def _alloc(nbytes: int) -> memoryview:
-    """Page-aligned zeroed memory (anonymous mmap): usable for O_DIRECT."""
-    return memoryview(mmap.mmap(-1, _round_up(max(nbytes, 1), mmap.PAGESIZE)))[:nbytes]
-
-
 def _views(buf: torch.Tensor, layout, nblocks: int) -> dict:
     """{field: tensor [nblocks, *shape]} over the uint8 tensor ``buf`` of ``nblocks`` blocks."""
     fields, bb = layout
@@ -125,8 +119,9 @@ def _views(buf: torch.Tensor, layout, nblocks: int) -> dict:
 def default_kv_dir() -> str:
     """``$XDG_CACHE_HOME/pykernels/kv-pages`` (made if missing): page files on a real disk by
     default (a tmpfs /tmp would hold them in memory, outside every budget)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    d = os.path.join(base, "pykernels", "kv-pages")
+    from roofline.measure import pykernels_cache
+
+    d = pykernels_cache("kv-pages")
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -162,8 +157,8 @@ def remove_stale_dirs(parent: str) -> list[str]:
 
 
 def _disk_free(path: str) -> int:
-    s = os.statvfs(path)
-    return s.f_bavail * s.f_frsize
+    """Bytes free to this user on the filesystem of ``path`` (patched in tests)."""
+    return shutil.disk_usage(path).free
 
 
 class _Reader:
@@ -174,7 +169,7 @@ class _Reader:
     def __init__(self, pages: list, page_bytes: int, nslots: int, slot_bytes: int, io_threads: int):
         self.pages, self.page_bytes = pages, page_bytes  # the cache's page records (no reference to it)
         self.slot_bytes = slot_bytes
-        self.bufs = [_alloc(slot_bytes) for _ in range(nslots)]
+        self.bufs = [aligned_buffer(slot_bytes) for _ in range(nslots)]
         self.tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in self.bufs]
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="pk-kv-read")
         self.free = deque(range(nslots))
@@ -437,10 +432,10 @@ class TieredKVCache:
         with torch.inference_mode(False):
             self._win_k = torch.zeros(L, batch, self._win_cap, Hkv, D, dtype=dtype)
             self._win_v = torch.zeros_like(self._win_k)
-            self._pool_mem = [_alloc(pool_slots * self.page_bytes) if pool_slots else None for _ in range(L)]
+            self._pool_mem = [aligned_buffer(pool_slots * self.page_bytes) if pool_slots else None for _ in range(L)]
             self._pool = [None if m is None else _views(torch.frombuffer(m, dtype=torch.uint8), self._layout,
                                                         pool_slots * batch) for m in self._pool_mem]
-            self._stage_mem = _alloc(self.page_bytes)
+            self._stage_mem = aligned_buffer(self.page_bytes)
             self._stage = _views(torch.frombuffer(self._stage_mem, dtype=torch.uint8), self._layout, batch)
             self._kmin = torch.zeros(L, self.max_pages + 1, batch, Hkv, D, dtype=torch.float32)
             self._kmax = torch.zeros_like(self._kmin)
@@ -452,7 +447,7 @@ class TieredKVCache:
         self._reader = (_Reader(self._pages, self.page_bytes, slots, chunk_pages * self.page_bytes, io_threads)
                         if self.disk_bytes_max else None)
         # a page read outside the ring (prefill, dequantize)
-        self._scratch_mem = _alloc(self.page_bytes) if self._reader is not None else None
+        self._scratch_mem = aligned_buffer(self.page_bytes) if self._reader is not None else None
         self._cpu_free = [list(range(self.cpu_pages)) for _ in range(L)]
         self._open_slot = [self.cpu_pages] * L  # quantized: the pool slot of the open page
         self._open_n = [0] * L                  # and its quantized tokens
@@ -557,19 +552,18 @@ class TieredKVCache:
         if self._win_n[layer] + T > self._win_cap:
             raise RuntimeError(f"the full-precision window of layer {layer} is full ({self._win_n[layer]} tokens): "
                                f"an earlier page spill failed; free disk space and call advance(0)")
-        if self.kv_bits is not None:  # what pk.QuantizedKVCache rejects: nothing the format cannot hold
-            for name, t in (("k", k), ("v", v)):
-                x = t.detach().to(self.dtype)
-                if not bool(torch.isfinite(x).all()):
-                    raise ValueError(f"{name}: non-finite values cannot be quantized")
-                if self.kv_bits != "fp8" and float(x.abs().max()) > 65504:
-                    raise ValueError(f"{name}: |value| > 65504 exceeds the float16 scales and zeros")
         if self.kv_bits is None:
             n0 = self._win_n[layer]
             self._win_k[layer, :, n0:n0 + T] = k
             self._win_v[layer, :, n0:n0 + T] = v
         else:
-            self._append_quantized(layer, k, v, T)
+            kd, vd = k.detach().to(self.dtype), v.detach().to(self.dtype)
+            for name, x in (("k", kd), ("v", vd)):  # what pk.QuantizedKVCache rejects too
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"{name}: non-finite values cannot be quantized")
+                if self.kv_bits != "fp8" and float(x.abs().max()) > 65504:
+                    raise ValueError(f"{name}: |value| > 65504 exceeds the float16 scales and zeros")
+            self._append_quantized(layer, kd, vd, T)
         self._pending[layer] = T
         return T
 
@@ -625,14 +619,13 @@ class TieredKVCache:
             d = gs if name in per_group else 1
             views[name][slot * B:(slot + 1) * B, :, start // d:(start + b - a) // d] = t[:, :, a // d:b // d]
 
-    def _append_quantized(self, layer, k, v, T):
+    def _append_quantized(self, layer, kd, vd, T):
         """Append T tokens as pk.QuantizedKVCache does: into the window, then the fewest whole
         groups that bring it back to ``residual`` tokens are quantized into the open page; a
         full open page is sealed (to a free CPU slot; else the oldest CPU page moves to disk
         first, or, with no CPU pool, the page itself). The disk write comes first: when it
-        fails nothing has changed."""
+        fails nothing has changed. ``kd``, ``vd``: the new tokens in ``dtype``."""
         S, gs, R, B = self.page_tokens, self.group_size, self.residual, self.batch
-        kd, vd = k.to(self.dtype), v.to(self.dtype)
         n0 = self._win_n[layer]
         W = n0 + T
         nq = gs * max(0, -(-(W - R) // gs))

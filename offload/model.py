@@ -34,11 +34,12 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def default_store_dir(path: str, weight_bits, group_size: int, quantize_head: bool = False) -> str:
     """``$XDG_CACHE_HOME/pykernels/offload/<name>-<hash of the path>-<format>`` (outside the
     checkpoint: the source directory is never written)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    from roofline.measure import pykernels_cache
+
     ap = os.path.realpath(path)
     tag = hashlib.sha1(ap.encode()).hexdigest()[:10]
     fmt = "source" if weight_bits is None else f"w{weight_bits}g{group_size}" + ("h" if quantize_head else "")
-    return os.path.join(base, "pykernels", "offload", f"{os.path.basename(ap.rstrip('/')) or 'model'}-{tag}-{fmt}")
+    return pykernels_cache("offload", f"{os.path.basename(ap.rstrip('/')) or 'model'}-{tag}-{fmt}")
 
 
 def _is_store(path: str) -> bool:

@@ -214,6 +214,22 @@ def least_bytes(fixed: int, layer: int, head: int, slots: int) -> int:
     return fixed + min(slots * layer + head, slots * max(layer, head))
 
 
+def _machine(machine):
+    """The MachineProfile to plan with: ``machine`` (a profile or a ``roofline.HARDWARE``
+    name), or this machine's cached profile; None when there is none."""
+    from roofline.advise import default_machine
+    from roofline.hardware import get_machine
+
+    return default_machine("cpu") if machine is None else get_machine(machine)
+
+
+def disk_read_bandwidth(m) -> float | None:
+    """Cold read bytes/s a MachineProfile holds: its fastest measured directory, else its
+    ``links["disk_read"]``; None when it has no disk figure."""
+    reads = [d.get("read") for d in m.disk.values() if d.get("read")]
+    return max(reads) if reads else m.links.get("disk_read")
+
+
 def _kv_tier(c: dict, batch, context, kv_bits, group_size, residual, page_tokens, dtype_name, layer_bytes,
              machine, disk_bandwidth):
     """Sizes of an ``offload.TieredKVCache`` for this model with no page in memory (None when
@@ -241,16 +257,12 @@ def _kv_tier(c: dict, batch, context, kv_bits, group_size, residual, page_tokens
     chunk = max(1, min((8 << 20) // pb, max_pages // 8))  # ~8 MiB reads; a few slots hold < a layer
     slots, why = 4, "default: no machine profile (run `roofline probe`)"
     try:
-        from roofline.advise import default_machine
-        from roofline.hardware import get_machine
-
-        m = default_machine("cpu") if machine is None else get_machine(machine)
+        m = _machine(machine)
     except (ValueError, OSError):
         m = None
     dbw, mbw = disk_bandwidth, None
     if m is not None:
-        reads = [d.get("read") for d in m.disk.values() if d.get("read")]
-        dbw = dbw or (max(reads) if reads else m.links.get("disk_read"))
+        dbw = dbw or disk_read_bandwidth(m)
         mbw = m.mem_bandwidth.get("read") or max(m.mem_bandwidth.values(), default=0)
         if not dbw:
             why = "default: the machine profile has no disk bandwidth (roofline probe with a disk directory)"
@@ -464,17 +476,12 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
 
 def _predict(p: Placement, c: dict, machine, disk_bandwidth, dtype_bytes) -> None:
     """Fill the prediction fields from the roofline (in place); nothing without a profile."""
-    from roofline.advise import default_machine
-    from roofline.hardware import get_machine
     from roofline.model import analyze_model
 
-    m = default_machine("cpu") if machine is None else get_machine(machine)
+    m = _machine(machine)
     if m is None:
         return
-    bw = disk_bandwidth
-    if bw is None:
-        reads = [d.get("read") for d in m.disk.values() if d.get("read")]
-        bw = max(reads) if reads else m.links.get("disk_read")
+    bw = disk_bandwidth if disk_bandwidth is not None else disk_read_bandwidth(m)
     try:
         a = analyze_model(c, batch=p.batch, context=p.context, w_bits=p.weight_bits or 16,
                           kv_bits=16 if p.kv_bits is None else p.kv_bits, machine=m)

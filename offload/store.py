@@ -472,6 +472,12 @@ def _convert(checkpoint, store_dir, *, weight_bits=None, group_size=128, quantiz
 convert.__doc__ = _convert.__doc__
 
 
+def aligned_buffer(nbytes: int) -> memoryview:
+    """A page-aligned, zeroed, writable buffer of ``nbytes`` >= 1 (anonymous mmap: usable for
+    O_DIRECT)."""
+    return memoryview(mmap.mmap(-1, _round_up(nbytes, mmap.PAGESIZE)))[:nbytes]
+
+
 def _address(buf) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
@@ -596,7 +602,7 @@ class Store:
         """A page-aligned writable buffer of ``nbytes`` (anonymous mmap; usable for O_DIRECT)."""
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
             raise ValueError(f"nbytes: expected an int >= 1, got {nbytes!r}")
-        return memoryview(mmap.mmap(-1, _round_up(nbytes, mmap.PAGESIZE)))[:nbytes]
+        return aligned_buffer(nbytes)
 
     def _fd_for(self, unit) -> int:
         if self.read_mode == "direct":

@@ -327,6 +327,13 @@ def gpu_identity(index: int = 0) -> dict:
 
 
 # ------------------------------------------------------------------------------------ cache
+def pykernels_cache(*parts: str) -> str:
+    """``$XDG_CACHE_HOME/pykernels/<parts>`` (default ``~/.cache``): where every part of the
+    package keeps what it measures or converts (not created here)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pykernels", *parts)
+
+
 def cache_dir() -> str:
     """Directory of cached profiles: ``$XDG_CACHE_HOME/pykernels/roofline`` (default ``~/.cache``).
 
@@ -335,8 +342,7 @@ def cache_dir() -> str:
     >>> cache_dir().endswith(os.path.join("pykernels", "roofline"))
     True
     """
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "pykernels", "roofline")
+    return pykernels_cache("roofline")
 
 
 def _identity(device: str) -> str:
