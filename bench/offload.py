@@ -33,6 +33,7 @@ _MiB = 1 << 20
 DEMO_PRESET = "1b"
 BUDGET = 512 * _MiB
 PROMPT = 16
+PREFILL_PROMPT = 1024  # tokens of the prefill comparison's prompt
 
 
 def _rss(field: str) -> int:
@@ -94,10 +95,25 @@ def _worker_pykernels(spec: dict) -> dict:
     m = load_model(spec["ckpt"], budgets=None if spec["budget"] is None else {"cpu": spec["budget"]},
                    placement=spec.get("placement", "auto"), max_context=spec["prompt"] + spec["steps"] + 1,
                    io_threads=spec.get("io_threads", 4), disk_bandwidth=spec.get("disk_bandwidth"),
-                   machine=MachineProfile.from_dict(spec["machine"]) if spec.get("machine") else None)
+                   machine=MachineProfile.from_dict(spec["machine"]) if spec.get("machine") else None,
+                   prefill_chunk=spec.get("prefill_chunk"))
     load_s = time.perf_counter() - t0
     with m:
         ids = torch.arange(1, spec["prompt"] + 1).unsqueeze(0) % m.config.vocab_size
+        if spec.get("prefill_only"):  # the prompt's passes over the layers, nothing else
+            io0 = _io_read_bytes()
+            t0 = time.perf_counter()
+            m.forward(ids, last_only=True)
+            wall = time.perf_counter() - t0
+            io1 = _io_read_bytes()
+            st = m.stats.steps
+            return {"engine": "pykernels", "prefill_s": wall, "prefill_tokens_per_s": spec["prompt"] / wall,
+                    "prefill_chunk": m.placement.prefill_chunk, "passes": len(st),
+                    "read_bytes": sum(x["read_bytes"] for x in st),
+                    "device_bytes": io1 - io0 if io0 >= 0 else None,
+                    "streamed_bytes": sum(m.store.unit_nbytes(u) for u in m.placement.streamed()),
+                    "planned_bytes": m.placement.used["cpu"], "base_rss": base, "peak_rss": _rss("VmHWM"),
+                    "peak_reset": reset}
         io0 = _io_read_bytes()
         if spec.get("interleave"):
             # decode steps alternating with I/O-only passes over the same units: the disk's speed
@@ -345,12 +361,34 @@ def suite_offload(ctx) -> dict:
                          f"({r['base_rss'] / _MiB:.0f} MiB: interpreter + torch), budget {budget / _MiB:.0f} MiB "
                          f"({'within' if ok else 'OVER'} budget + 64 MiB allocator slack); planned "
                          f"{r['planned_bytes'] / _MiB:.0f} MiB; reads {r['read_mode']}")
+    # prefill of a long prompt under the same budget: one pass over the layers (every streamed
+    # weight read once) per chunk; 64-token passes were the only choice before prefill_chunk
+    pre = {}
+    for chunk in (64, None):
+        spec = {"engine": "pykernels", **common, "prompt": 128 if quick else PREFILL_PROMPT, "steps": 0,
+                "ckpt": stores[None], "prefill_only": True, "prefill_chunk": chunk}
+        log(f"offload: prefill, {chunk or 'auto'}-token passes ...")
+        pre[chunk] = r = run_worker(spec)
+        if "error" in r:
+            notes.append(f"prefill ({chunk or 'auto'}-token passes): {r['error']}")
+            continue
+        log(f"  {r['prefill_tokens_per_s']:.1f} tok/s, {r['passes']} passes of {r['prefill_chunk']} tokens")
+    if all("error" not in r for r in pre.values()):
+        a, b = pre[64], pre[None]
+        gib = lambda r: r["read_bytes"] / 2**30
+        notes.append(f"prefill of a {spec['prompt']}-token prompt, bf16 streamed under the same budget: "
+                     f"{b['passes']} passes of {b['prefill_chunk']} tokens (the planner's prefill_chunk) "
+                     f"{b['prefill_tokens_per_s']:.0f} tok/s reading {gib(b):.2f} GiB vs {a['passes']} passes of 64 "
+                     f"tokens {a['prefill_tokens_per_s']:.0f} tok/s reading {gib(a):.2f} GiB: "
+                     f"{b['prefill_tokens_per_s'] / a['prefill_tokens_per_s']:.2f}x; peak RSS "
+                     f"{(b['peak_rss'] - b['base_rss']) / _MiB:.0f} MiB over base (planned {b['planned_bytes'] / _MiB:.0f})")
     toks = {k: v.get("tokens") for k, v in res.items() if "tokens" in v}
     if toks:
         ref = toks.get("bf16 in memory")
         same = [k for k, t in toks.items() if ref is not None and t == ref[:len(t)]]
         notes.append(f"greedy tokens identical to the in-memory run: {', '.join(same) or 'none'}")
-    return {"rows": rows, "targets": targets, "notes": notes}
+    return {"rows": rows, "targets": targets, "notes": notes,
+            "prefill": {("64" if k == 64 else "auto"): v for k, v in pre.items()}}
 
 
 SUITES = [("offload-1", "Streaming a ~1.1B Llama from disk under a 512 MiB CPU budget", suite_offload)]

@@ -11,11 +11,13 @@ Submodules load lazily, so ``import offload`` stays cheap.
 from importlib import import_module
 
 __all__ = ["load_model", "OffloadedModel", "plan_placement", "Placement", "demo_checkpoint", "convert",
-           "Store", "StoreError", "IncompleteStoreError", "CorruptPageError", "Checkpoint", "parse_bytes"]
+           "Store", "StoreError", "IncompleteStoreError", "CorruptPageError", "Checkpoint", "parse_bytes",
+           "choose_prefill_chunk"]
 
 _WHERE = {
     "load_model": "model", "OffloadedModel": "model",
     "plan_placement": "placement", "Placement": "placement", "parse_bytes": "placement",
+    "choose_prefill_chunk": "placement",
     "demo_checkpoint": "checkpoint", "Checkpoint": "checkpoint",
     "convert": "store", "Store": "store", "StoreError": "store", "IncompleteStoreError": "store",
     "CorruptPageError": "store",

@@ -76,7 +76,8 @@ def _load(a, **kw):
     return load_model(a.path, budgets=_budgets(a), weight_bits=a.weight_bits, kv_bits=a.kv_bits,
                       store_dir=a.store_dir, placement=a.placement, max_context=a.max_context,
                       group_size=a.group_size, progress=True, kv_page_tokens=a.kv_page_tokens,
-                      kv_dir=a.kv_dir, kv_approx=a.kv_approx, kv_approx_audit=a.kv_approx_audit, **kw)
+                      kv_dir=a.kv_dir, kv_approx=a.kv_approx, kv_approx_audit=a.kv_approx_audit,
+                      prefill_chunk=a.prefill_chunk, **kw)
 
 
 def cmd_plan(a) -> int:
@@ -98,7 +99,7 @@ def cmd_plan(a) -> int:
     ctx = a.max_context or min(cfg.get("max_position_embeddings") or 4096, 4096)
     p = plan_placement(cfg, None, _budgets(a), context=ctx, weight_bits=bits,
                        kv_bits=a.kv_bits, group_size=a.group_size, unit_bytes=ub, dtype_bytes=db,
-                       mode=a.placement, kv_page_tokens=a.kv_page_tokens)
+                       mode=a.placement, kv_page_tokens=a.kv_page_tokens, prefill_chunk=a.prefill_chunk)
     print(p.explain())
     print(f"({how})")
     if a.json:
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--disk-budget", default=None,
                        help="most bytes of KV page files when the KV spills to disk, e.g. 8GiB")
         g.add_argument("--kv-page-tokens", type=int, default=1024, help="tokens per KV page (tiered KV)")
+        g.add_argument("--prefill-chunk", type=int, default=None,
+                       help="prompt tokens per pass over the layers (default: chosen from the budget)")
         g.add_argument("--kv-dir", default=None, help="directory for KV page files (default: ~/.cache/pykernels/kv-pages)")
         g.add_argument("--kv-approx", type=float, default=None,
                        help="approximate attention over the disk pages: the fraction of them read per step")

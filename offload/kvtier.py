@@ -56,7 +56,7 @@ import pykernels as pk
 from pykernels import kv_format
 from pykernels.kv_cache import QuantizedKVCache
 
-from .llama import check_append
+from .llama import QUERY_BLOCK, check_append
 from .store import ALIGN, CorruptPageError, StoreError, _crc32c, _round_up, _write_atomic, aligned_buffer
 
 __all__ = ["TieredKVCache", "page_layout", "page_bytes", "default_kv_dir", "remove_stale_dirs"]
@@ -346,7 +346,8 @@ class TieredKVCache:
         exact output (reading every disk page once more) and record the cosine between the two
         in ``stats`` (``approx_audits``, ``approx_cosine_min``, ``approx_cosine_last``); 0: never.
     max_append : most tokens one call appends (the window holds ``page_tokens + residual +
-        max_append``); default 64, ``OffloadedModel``'s prefill chunk; at most ``page_tokens``.
+        max_append``); default 64; ``OffloadedModel`` passes its ``placement.prefill_chunk``;
+        at most ``page_tokens``.
 
     Attributes
     ----------
@@ -928,8 +929,10 @@ class TieredKVCache:
         tier, page by page in float32 (disk pages read by the reader threads, several in
         flight, while earlier ones compute). -> [B, T, Hq, D] in q's dtype.
 
-        Each prefill chunk reads every disk page again: a long prompt over a spilled cache costs
-        (chunks x disk pages) reads, on top of attention's own quadratic compute."""
+        Each call reads every disk page once for all T queries, so a prompt over a spilled cache
+        costs (prompt chunks x disk pages) reads: ``OffloadedModel`` passes chunks of
+        ``placement.prefill_chunk`` tokens (``max_append`` at most), on top of attention's own
+        quadratic compute."""
         L0 = self.length
         T = self._reserve(layer, q, k, v)
         qf = q.float()
@@ -1031,8 +1034,12 @@ def _chunks(xs, n):
 
 def _attend_dense(qf, k, v, mask):
     """Float32 attention of qf [B, T, Hq, D] over k, v [B, n, Hkv, D] (GQA), mask [T, n] or None
-    -> (o [B, T, Hq, D], lse [B, T, Hq])."""
+    -> (o [B, T, Hq, D], lse [B, T, Hq]); QUERY_BLOCK queries at a time (bounded scores)."""
     B, T, Hq, D = qf.shape
+    if T > QUERY_BLOCK:
+        parts = [_attend_dense(qf[:, a:a + QUERY_BLOCK], k, v, None if mask is None else mask[a:a + QUERY_BLOCK])
+                 for a in range(0, T, QUERY_BLOCK)]
+        return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 1)
     Hkv = k.shape[2]
     G = Hq // Hkv
     s = torch.einsum("bthgd,bnhd->bhgtn", qf.view(B, T, Hkv, G, D), k.float()) / math.sqrt(D)

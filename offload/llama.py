@@ -316,6 +316,11 @@ class Rope:
 # --------------------------------------------------------------------------------------------
 # building blocks
 # --------------------------------------------------------------------------------------------
+#: Prefill attention takes its queries this many at a time: the scores it holds are bounded by
+#: QUERY_BLOCK x keys per head, whatever the chunk length.
+QUERY_BLOCK = 64
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     r"""HF ``LlamaRMSNorm``: :math:`w \cdot \mathrm{cast}(x / \sqrt{\mathrm{mean}(x^2) + \epsilon})`,
     the normalisation in float32, the product in x's dtype. x [..., H], weight [H] -> [..., H]."""
@@ -505,13 +510,21 @@ class KVCache:
         dt = q.dtype
         qt, Kt, Vt = q.transpose(1, 2), K.to(dt).transpose(1, 2), V.to(dt).transpose(1, 2)  # [B, H, T|S, D]
         gqa = self.cfg.num_heads != self.cfg.num_kv_heads
-        if L0 == 0:
+        if L0 == 0 and T <= QUERY_BLOCK:
             o = F.scaled_dot_product_attention(qt, Kt, Vt, is_causal=True, enable_gqa=gqa)
-        else:  # bottom-right aligned causal mask: query i sits at position L0 + i
-            mask = (torch.arange(S, device=q.device)[None, :]
-                    <= (L0 + torch.arange(T, device=q.device))[:, None])
-            o = F.scaled_dot_product_attention(qt, Kt, Vt, attn_mask=mask, enable_gqa=gqa)
-        return o.transpose(1, 2).contiguous()
+            return o.transpose(1, 2).contiguous()
+        # QUERY_BLOCK queries at a time, bottom-right aligned causal mask: query i sits at
+        # position L0 + i and sees the keys up to it
+        out = q.new_empty(q.shape)
+        for a in range(0, T, QUERY_BLOCK):
+            b = min(T, a + QUERY_BLOCK)
+            n = L0 + b
+            mask = (torch.arange(n, device=q.device)[None, :]
+                    <= (L0 + torch.arange(a, b, device=q.device))[:, None])
+            o = F.scaled_dot_product_attention(qt[:, :, a:b], Kt[:, :, :n], Vt[:, :, :n], attn_mask=mask,
+                                               enable_gqa=gqa)
+            out[:, a:b] = o.transpose(1, 2)
+        return out
 
     @torch.no_grad()
     def decode_attend(self, layer: int, q, k, v) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from . import llama
 from .executor import Streamer
 from .store import _dtype_of
-from .placement import PREFILL_CHUNK, Placement, parse_bytes, plan_placement
+from .placement import Placement, parse_bytes, plan_placement
 
 __all__ = ["load_model", "OffloadedModel"]
 
@@ -220,7 +220,7 @@ class OffloadedModel:
                                  page_tokens=p.kv_page_tokens, cpu_pages=p.kv_cpu_pages, disk_dir=self.kv_dir,
                                  disk_budget=p.kv_disk_budget, slots=p.kv_slots, chunk_pages=p.kv_chunk_pages,
                                  io_threads=self.io_threads, approx=self.kv_approx,
-                                 approx_audit=self.kv_approx_audit)
+                                 approx_audit=self.kv_approx_audit, max_append=p.prefill_chunk)
         return llama.KVCache(self.config, batch, capacity, dtype=self.dtype, kv_bits=self.kv_bits,
                              group_size=self.kv_group_size, residual=self.kv_residual)
 
@@ -258,9 +258,10 @@ class OffloadedModel:
             cache = self.new_cache(B, T)
         if cache.length + T > cache.capacity:
             raise ValueError(f"input_ids: {T} tokens do not fit the cache ({cache.length} of {cache.capacity} used)")
-        if T > PREFILL_CHUNK:  # bounded activations: one pass over the layers per chunk
-            outs = [self._forward(ids[:, s:s + PREFILL_CHUNK], cache, last_only, "prefill")
-                    for s in range(0, T, PREFILL_CHUNK)]
+        # bounded activations: one pass over the layers (every streamed weight read once) per chunk
+        chunk = min(self.placement.prefill_chunk, getattr(cache, "max_append", T))
+        if T > chunk:
+            outs = [self._forward(ids[:, s:s + chunk], cache, last_only, "prefill") for s in range(0, T, chunk)]
             return outs[-1] if last_only else torch.cat(outs, 1)
         st = self._streamer
         if st is not None:
@@ -459,6 +460,9 @@ def _check_placement(plan: Placement, store, kv_bits) -> None:
     units = set(store.unit_names())
     if set(plan.tiers) != units:
         raise ValueError(f"placement: its units {sorted(plan.tiers)[:4]}... are not this store's {sorted(units)[:4]}...")
+    pc = plan.prefill_chunk
+    if isinstance(pc, bool) or not isinstance(pc, int) or pc < 1:
+        raise ValueError(f"placement: prefill_chunk expected an int >= 1, got {pc!r}")
     bad = {u: t for u, t in plan.tiers.items() if t not in ("cpu", "disk")}
     if bad:
         raise ValueError(f"placement: tiers {bad} (only 'cpu' and 'disk' on device='cpu')")
@@ -491,7 +495,8 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
                max_batch: int = 1, io_threads: int = 4, slots: int = 2, machine=None,
                disk_bandwidth: float | None = None, progress=None, kv_group_size: int = 32,
                kv_residual: int = 128, kv_page_tokens: int = 1024, kv_dir=None,
-               kv_approx: float | None = None, kv_approx_audit: int = 0) -> OffloadedModel:
+               kv_approx: float | None = None, kv_approx_audit: int = 0,
+               prefill_chunk: int | None = None) -> OffloadedModel:
     """Open an HF Llama / Mistral / Qwen2 checkpoint for decoding under memory budgets.
 
     Parameters
@@ -518,6 +523,10 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
     kv_approx_audit : every this many approximate layer-steps, also compute the exact output and
         record the cosine (``stats.summary()["kv_approx_cosine_min"]``); 0: never.
     machine, disk_bandwidth : for the placement's prediction (default: this machine's cached profile).
+    prefill_chunk : prompt tokens per pass over the layers (every pass reads each streamed weight
+        and each KV page on disk once); None: ``offload.choose_prefill_chunk`` (up to 512 tokens
+        for at most 1/16 of the CPU budget); an int reserves the workspace it needs (ignored
+        when ``placement`` is a Placement: its ``prefill_chunk`` is used).
 
     Example
     -------
@@ -584,7 +593,7 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
                                   unit_bytes=ub, slots=slots, page_bytes=store.manifest["page_bytes"],
                                   dtype_bytes=dtype.itemsize, disk_bandwidth=disk_bandwidth, mode=placement,
                                   kv_group_size=kv_group_size, kv_residual=kv_residual,
-                                  kv_page_tokens=kv_page_tokens)
+                                  kv_page_tokens=kv_page_tokens, prefill_chunk=prefill_chunk)
         if kv_approx is not None and (isinstance(kv_approx, bool) or not isinstance(kv_approx, (int, float))
                                       or not 0 < kv_approx <= 1):
             raise ValueError(f"kv_approx: expected None or a fraction in (0, 1], got {kv_approx!r}")

@@ -18,12 +18,17 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["Placement", "plan_placement", "parse_bytes", "estimate_unit_bytes", "workspace_bytes", "PREFILL_CHUNK"]
+from .llama import QUERY_BLOCK
+
+__all__ = ["Placement", "plan_placement", "parse_bytes", "estimate_unit_bytes", "workspace_bytes", "PREFILL_CHUNK",
+           "MAX_PREFILL_CHUNK", "choose_prefill_chunk"]
 
 _MiB = 1 << 20
-#: Prompts are processed in chunks of this many tokens (each chunk is one pass over the layers),
-#: so the activations of one forward are bounded whatever the prompt length.
-PREFILL_CHUNK = 64
+#: Prefill attention takes the queries this many at a time (``offload.llama.QUERY_BLOCK``), so its
+#: scores are bounded whatever the prompt length; also the smallest prefill chunk.
+PREFILL_CHUNK = QUERY_BLOCK
+#: Most tokens of a prompt one pass over the layers takes by default (see :func:`choose_prefill_chunk`).
+MAX_PREFILL_CHUNK = 512
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
 
@@ -54,13 +59,40 @@ def _cfg(config) -> dict:
 
 
 def workspace_bytes(config, batch: int, context: int, chunk: int = PREFILL_CHUNK) -> int:
-    """Activations and scratch of one forward of ``batch`` x ``chunk`` tokens, reserved in the
-    budget: 8 MiB of kernel scratch + float32 hidden/q/k/v/attention out (4 x hidden), MLP
-    (3 x intermediate) and logits (vocab) per token, + attention scores per query and head."""
+    """Activations and scratch of one forward of ``batch`` x ``chunk`` tokens: 8 MiB of kernel
+    scratch + float32 hidden/q/k/v/attention out (4 x hidden) and MLP (3 x intermediate) per
+    token, the last token's logits, + the attention scores of one block of ``PREFILL_CHUNK``
+    queries (prefill attention takes its queries a block at a time) against ``context`` keys, per
+    head. (The logits of every token, ``forward(last_only=False)``, are the caller's output:
+    [batch, prompt, vocab] float32 whatever the chunk.)"""
     c = _cfg(config)
-    per_tok = 4 * c["hidden_size"] + 3 * c["intermediate_size"] + c["vocab_size"]
+    per_tok = 4 * c["hidden_size"] + 3 * c["intermediate_size"]
     scores = c["num_attention_heads"] * context
-    return 8 * _MiB + 4 * batch * chunk * (per_tok + scores)
+    return 8 * _MiB + 4 * batch * (chunk * per_tok + c["vocab_size"] + min(chunk, PREFILL_CHUNK) * scores)
+
+
+def choose_prefill_chunk(config, batch: int, context: int, budget: int | None = None) -> int:
+    """Tokens of a prompt per pass over the layers: the largest multiple of ``PREFILL_CHUNK`` up
+    to ``MAX_PREFILL_CHUNK`` (and no longer than ``context`` needs) whose workspace exceeds a
+    ``PREFILL_CHUNK``-token pass's by at most ``budget / 16`` (no budget: no limit).
+
+    Every pass reads each streamed weight and each KV page on disk once, so a prompt of T tokens
+    reads them ``ceil(T / chunk)`` times. The memory a longer chunk takes is not there for
+    resident weights, so a decode step may read up to budget/16 more (rounded up to whole
+    layers: one more streamed layer at most). For TinyLlama's shape under a 512 MiB budget that
+    is 384 tokens (6x fewer prefill reads) for 32 MiB."""
+    top = max(PREFILL_CHUNK, min(MAX_PREFILL_CHUNK, -(-context // PREFILL_CHUNK) * PREFILL_CHUNK))
+    if budget is None:
+        return top
+    allow = workspace_bytes(config, batch, context) + budget // 16
+    lo, hi = PREFILL_CHUNK, top  # the answer is a multiple of PREFILL_CHUNK in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + PREFILL_CHUNK) // (2 * PREFILL_CHUNK) * PREFILL_CHUNK
+        if workspace_bytes(config, batch, context, mid) <= allow:
+            lo = mid
+        else:
+            hi = mid - PREFILL_CHUNK
+    return lo
 
 
 def estimate_unit_bytes(config, *, weight_bits=None, group_size: int = 128, dtype_bytes: int = 2,
@@ -108,6 +140,7 @@ class Placement:
     kv_disk_bytes : KV page bytes on disk (and read every exact decode step) at ``context``.
     kv_disk_budget : the "disk" budget the page files must stay within (None: free space only).
     workspace_bytes : activations and scratch reserved per forward.
+    prefill_chunk : tokens of a prompt per pass over the layers (``choose_prefill_chunk``).
     used : tier -> bytes the manager holds there (resident units + slots + KV + workspace).
     disk_bytes_per_token : bytes read from disk per decode step (weights, embedding rows and, at
         ``context``, the KV pages on disk).
@@ -144,6 +177,7 @@ class Placement:
     kv_disk_bytes: int = 0
     kv_disk_budget: int | None = None
     kv_reason: str = ""
+    prefill_chunk: int = PREFILL_CHUNK
 
     @property
     def kv_tiered(self) -> bool:
@@ -171,7 +205,7 @@ class Placement:
                              f"{'no limit' if cap is None else gib(cap)} "
                              f"({', '.join(_ranges(self.resident(tier))) or 'no weights'}; KV {gib(self.kv_bytes)}, "
                              f"{self.slots} streaming slots x {gib(self.slot_bytes)}, "
-                             f"workspace {gib(self.workspace_bytes)})")
+                             f"workspace {gib(self.workspace_bytes)}: prompts {self.prefill_chunk} tokens per pass)")
         if self.kv_tiered:
             lines.append(f"kv: {self.kv_reason}")
         st = self.streamed()
@@ -231,7 +265,7 @@ def disk_read_bandwidth(m) -> float | None:
 
 
 def _kv_tier(c: dict, batch, context, kv_bits, group_size, residual, page_tokens, dtype_name, layer_bytes,
-             machine, disk_bandwidth):
+             machine, disk_bandwidth, max_append: int = PREFILL_CHUNK):
     """Sizes of an ``offload.TieredKVCache`` for this model with no page in memory (None when
     ``context`` holds no whole page): {"memory", "page_bytes", "max_pages", "chunk_pages",
     "slots", "slots_why"}.
@@ -273,7 +307,7 @@ def _kv_tier(c: dict, batch, context, kv_bits, group_size, residual, page_tokens
                f"{dbw * gap / _MiB:.1f} MiB at {dbw / 1e9:.2f} GB/s")
     sizes = TieredKVCache.memory_bytes(L, batch, context, kvh, hd, kv_bits=kv_bits, group_size=group_size,
                                        residual=R, page_tokens=page_tokens, cpu_pages=0, slots=slots,
-                                       chunk_pages=chunk, dtype=dt)
+                                       chunk_pages=chunk, dtype=dt, max_append=max_append)
     return {"memory": sizes["memory"], "page_bytes": pb, "max_pages": max_pages, "chunk_pages": chunk,
             "slots": slots, "slots_why": why}
 
@@ -283,7 +317,7 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
                    unit_bytes: dict | None = None, slots: int = 2, page_bytes: int = 4 * _MiB,
                    dtype_bytes: int = 2, disk_bandwidth: float | None = None,
                    mode: str = "auto", kv_group_size: int = 32, kv_residual: int = 128,
-                   kv_page_tokens: int = 1024) -> Placement:
+                   kv_page_tokens: int = 1024, prefill_chunk: int | None = None) -> Placement:
     """Decide which units stay in CPU memory and which stream from disk each decode step.
 
     Parameters
@@ -300,6 +334,10 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
     kv_page_tokens : page size of the tiered KV cache, used when the budget cannot hold the
         whole KV: then memory left after the weights holds the newest pages and the rest spill to
         disk (``offload.TieredKVCache``), read every step like streamed weights.
+    prefill_chunk : tokens of a prompt per pass over the layers (each pass reads every streamed
+        weight and KV page on disk once); None: :func:`choose_prefill_chunk` (at most 1/16 of the
+        CPU budget more workspace than a ``PREFILL_CHUNK``-token pass); the workspace reserved is
+        what the chunk needs. At most ``kv_page_tokens`` when the KV spills to disk.
     device : "cpu" (the CUDA executor is not written yet: "cuda" raises NotImplementedError).
     unit_bytes : exact unit sizes (``Store.unit_nbytes``); default: :func:`estimate_unit_bytes`.
     slots : streaming buffers (2 = double buffering), each as large as the largest streamed unit.
@@ -335,6 +373,9 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
             raise ValueError(f"budgets: unknown tier {k!r} (expected 'cpu', 'gpu' and/or 'disk')")
     if isinstance(kv_page_tokens, bool) or not isinstance(kv_page_tokens, int) or kv_page_tokens < PREFILL_CHUNK:
         raise ValueError(f"kv_page_tokens: expected an int >= {PREFILL_CHUNK} (a prefill chunk must fit a page), got {kv_page_tokens!r}")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk: expected None or an int >= 1, got {prefill_chunk!r}")
     if budgets.get("gpu") not in (None, 0, "0"):
         raise ValueError("budgets: a 'gpu' budget needs device='cuda' (not written yet)")
     cpu_cap = None if budgets.get("cpu") is None else parse_bytes(budgets["cpu"], "budgets['cpu']")
@@ -360,7 +401,8 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
         kv = L * QuantizedKVCache.allocation_bytes(batch, context, kvh, hd, bits=kv_bits, group_size=kv_group_size,
                                                    residual=kv_residual, dtype=dt, resident=True)
     # activations + the RoPE cos/sin tables (float32 [context, head_dim] each)
-    ws = workspace_bytes(c, batch, context) + 2 * 4 * context * hd
+    chunk = choose_prefill_chunk(c, batch, context, cpu_cap) if prefill_chunk is None else prefill_chunk
+    ws = workspace_bytes(c, batch, context, chunk) + 2 * 4 * context * hd
     fixed = kv + ws
     cap = math.inf if cpu_cap is None else cpu_cap
     reasons = {}
@@ -375,7 +417,7 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
         raise ValueError(f"kv_page_tokens: expected a multiple of kv_group_size={kv_group_size} for quantized "
                          f"pages, got {kv_page_tokens}")
     tier = _kv_tier(c, batch, context, kv_bits, kv_group_size, kv_residual, kv_page_tokens, dt_kv, lay, machine,
-                    disk_bandwidth)
+                    disk_bandwidth, max_append=min(chunk, kv_page_tokens))
 
     def option(stream_head: bool, n_stream: int, embed_disk: bool = False):
         """(tiers, cpu bytes, disk bytes per token, KV pages per layer in memory or None) with
@@ -461,8 +503,9 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
     p = Placement(device=device, tiers=tiers, unit_bytes=ub, budgets={"cpu": cpu_cap, "disk": disk_cap},
                   slots=n_slots, slot_bytes=slot_bytes, kv_bytes=kv_held, workspace_bytes=ws, used={"cpu": used_cpu},
                   disk_bytes_per_token=disk_tok, batch=batch, context=context, weight_bits=weight_bits,
-                  kv_bits=kv_bits, reasons=reasons)
+                  kv_bits=kv_bits, reasons=reasons, prefill_chunk=chunk)
     if kv_pages is not None:
+        p.prefill_chunk = min(chunk, kv_page_tokens)  # the tiered cache appends at most a page per call
         p.kv_cpu_pages, p.kv_page_tokens, p.kv_page_bytes = kv_pages, kv_page_tokens, tier["page_bytes"]
         p.kv_slots, p.kv_chunk_pages, p.kv_disk_bytes, p.kv_disk_budget = (tier["slots"], tier["chunk_pages"],
                                                                            kv_disk, disk_cap)

@@ -41,4 +41,12 @@ def test_quick_offload_suite(tmp_path, monkeypatch):
         assert t["value"] is not None and (t["value"] > 0 or t["name"].startswith("offload-4"))
         assert t["status"] in ("PASS", "MISS", "MISS (within noise)")
     assert any("cold read bandwidth" in n for n in res["notes"])
+    # the prefill comparison: one pass over the layers per chunk, each reading the streamed layers once
+    for key, r in res["prefill"].items():
+        assert "error" not in r, r
+        assert r["prefill_chunk"] == 64 or key == "auto"
+        assert r["passes"] == -(-128 // r["prefill_chunk"]) and r["prefill_tokens_per_s"] > 0
+        assert r["passes"] * r["streamed_bytes"] - 8 * _MiB <= r["read_bytes"] <= r["passes"] * r["streamed_bytes"] + 8 * _MiB
+        assert r["planned_bytes"] <= 12 * _MiB and r["peak_rss"] - r["base_rss"] <= 12 * _MiB + 32 * _MiB, r
+    assert any(n.startswith("prefill of a 128-token prompt") for n in res["notes"])
     assert os.path.isdir(os.path.join(str(tmp_path), "pykernels", "offload"))

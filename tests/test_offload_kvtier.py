@@ -134,29 +134,32 @@ def test_plain_pages_match_decode_attention_on_one_dense_cache(tmp_path):
 
 @pytest.mark.parametrize("cpu_pages", [0, 1])
 @pytest.mark.parametrize("kv_bits", [None, 4])
-def test_prefill_is_causal_and_exact_over_all_tiers(tmp_path, kv_bits, cpu_pages):
+@pytest.mark.parametrize("page,old,T", [(64, 300, 45), (256, 600, 150)])
+def test_prefill_is_causal_and_exact_over_all_tiers(tmp_path, kv_bits, cpu_pages, page, old, T):
     # cpu_pages=0: the page sealed during the prefill's append (holding some of its new tokens,
-    # quantized) goes straight to disk, and must be read only up to the old tokens
+    # quantized) goes straight to disk, and must be read only up to the old tokens. T=150: a
+    # chunk longer than the 64-query attention block (OffloadedModel's longer prefill chunks)
     cfg = _cfg(L=1)
-    c = TieredKVCache(cfg, 1, 600, kv_bits=kv_bits, residual=None if kv_bits is None else 32, page_tokens=64,
-                      cpu_pages=cpu_pages, disk_dir=tmp_path, dtype=torch.float32)
+    c = TieredKVCache(cfg, 1, old + T + 64, kv_bits=kv_bits, residual=None if kv_bits is None else 32,
+                      page_tokens=page, cpu_pages=cpu_pages, disk_dir=tmp_path, dtype=torch.float32,
+                      max_append=max(T, 64))
     g = torch.Generator().manual_seed(3)
-    k, v = _kv(g, 1, 300, 2, 32)
-    for s in range(0, 300, 64):
+    k, v = _kv(g, 1, old, 2, 32)
+    for s in range(0, old, 64):
         c.append(0, k[:, s:s + 64], v[:, s:s + 64])
         c.advance(k[:, s:s + 64].shape[1])
     assert c.tier_tokens(0)["disk"] > 0
-    q = torch.randn(1, 45, 8, 32, generator=g)
-    kn, vn = _kv(g, 1, 45, 2, 32)
+    q = torch.randn(1, T, 8, 32, generator=g)
+    kn, vn = _kv(g, 1, T, 2, 32)
     o = c.prefill_attend(0, q, kn, vn)
     K, V = c.dequantize(0)
-    assert K.shape[1] == 345
-    for i in (0, 17, 44):
-        # query i sees the 300 old tokens as the cache holds them after the append and new
-        # tokens 0..i in full precision (offload.llama.KVCache's rule)
-        ref = _ref(q[:, i], torch.cat((K[:, :300], kn[:, :i + 1]), 1), torch.cat((V[:, :300], vn[:, :i + 1]), 1))
+    assert K.shape[1] == old + T
+    for i in sorted({0, 17, 63, 64, 100, T - 1} & set(range(T))):
+        # query i sees the old tokens as the cache holds them after the append and new tokens
+        # 0..i in full precision (offload.llama.KVCache's rule)
+        ref = _ref(q[:, i], torch.cat((K[:, :old], kn[:, :i + 1]), 1), torch.cat((V[:, :old], vn[:, :i + 1]), 1))
         torch.testing.assert_close(o[:, i].double(), ref, atol=TOL, rtol=0)
-    c.advance(45)
+    c.advance(T)
     c.close()
 
 
@@ -443,8 +446,9 @@ def test_planner_spills_the_kv_when_the_weights_leave_too_little_room(tmp_path):
     assert "while the disk reads" in pf.explain()
     # what the planner reserves is what the cache holds
     c = TieredKVCache(_cfg(Hq=8, Hkv=8, D=128, L=8), 1, ctx, page_tokens=p.kv_page_tokens, cpu_pages=p.kv_cpu_pages,
-                      slots=p.kv_slots, chunk_pages=p.kv_chunk_pages, disk_dir=tmp_path)
+                      slots=p.kv_slots, chunk_pages=p.kv_chunk_pages, disk_dir=tmp_path, max_append=p.prefill_chunk)
     assert c.nbytes == p.kv_bytes and c.disk_bytes_max == p.kv_disk_bytes
+    assert 64 < p.prefill_chunk <= p.kv_page_tokens  # a prefill chunk fits a page
     c.close()
     # a smaller disk budget: fewer pages spill (layers stream instead); none at all: no plan
     q = plan_placement(cfg, budgets={"cpu": cap, "disk": p.kv_disk_bytes // 2}, context=ctx)
@@ -462,8 +466,10 @@ def test_generation_spills_kv_to_disk_and_matches_in_memory(tiny32, tmp_path, kv
     import dataclasses
 
     ctx = 700
+    # the same prefill chunks in both runs (a quantized cache's prefill sees the earlier chunks
+    # quantized, so the chunking is part of the result)
     kw = dict(store_dir=str(tmp_path / "store"), max_context=ctx, kv_bits=kv_bits, kv_page_tokens=64,
-              kv_residual=32, kv_group_size=32)
+              kv_residual=32, kv_group_size=32, prefill_chunk=64)
     with offload.load_model(tiny32, **kw) as m:  # no budget: offload.llama.KVCache in memory
         full = m.placement
         assert not full.kv_tiered

@@ -463,17 +463,70 @@ def test_given_placement_must_match_the_store(tiny32, tmp_path):
         assert len(m.placement.streamed()) == 4
 
 
-def test_long_prompt_is_prefill_in_chunks(tiny32, tmp_path):
+@pytest.mark.parametrize("chunk", [64, 128, None])
+def test_long_prompt_is_prefill_in_chunks(tiny32, tmp_path, chunk):
+    """A prompt is one pass over the layers per chunk of ``placement.prefill_chunk`` tokens (each
+    pass reads every streamed layer once); inside a pass, attention takes 64 queries at a time.
+    Whatever the chunk, the logits are HF's."""
     from offload.placement import PREFILL_CHUNK
-    with _load(tiny32, tmp_path, placement="disk", max_context=3 * PREFILL_CHUNK) as m:
-        ids = _ids(1, PREFILL_CHUNK + 1, 256)
+    T = 2 * PREFILL_CHUNK + 9
+    with _load(tiny32, tmp_path, placement="disk", max_context=3 * PREFILL_CHUNK, prefill_chunk=chunk) as m:
+        pc = m.placement.prefill_chunk
+        assert pc == (chunk or 3 * PREFILL_CHUNK)  # no budget: the whole context in one pass
+        ids = _ids(1, T, 256)
         full = m.forward(ids)
-        assert [s["phase"] for s in m.stats.steps] == ["prefill", "prefill"]
+        passes = -(-T // pc)
+        assert [s["phase"] for s in m.stats.steps] == ["prefill"] * passes
+        assert [s["tokens"] for s in m.stats.steps] == [min(pc, T - s) for s in range(0, T, pc)]
         assert m.stats.summary()["decode_steps"] == 0
+        # every pass streams each layer once: the prompt's reads scale with the number of passes
+        per_pass = sum(m.store.unit_nbytes(u) for u in m.placement.streamed())
+        ahead = m.placement.slots * m.placement.slot_bytes
+        read = sum(s["read_bytes"] for s in m.stats.steps)
+        assert passes * per_pass - ahead <= read <= passes * per_pass + ahead
         hf = _hf(tiny32, torch.float32)
         with torch.no_grad():
             ref = hf(ids).logits
         torch.testing.assert_close(full, ref, atol=2e-5 * ref.abs().max().item(), rtol=1e-4)
+        # on a cache that already holds tokens (the mask is bottom-right aligned in every block)
+        c = m.new_cache(1, 3 * PREFILL_CHUNK)
+        m.forward(ids[:, :5], c)
+        torch.testing.assert_close(m.forward(ids[:, 5:], c), ref[:, 5:], atol=2e-5 * ref.abs().max().item(),
+                                   rtol=1e-4)
+
+
+def test_prefill_chunk_choice_and_workspace():
+    from offload.placement import (MAX_PREFILL_CHUNK, PREFILL_CHUNK, choose_prefill_chunk, plan_placement,
+                                   workspace_bytes)
+    cfg = dict(model_type="llama", hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
+               num_hidden_layers=22, intermediate_size=5632, vocab_size=32000, max_position_embeddings=4096)
+    # no budget: the whole context (up to MAX_PREFILL_CHUNK) in one pass
+    assert choose_prefill_chunk(cfg, 1, 100) == 128
+    assert choose_prefill_chunk(cfg, 1, 4096) == MAX_PREFILL_CHUNK
+    base = workspace_bytes(cfg, 1, 4096)
+    last = 0
+    for budget in (16 << 20, 256 << 20, 512 << 20, 2 << 30):
+        c = choose_prefill_chunk(cfg, 1, 4096, budget)
+        assert c % PREFILL_CHUNK == 0 and PREFILL_CHUNK <= c <= MAX_PREFILL_CHUNK and c >= last
+        # the longest chunk within 1/16 of the budget of extra workspace
+        assert c == PREFILL_CHUNK or workspace_bytes(cfg, 1, 4096, c) - base <= budget // 16
+        assert c == MAX_PREFILL_CHUNK or workspace_bytes(cfg, 1, 4096, c + PREFILL_CHUNK) - base > budget // 16
+        last = c
+    assert choose_prefill_chunk(cfg, 1, 4096, 16 << 20) == PREFILL_CHUNK
+    assert choose_prefill_chunk(cfg, 1, 4096, 512 << 20) == 384  # TinyLlama's shape, 512 MiB: 6x fewer passes
+    # attention scores are held for one block of 64 queries whatever the chunk
+    assert (workspace_bytes(cfg, 1, 4096, 256) - workspace_bytes(cfg, 1, 4096, 128)
+            == workspace_bytes(cfg, 1, 256, 256) - workspace_bytes(cfg, 1, 256, 128))
+    # the plan reserves the chunk's workspace; an explicit chunk is honoured and reserved
+    p = plan_placement(cfg, budgets={"cpu": "512MiB"}, context=4096)
+    assert p.prefill_chunk == 384 and f"{p.prefill_chunk} tokens per pass" in p.explain()
+    q = plan_placement(cfg, budgets={"cpu": "512MiB"}, context=4096, prefill_chunk=64)
+    assert q.prefill_chunk == 64 and p.workspace_bytes - q.workspace_bytes == (
+        workspace_bytes(cfg, 1, 4096, 384) - workspace_bytes(cfg, 1, 4096, 64))
+    assert p.used["cpu"] <= 512 << 20 and q.used["cpu"] <= 512 << 20
+    for bad in (0, -64, 1.5, True, "64"):
+        with pytest.raises(ValueError, match="prefill_chunk"):
+            plan_placement(cfg, budgets={"cpu": "512MiB"}, context=4096, prefill_chunk=bad)
 
 
 def test_fused_qkv_and_gate_up_are_views_of_the_slot(tiny32, tmp_path):
