@@ -783,6 +783,7 @@ def suite_speed(ctx: KVContext) -> dict:
                 f"L={L} {name} fused vs {what}", sp, ">=", BASELINE_TARGET,
                 "{value:.1f}x" + (f" ({r['median_ms']:.3f} ms vs {ref['median_ms']:.1f} ms)" if sp else ""),
                 why, rows=[r]))
+    recorded = _record_kv_timings(ctx, rows, max(lengths))
     p10 = []
     for L in lengths:
         b = _find(rows, "bf16", speed_label(1, ctx.heads_q, ctx.heads_kv, ctx.head_dim, L))
@@ -812,7 +813,32 @@ def suite_speed(ctx: KVContext) -> dict:
         "then SDPA, the pure-torch path; run only "
         "for formats the HF baseline cannot serve (" + (", ".join(fmt_name(f) for f in deq) or "none") + ").",
     ]
+    if recorded:
+        notes.append(f"Recorded as measured autotune results ({recorded}): roofline.advise_kv_format ranks the "
+                     "formats by these per-token times from now on for this shape.")
     return {"rows": rows, "targets": targets, "notes": [n for n in notes if n]}
+
+
+def _record_kv_timings(ctx, rows, L) -> str | None:
+    """Store the formats' measured decode-attention seconds per token of context at length L
+    (fused kernels and our bf16 kernel, CPU) as the autotune topic "kv_format"; -> the bucket."""
+    if (not getattr(ctx, "record_autotune", False) or getattr(ctx, "device", "cpu") != "cpu"
+            or getattr(ctx, "backend", "cpu") not in ("cpu", "auto")):
+        return None
+    from roofline import autotune
+
+    label = speed_label(1, ctx.heads_q, ctx.heads_kv, ctx.head_dim, L)
+    names = ["bf16"] + [fmt_name(parse_format(f)) for f in ctx.formats]
+    timed = {}
+    for name in names:
+        r = _find(rows, "bf16" if name == "bf16" else f"kv-{name}", label)
+        if r is not None:
+            timed[name] = r["median_ms"] / 1e3 / L
+    if len(timed) < 2:
+        return None
+    bucket = autotune.kv_bucket(ctx.heads_q, ctx.heads_kv, ctx.head_dim, ctx.group_size, torch.get_num_threads(), "cpu")
+    autotune.record("kv_format", bucket, timed, note=f"bench kv-1, {label}")
+    return bucket
 
 
 def memory_rows(L: int, formats=KF.FORMATS, *, batch=1, heads_kv=8, head_dim=128, group_size=32,

@@ -360,15 +360,21 @@ KV_FORMATS = (("bf16", 16), ("int8", 8), ("fp8", "fp8"), ("int4", 4), ("int2", 2
 def advise_kv_format(context: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                      batch: int = 1, num_layers: int = 1, min_quality: str = "int4",
                      memory_budget: float | None = None, group_size: int = 32,
-                     machine=None, measured: dict | None = None) -> Advice:
+                     machine=None, measured: dict | None = None, num_workers: int | None = None,
+                     autotune: bool = True) -> Advice:
     """Choose the KV-cache format for decoding at ``context`` tokens.
 
     Candidates are the formats at least as accurate as ``min_quality`` (order bf16 > int8 >
     fp8 > int4 > int2: KIVI's int4 keeps attention near-lossless, int2 needs its residual window
     and loses more) whose cache (``batch * context * num_layers`` tokens) fits
     ``memory_budget`` bytes. The pick is the least predicted attention time per decode step:
-    bytes read / read bandwidth, or ``measured[format]`` seconds where given (an autotune
-    result refines the model).
+    bytes read / read bandwidth, or ``measured[format]`` seconds where given. Without
+    ``measured``, a recorded autotune result for this shape (``roofline.autotune.kv_bucket``,
+    ``num_workers`` default: torch's thread count; recorded by ``bench.kvquant``'s speed suite:
+    seconds per token of context, scaled here to ``batch * context * num_layers``) is used
+    unless ``autotune=False``: on CPUs where the fused kernels are compute-bound, bytes alone
+    rank the formats wrongly (int8 read 1.8x fewer bytes than bf16 but ran slower on the 2-core
+    dev machine).
     """
     names = [n for n, _ in KV_FORMATS]
     if min_quality not in names:
@@ -385,6 +391,11 @@ def advise_kv_format(context: int, num_heads: int, num_kv_heads: int, head_dim: 
     m = get_machine(machine) if machine is not None else default_machine("cpu")
     B = m.mem_bandwidth["read"] if m is not None else 1.0
     mname = m.name if m is not None else "no profile"
+    tuned = None
+    if measured is None and autotune and m is not None:
+        tuned = _measured_kv(num_heads, num_kv_heads, head_dim, group_size, num_workers)
+        if tuned is not None:
+            measured = {k: v * batch * context * num_layers for k, v in tuned[1]["timings"].items() if k in names}
     if m is None and measured:  # relative byte counts and seconds do not compare
         raise ValueError("measured: needs a machine profile (machine=...) to compare measured seconds "
                          "with the model's predictions")
@@ -397,6 +408,8 @@ def advise_kv_format(context: int, num_heads: int, num_kv_heads: int, head_dim: 
         alt = {"choice": {"format": name}, "predicted_s": t, "cache_bytes": cache_bytes}
         if i > floor:
             alt["excluded"] = f"below the quality floor {min_quality}"
+        elif tuned is not None and name not in measured:  # model seconds do not compare with measured ones
+            alt["excluded"] = "not among the formats measured for this shape (autotune)"
         elif memory_budget is not None and cache_bytes > memory_budget:
             alt["excluded"] = f"{cache_bytes / 2**30:.2f} GiB exceeds the budget {memory_budget / 2**30:.2f} GiB"
         elif pick is None or t < pick["predicted_s"]:
@@ -411,10 +424,32 @@ def advise_kv_format(context: int, num_heads: int, num_kv_heads: int, head_dim: 
     reason = (f"{pick['choice']['format']} is the fastest format at or above {min_quality}: "
               f"{pick['cache_bytes'] / 2**20:.1f} MiB read per step vs {bf16['cache_bytes'] / 2**20:.1f} MiB "
               f"for bf16, {src} {pick['predicted_s'] * 1e3:.3g} ms vs {bf16['predicted_s'] * 1e3:.3g} ms"
-              + (f" on {mname}." if m is not None else " (relative: no machine profile)."))
+              + (f" on {mname}" if m is not None else " (relative: no machine profile)"))
+    if tuned is not None:
+        bucket, entry = tuned
+        model = min((a for a in alts if "excluded" not in a), key=lambda a: a["cache_bytes"])
+        reason += (f" (measured on this machine for shapes like this: {bucket}, {entry.get('recorded', '?')}, "
+                   f"scaled to {batch * context * num_layers} tokens; bytes alone would take "
+                   f"{model['choice']['format']})")
+    reason += "."
     alts.sort(key=lambda x: ("excluded" in x, x["predicted_s"]))
     return Advice("kv_format", dict(pick["choice"]), reason, pick["predicted_s"] if m is not None else None,
-                  alts, mname)
+                  alts, mname, source="measured" if tuned is not None and src == "measured" else "model")
+
+
+def _measured_kv(num_heads, num_kv_heads, head_dim, group_size, num_workers):
+    """(bucket, entry) of the recorded KV-format timings for this shape, or None."""
+    try:
+        if not _autotune.has_topic("kv_format", "cpu"):
+            return None
+        if num_workers is None:
+            import torch
+            num_workers = torch.get_num_threads()
+        bucket = _autotune.kv_bucket(num_heads, num_kv_heads, head_dim, group_size, num_workers, "cpu")
+        entry = _autotune.lookup("kv_format", bucket, "cpu")
+    except Exception:  # an unreadable cache or machine identity: the model's choice stands
+        return None
+    return None if entry is None else (bucket, entry)
 
 
 # --------------------------------------------------------------------------------------------

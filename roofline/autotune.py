@@ -9,6 +9,8 @@ measured winner for every call whose shape falls in the same bucket.
   bytes, workers and device exactly; batch and the longest sequence's tiles rounded up to a
   power of two; the imbalance (longest / mean length) to 1, 2, 4 or 8+.
 - ``lut_bucket(...)``: the bucket of a LUT-GEMV call (N and K rounded up to a power of two).
+- ``kv_bucket(...)``: the bucket of a KV-format comparison (heads, head size, group size,
+  workers, device); its timings are seconds per token of context of one layer's attention.
 - ``record(topic, bucket, timings)``: store ``{choice label: seconds}`` (merged into the file
   atomically: write to a temporary file, then rename).
 - ``lookup(topic, bucket)``: ``{"best", "timings", "recorded"}`` or None.
@@ -34,7 +36,7 @@ import tempfile
 import threading
 import time
 
-__all__ = ["decode_bucket", "lut_bucket", "imbalance_class", "record", "lookup", "has_topic", "enabled",
+__all__ = ["decode_bucket", "lut_bucket", "kv_bucket", "imbalance_class", "record", "lookup", "has_topic", "enabled",
            "path", "generation"]
 
 _MEMO: dict[str, tuple] = {}  # path -> (mtime_ns or None, contents)
@@ -89,6 +91,13 @@ def lut_bucket(N: int, K: int, M: int, bits: int, group_size: int, device: str) 
     """Shape bucket of a LUT-GEMV call: bits, group size, M (rows of x, up to 16 per pass)
     exactly; N and K rounded up to a power of two."""
     return f"N{_pow2(N)}-K{_pow2(K)}-M{M}-b{bits}-g{group_size}-{device}"
+
+
+def kv_bucket(num_heads: int, num_kv_heads: int, head_dim: int, group_size: int, num_workers: int,
+              device: str) -> str:
+    """Shape bucket of the KV-format comparison (``roofline.advise.advise_kv_format``): its
+    timings are per token of context (decode attention scales linearly with it)."""
+    return f"Hq{num_heads}-Hkv{num_kv_heads}-D{head_dim}-g{group_size}-W{num_workers}-{device}"
 
 
 def _load(device: str) -> dict:

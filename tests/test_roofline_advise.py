@@ -133,6 +133,43 @@ def test_kv_format():
         advise_kv_format(16384, 32, 8, 128, machine=CPU, min_quality="int3")
 
 
+def test_kv_format_follows_measured_timings(autotune_home):
+    """bench.kvquant records seconds per token of context per format; the advisor scales them to
+    the asked context and ranks by them (bytes alone rank int8 ahead of bf16, which it need not be)."""
+    from types import SimpleNamespace
+
+    import torch
+    from bench import kvquant as KV
+
+    at = autotune_home
+    assert at.kv_bucket(32, 8, 128, 32, 2, "cpu") == "Hq32-Hkv8-D128-g32-W2-cpu"
+    model = advise_kv_format(16384, 32, 8, 128, machine=CPU, min_quality="int8")
+    assert model.choice == {"format": "int8"} and model.source == "model"
+    L = 16384
+    label = KV.speed_label(1, 32, 8, 128, L)
+    rows = [{"method": m, "label": label, "median_ms": ms}
+            for m, ms in (("bf16", 2.0), ("kv-int8", 3.0), ("kv-int4", 1.0), ("kv-int2", 0.9))]
+    ctx = SimpleNamespace(record_autotune=True, device="cpu", backend="cpu", heads_q=32, heads_kv=8, head_dim=128,
+                          group_size=32, formats=("int8", "int4", "int2"))
+    bucket = KV._record_kv_timings(ctx, rows, L)
+    W = torch.get_num_threads()
+    assert bucket == at.kv_bucket(32, 8, 128, 32, W, "cpu")
+    entry = at.lookup("kv_format", bucket)
+    assert entry["timings"] == pytest.approx({"bf16": 2e-3 / L, "int8": 3e-3 / L, "int4": 1e-3 / L, "int2": 0.9e-3 / L})
+    a = advise_kv_format(2 * L, 32, 8, 128, machine=CPU, min_quality="int8", num_layers=4)
+    assert a.choice == {"format": "bf16"} and a.source == "measured"
+    assert a.predicted_s == pytest.approx(2e-3 * 2 * 4)  # scaled to 2x the context and 4 layers
+    assert "measured on this machine" in a.reason and "bytes alone would take int8" in a.reason
+    assert advise_kv_format(L, 32, 8, 128, machine=CPU).choice == {"format": "int4"}  # int2 below the floor
+    # another shape, autotune=False, or explicit measurements: the model / the given figures
+    assert advise_kv_format(L, 32, 8, 64, machine=CPU, min_quality="int8").source == "model"
+    assert advise_kv_format(L, 32, 8, 128, machine=CPU, min_quality="int8", autotune=False).choice == {"format": "int8"}
+    assert advise_kv_format(L, 32, 8, 128, machine=CPU, min_quality="int8", num_workers=W + 1).source == "model"
+    # nothing recorded without the flag, or for another backend
+    assert KV._record_kv_timings(SimpleNamespace(**{**vars(ctx), "record_autotune": False}), rows, L) is None
+    assert KV._record_kv_timings(SimpleNamespace(**{**vars(ctx), "backend": "triton"}), rows, L) is None
+
+
 def test_lut():
     a = advise_lut(4096, 14336, M=1, machine=CPU)
     assert a.choice == {"bits": 4, "kernel": "lut_gemv"}
