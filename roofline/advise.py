@@ -429,8 +429,9 @@ def advise_kv_format(context: int, num_heads: int, num_kv_heads: int, head_dim: 
         bucket, entry = tuned
         model = min((a for a in alts if "excluded" not in a), key=lambda a: a["cache_bytes"])
         reason += (f" (measured on this machine for shapes like this: {bucket}, {entry.get('recorded', '?')}, "
-                   f"scaled to {batch * context * num_layers} tokens; bytes alone would take "
-                   f"{model['choice']['format']})")
+                   f"scaled to {batch * context * num_layers} tokens; "
+                   + ("bytes alone agree)" if model["choice"] == pick["choice"]
+                      else f"bytes alone would take {model['choice']['format']})"))
     reason += "."
     alts.sort(key=lambda x: ("excluded" in x, x["predicted_s"]))
     return Advice("kv_format", dict(pick["choice"]), reason, pick["predicted_s"] if m is not None else None,
