@@ -367,11 +367,13 @@ _RSS_SCRIPT = RSS_PRELUDE + textwrap.dedent(r"""
     m.generate(torch.arange(1, 1 + batch * (ctx - 16)).view(batch, -1) % 8192, 16)
     peak = proc_kib_field("/proc/self/status", "VmHWM")
     print(json.dumps({"base": base, "peak": peak, "planned": m.placement.used["cpu"],
-                      "streamed": len(m.placement.streamed()), "weights": sum(m.placement.unit_bytes.values())}))
+                      "streamed": len(m.placement.streamed()), "weights": sum(m.placement.unit_bytes.values()),
+                      "chunk": m.placement.prefill_chunk}))
 """)
 
 
-@pytest.mark.parametrize("batch,ctx,kv_bits", [(1, 48, "none"), (2, 300, "4")])
+# (1, 600): a 584-token prompt in passes of the planner's longer prefill chunk
+@pytest.mark.parametrize("batch,ctx,kv_bits", [(1, 48, "none"), (2, 300, "4"), (1, 600, "none")])
 def test_budget_honoured_peak_rss_in_subprocess(tmp_path, batch, ctx, kv_bits):
     # ~107 MiB of bf16 weights under a 40 MiB budget: most layers stream
     ck = demo_checkpoint(str(tmp_path / "medium"), preset="small", dtype=torch.bfloat16,
@@ -386,6 +388,7 @@ def test_budget_honoured_peak_rss_in_subprocess(tmp_path, batch, ctx, kv_bits):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["weights"] > 2 * budget and res["streamed"] > 0
     assert res["planned"] <= budget
+    assert res["chunk"] > 64 or ctx < 600
     # the stated overhead: the process's own base RSS plus 32 MiB of allocator and code slack
     assert res["peak"] - res["base"] <= budget + 32 * _MiB, res
 
