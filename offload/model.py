@@ -67,7 +67,14 @@ class Stats:
 
     def summary(self) -> dict:
         dec = [s for s in self.steps if s["phase"] == "decode"]
+        pre = [s for s in self.steps if s["phase"] == "prefill"]
         out = {"forwards": len(self.steps), "decode_steps": len(dec)}
+        if pre:  # prompt processing: one pass over the layers per prefill chunk
+            wall = sum(s["wall_s"] for s in pre)
+            toks = sum(s["tokens"] for s in pre)
+            out.update(prefill_passes=len(pre), prefill_tokens=toks, prefill_s=wall,
+                       prefill_tokens_per_s=toks / wall if wall > 0 else math.inf,
+                       prefill_read_bytes=sum(s["read_bytes"] for s in pre))
         if dec:
             wall = sum(s["wall_s"] for s in dec)
             n = len(dec)

@@ -481,11 +481,13 @@ def test_long_prompt_is_prefill_in_chunks(tiny32, tmp_path, chunk):
         passes = -(-T // pc)
         assert [s["phase"] for s in m.stats.steps] == ["prefill"] * passes
         assert [s["tokens"] for s in m.stats.steps] == [min(pc, T - s) for s in range(0, T, pc)]
-        assert m.stats.summary()["decode_steps"] == 0
+        summ = m.stats.summary()
+        assert summ["decode_steps"] == 0 and summ["prefill_passes"] == passes and summ["prefill_tokens"] == T
+        assert summ["prefill_tokens_per_s"] > 0
         # every pass streams each layer once: the prompt's reads scale with the number of passes
         per_pass = sum(m.store.unit_nbytes(u) for u in m.placement.streamed())
         ahead = m.placement.slots * m.placement.slot_bytes
-        read = sum(s["read_bytes"] for s in m.stats.steps)
+        read = summ["prefill_read_bytes"]
         assert passes * per_pass - ahead <= read <= passes * per_pass + ahead
         hf = _hf(tiny32, torch.float32)
         with torch.no_grad():
