@@ -18,15 +18,13 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-from .llama import QUERY_BLOCK
-
 __all__ = ["Placement", "plan_placement", "parse_bytes", "estimate_unit_bytes", "workspace_bytes", "PREFILL_CHUNK",
            "MAX_PREFILL_CHUNK", "choose_prefill_chunk"]
 
 _MiB = 1 << 20
-#: Prefill attention takes the queries this many at a time (``offload.llama.QUERY_BLOCK``), so its
-#: scores are bounded whatever the prompt length; also the smallest prefill chunk.
-PREFILL_CHUNK = QUERY_BLOCK
+#: Prefill attention takes the queries this many at a time (``offload.llama.QUERY_BLOCK``, the
+#: same number), so its scores are bounded whatever the prompt length; also the smallest chunk.
+PREFILL_CHUNK = 64
 #: Most tokens of a prompt one pass over the layers takes by default (see :func:`choose_prefill_chunk`).
 MAX_PREFILL_CHUNK = 512
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -501,8 +501,10 @@ def test_long_prompt_is_prefill_in_chunks(tiny32, tmp_path, chunk):
 
 
 def test_prefill_chunk_choice_and_workspace():
+    from offload.llama import QUERY_BLOCK
     from offload.placement import (MAX_PREFILL_CHUNK, PREFILL_CHUNK, choose_prefill_chunk, plan_placement,
                                    workspace_bytes)
+    assert PREFILL_CHUNK == QUERY_BLOCK  # the workspace counts the scores of one query block
     cfg = dict(model_type="llama", hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
                num_hidden_layers=22, intermediate_size=5632, vocab_size=32000, max_position_embeddings=4096)
     # no budget: the whole context (up to MAX_PREFILL_CHUNK) in one pass
