@@ -184,7 +184,6 @@ def suite_kvtier(ctx) -> dict:
         # formats together: one figure per run, as offload-1 does); the profile's or a
         # one-thread probe_disk figure is reported beside it
         if mach is not None:
-            from roofline.measure import probe_disk
             alt = disk_read_bandwidth(mach)
             alt_src = "the machine profile"
             if not alt:

@@ -106,10 +106,10 @@ def _worker_pykernels(spec: dict) -> dict:
             m.forward(ids, last_only=True)
             wall = time.perf_counter() - t0
             io1 = _io_read_bytes()
-            st = m.stats.steps
+            s = m.stats.summary()
             return {"engine": "pykernels", "prefill_s": wall, "prefill_tokens_per_s": spec["prompt"] / wall,
-                    "prefill_chunk": m.placement.prefill_chunk, "passes": len(st),
-                    "read_bytes": sum(x["read_bytes"] for x in st),
+                    "prefill_chunk": m.placement.prefill_chunk, "passes": s["prefill_passes"],
+                    "read_bytes": s["prefill_read_bytes"],
                     "device_bytes": io1 - io0 if io0 >= 0 else None,
                     "streamed_bytes": sum(m.store.unit_nbytes(u) for u in m.placement.streamed()),
                     "planned_bytes": m.placement.used["cpu"], "base_rss": base, "peak_rss": _rss("VmHWM"),

@@ -103,6 +103,12 @@ def _max_pages(capacity: int, S: int, kv_bits, gs: int, residual: int) -> int:
     return gs * -(-max(0, capacity - residual) // gs) // S
 
 
+def default_chunk_pages(page_bytes: int, max_pages: int) -> int:
+    """Pages per disk read of the ring by default: about 8 MiB, at most an eighth of a layer's
+    pages (so a few slots hold less than a layer), at least one."""
+    return max(1, min((8 << 20) // page_bytes, max_pages // 8))
+
+
 def _views(buf: torch.Tensor, layout, nblocks: int) -> dict:
     """{field: tensor [nblocks, *shape]} over the uint8 tensor ``buf`` of ``nblocks`` blocks."""
     fields, bb = layout
@@ -441,7 +447,7 @@ class TieredKVCache:
             self._kmin = torch.zeros(L, self.max_pages + 1, batch, Hkv, D, dtype=torch.float32)
             self._kmax = torch.zeros_like(self._kmin)
         if chunk_pages is None:
-            chunk_pages = max(1, min((8 << 20) // self.page_bytes, self.max_pages // 8))
+            chunk_pages = default_chunk_pages(self.page_bytes, self.max_pages)
         pos_int("chunk_pages", chunk_pages)
         self.chunk_pages = chunk_pages
         self._pages: list[list[dict]] = [[] for _ in range(L)]  # per layer, oldest first
@@ -492,7 +498,7 @@ class TieredKVCache:
         pb = page_bytes(B, S, num_kv_heads, head_dim, kv_bits, group_size, dtype)
         max_pages = _max_pages(capacity, S, kv_bits, group_size, R)
         cp = max_pages if cpu_pages is None else min(cpu_pages, max_pages)
-        cp_ = max(1, min((8 << 20) // pb, max_pages // 8)) if chunk_pages is None else chunk_pages
+        cp_ = default_chunk_pages(pb, max_pages) if chunk_pages is None else chunk_pages
         win = (S if kv_bits is None else R) + min(max_append, S)
         mem = 2 * L * B * win * num_kv_heads * head_dim * dtype.itemsize
         mem += L * (cp + (kv_bits is not None)) * pb + pb + 2 * L * (max_pages + 1) * B * num_kv_heads * head_dim * 4
@@ -606,7 +612,7 @@ class TieredKVCache:
             self._win_n[i] += T
         for i in range(self.cfg.num_layers):
             while self._win_n[i] >= self.page_tokens + self.residual:
-                self._seal(i)  # a page written to disk marks the reader's schedule stale
+                self._seal(i)
 
     # ------------------------------------------------------------------ pages
     def _write_fields(self, views, slot, start, f, a, b):
@@ -691,18 +697,14 @@ class TieredKVCache:
             torch.minimum(self._kmin[layer, idx], lo, out=self._kmin[layer, idx])
             torch.maximum(self._kmax[layer, idx], hi, out=self._kmax[layer, idx])
 
-    def _seal(self, layer: int) -> bool:
-        """Plain pages: turn the oldest ``page_tokens`` of the window into a page -> True if a
-        page went to disk."""
+    def _seal(self, layer: int) -> None:
+        """Plain pages: turn the oldest ``page_tokens`` of the window into a page (a page
+        written to disk marks the reader's schedule stale, in ``_spill``)."""
         S, B = self.page_tokens, self.batch
         kp, vp = self._win_k[layer, :, :S], self._win_v[layer, :, :S]
-        st = self._stage
-        st["k"].copy_(kp)
-        st["v"].copy_(vp)
         idx = len(self._pages[layer])
         if idx >= self.max_pages:
             raise RuntimeError(f"layer {layer}: more than {self.max_pages} pages (capacity {self.capacity})")
-        moved = False
         free = self._cpu_free[layer]
         if free:
             slot = free.pop(0)
@@ -711,17 +713,17 @@ class TieredKVCache:
             slot = old["slot"]
             mv = self._pool_mem[layer][slot * self.page_bytes:(slot + 1) * self.page_bytes]
             self._spill(layer, old, mv)
-            moved = True
         else:
             slot = None
         rec = {"index": idx}
-        if slot is None:  # no CPU pool: straight from the staging page
+        if slot is None:  # no CPU pool: to disk from the staging page
+            self._stage["k"].copy_(kp)
+            self._stage["v"].copy_(vp)
             self._spill(layer, rec, self._stage_mem)
-            moved = True
         else:
             pool = self._pool[layer]
-            for name, t in st.items():
-                pool[name][slot * B:(slot + 1) * B].copy_(t)
+            pool["k"][slot * B:(slot + 1) * B].copy_(kp)
+            pool["v"][slot * B:(slot + 1) * B].copy_(vp)
             rec.update(tier="cpu", slot=slot)
         self._summarize(layer, idx, kp.float(), first=True)
         self._pages[layer].append(rec)
@@ -729,7 +731,6 @@ class TieredKVCache:
         self._win_k[layer, :, :n] = self._win_k[layer, :, S:S + n].clone()
         self._win_v[layer, :, :n] = self._win_v[layer, :, S:S + n].clone()
         self._win_n[layer] = n
-        return moved
 
     def _check_disk(self, n: int) -> None:
         """StoreError, before anything is written, when ``n`` more bytes of pages would exceed
@@ -887,20 +888,27 @@ class TieredKVCache:
                     self._audit_cos.append(float(cos.min()))
         return o.to(q.dtype)[:, None]
 
+    def _read_disk(self, layer, pages=None):
+        """Yield (views of n pages, their page ids) for ``layer``'s disk pages: every one through
+        the scheduled prefetch (``pages`` None), or ``pages`` read now, in chunks; counts them
+        as attended once the consumer is done with each chunk."""
+        items = None if pages is None else [[(layer, p) for p in c] for c in _chunks(pages, self.chunk_pages)]
+        for buf, got in self._reader.chunks(layer, items):
+            n = len(got)
+            yield _views(buf, self._layout, n * self.batch), [p for _, p in got]
+            self._disk_attended += n * self.page_bytes
+            self._read_pages += n
+
     def _attend_disk(self, layer, qf, o, lse, sel, disk):
         """Merge into (o, lse) the attention over ``layer``'s disk pages: every one through the
         scheduled prefetch (``sel`` None), or the pages ``sel`` read now."""
-        items = None if sel is None else [[(layer, p) for p in c] for c in _chunks(sel, self.chunk_pages)]
         seen = 0
-        for buf, pages in self._reader.chunks(layer, items):
+        for views, pages in self._read_disk(layer, sel):
             n = len(pages)
-            views = _views(buf, self._layout, n * self.batch)
             o2, lse2 = self._attend_pages(qf, views, self._chunk_table(n), n)
             o, lse = pk.merge_states(o, lse, o2, lse2)
-            self._disk_attended += n * self.page_bytes
-            self._read_pages += n
             seen += n
-        if items is None and seen != len(disk):  # a schedule out of date: never a silent skip
+        if sel is None and seen != len(disk):  # a schedule out of date: never a silent skip
             raise RuntimeError(f"layer {layer}: read {seen} of {len(disk)} disk pages (stale read schedule)")
         return o, lse
 
@@ -968,13 +976,9 @@ class TieredKVCache:
                 attend(*self._page_kv(layer, rec, None), rec["index"] * S)
         disk = self._disk_pages(layer)
         if disk:
-            items = [[(layer, p) for p in c] for c in _chunks(disk, self.chunk_pages)]
-            for buf, pages in self._reader.chunks(layer, items):
-                views = _views(buf, self._layout, len(pages) * B)
-                for j, (_, p) in enumerate(pages):
+            for views, pages in self._read_disk(layer, disk):
+                for j, p in enumerate(pages):
                     attend(*self._fields_kv({n: t[j * B:(j + 1) * B] for n, t in views.items()}), p * S)
-                self._disk_attended += len(pages) * self.page_bytes
-                self._read_pages += len(pages)
         return o_l[0].to(q.dtype)
 
     def _open_kv(self, layer):

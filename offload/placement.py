@@ -274,7 +274,7 @@ def _kv_tier(c: dict, batch, context, kv_bits, group_size, residual, page_tokens
     being read: ``slots = 2 + ceil(that / chunk bytes)`` in [3, 16] (4 without a profile)."""
     import torch
 
-    from .kvtier import TieredKVCache, _max_pages, page_bytes
+    from .kvtier import TieredKVCache, _max_pages, default_chunk_pages, page_bytes
 
     L = c["num_hidden_layers"]
     nh = c["num_attention_heads"]
@@ -286,7 +286,7 @@ def _kv_tier(c: dict, batch, context, kv_bits, group_size, residual, page_tokens
     max_pages = _max_pages(context, page_tokens, kv_bits, group_size, R)
     if max_pages == 0:
         return None
-    chunk = max(1, min((8 << 20) // pb, max_pages // 8))  # ~8 MiB reads; a few slots hold < a layer
+    chunk = default_chunk_pages(pb, max_pages)
     slots, why = 4, "default: no machine profile (run `roofline probe`)"
     try:
         m = _machine(machine)
