@@ -532,8 +532,8 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
     machine, disk_bandwidth : for the placement's prediction (default: this machine's cached profile).
     prefill_chunk : prompt tokens per pass over the layers (every pass reads each streamed weight
         and each KV page on disk once); None: ``offload.choose_prefill_chunk`` (up to 512 tokens
-        for at most 1/16 of the CPU budget); an int reserves the workspace it needs (ignored
-        when ``placement`` is a Placement: its ``prefill_chunk`` is used).
+        for at most 1/16 of the CPU budget); an int reserves the workspace it needs (with a
+        Placement as ``placement``: its ``prefill_chunk``; another value is a ValueError).
 
     Example
     -------
@@ -592,6 +592,9 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
             raise ValueError(f"max_context: expected an int >= 1, got {max_context!r}")
         if isinstance(placement, Placement):
             _check_placement(placement, store, kv_bits)
+            if prefill_chunk is not None and prefill_chunk != placement.prefill_chunk:
+                raise ValueError(f"prefill_chunk: {prefill_chunk!r}, but the given placement was planned with "
+                                 f"prefill_chunk={placement.prefill_chunk} (pass it to plan_placement instead)")
             plan = placement
         else:
             ub = {u: store.unit_nbytes(u) for u in store.unit_names()}

@@ -464,6 +464,10 @@ def test_given_placement_must_match_the_store(tiny32, tmp_path):
     ok = plan_placement(cfg, context=16, mode="disk", dtype_bytes=4, unit_bytes=ub)
     with _load(tiny32, tmp_path, placement=ok, max_context=16) as m:
         assert len(m.placement.streamed()) == 4
+    with _load(tiny32, tmp_path, placement=ok, max_context=16, prefill_chunk=ok.prefill_chunk) as m:
+        assert m.placement.prefill_chunk == ok.prefill_chunk
+    with pytest.raises(ValueError, match="prefill_chunk"):  # the plan's chunk is what its budget reserved
+        _load(tiny32, tmp_path, placement=ok, max_context=16, prefill_chunk=ok.prefill_chunk + 64)
 
 
 @pytest.mark.parametrize("chunk", [64, 128, None])
