@@ -68,6 +68,8 @@ def _budgets(a):
     b = {"cpu": a.budget} if a.budget else {}
     if a.disk_budget:
         b["disk"] = a.disk_budget
+    if getattr(a, "gpu_budget", None):
+        b["gpu"] = a.gpu_budget
     return b or None
 
 
@@ -97,9 +99,10 @@ def cmd_plan(a) -> int:
         how = "unit sizes estimated from config.json (convert for exact ones)"
     db = 4 if (cfg.get("torch_dtype") or cfg.get("dtype")) == "float32" else 2
     ctx = a.max_context or min(cfg.get("max_position_embeddings") or 4096, 4096)
-    p = plan_placement(cfg, None, _budgets(a), context=ctx, weight_bits=bits,
+    p = plan_placement(cfg, a.machine, _budgets(a), context=ctx, weight_bits=bits,
                        kv_bits=a.kv_bits, group_size=a.group_size, unit_bytes=ub, dtype_bytes=db,
-                       mode=a.placement, kv_page_tokens=a.kv_page_tokens, prefill_chunk=a.prefill_chunk)
+                       mode=a.placement, kv_page_tokens=a.kv_page_tokens, prefill_chunk=a.prefill_chunk,
+                       device=a.device)
     print(p.explain())
     print(f"({how})")
     if a.json:
@@ -168,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         g.set_defaults(func=fn)
         if name == "plan":
             g.add_argument("--json", action="store_true")
+            g.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                           help="where the layers compute (cuda: planning only, three tiers)")
+            g.add_argument("--gpu-budget", default=None, help="with --device cuda: GPU memory budget, e.g. 20GiB")
+            g.add_argument("--machine", default=None,
+                           help="machine profile for the prediction, e.g. A100-80GB-SXM (default: this "
+                                "machine's cached `roofline probe` for the device)")
         else:
             g.add_argument("--prompt-ids", type=_ids, default=[1], help="comma-separated token ids")
             g.add_argument("--tokens", type=int, default=16)

@@ -462,6 +462,8 @@ def _release(streamer, store) -> None:
 def _check_placement(plan: Placement, store, kv_bits) -> None:
     """A Placement given by the caller must describe this store (units, sizes, slots) and the
     KV format it will hold (its budget reserved that KV)."""
+    if plan.device != "cpu":
+        raise ValueError(f"placement: planned for device={plan.device!r}; this executor runs device='cpu' plans only")
     if plan.kv_bits != kv_bits:
         raise ValueError(f"placement: planned for kv_bits={plan.kv_bits!r}, load_model got kv_bits={kv_bits!r}")
     units = set(store.unit_names())
@@ -516,7 +518,8 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
         spill to disk (``offload.TieredKVCache``), at most "disk" bytes of page files.
     weight_bits : None (the checkpoint's dtype) or 1..4 (LUT-GEMV format, group ``group_size``).
     kv_bits : None (dense KV in the compute dtype) or 8 / 4 / 2 / "fp8" (``pk.QuantizedKVCache``).
-    device : "cpu" ("cuda" raises NotImplementedError: the GPU tier is not written yet).
+    device : "cpu" ("cuda" raises NotImplementedError: the GPU executor is not written yet;
+        ``plan_placement(..., device="cuda")`` plans the three tiers on paper).
     placement : "auto", "disk" (stream every layer and the head), "memory" (all resident), or a
         ``Placement`` from :func:`offload.plan_placement`.
     store_dir : where the converted store lives (default under ``$XDG_CACHE_HOME/pykernels/offload``);
@@ -548,7 +551,8 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     if device == "cuda":
         raise NotImplementedError("device='cuda': the GPU tier of the offload executor is not written yet; "
-                                  "use device='cpu' (see README: what has run where)")
+                                  "use device='cpu' (see README: what has run where). "
+                                  "offload.plan_placement(..., device='cuda') shows where each unit would live")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a directory path, got {type(path).__name__}")
     path = os.fspath(path)

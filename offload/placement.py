@@ -11,6 +11,13 @@ decoding needs anyway: the KV cache, the streaming slots and a workspace for act
 The prediction per token is the roofline's: ``max(disk bytes / disk bandwidth, compute time)``
 where compute is ``roofline.analyze_model``'s in-memory decode step on this machine's profile
 (I/O and compute overlap in the streaming executor).
+
+``device="cuda"`` plans three tiers (:func:`plan_placement` with a "gpu" budget): the GPU holds
+the KV cache, the workspace, two device slots and as many units as fit; each unit not on the GPU
+is copied into a slot every step (``links["h2d_pinned"]``), from pinned CPU memory where the
+"cpu" budget holds it and through the CPU staging slots from disk otherwise. Predicted step:
+``max(GPU compute, PCIe bytes / h2d bandwidth, disk bytes / disk bandwidth)``. This is planning
+only: the CUDA executor is not written, so ``load_model(device="cuda")`` raises.
 """
 from __future__ import annotations
 
@@ -145,6 +152,11 @@ class Placement:
     disk_bandwidth, predicted_s, bound_s, compute_s : seconds per decode step (None without
         a measured profile); ``bound_s`` is the disk bound ``disk bytes / disk bandwidth``.
     reasons : unit -> one sentence.
+    gpu_slots, gpu_slot_bytes : (device="cuda") device buffers each non-resident unit is copied
+        into before it computes (double buffering), each as large as the largest such unit.
+    pcie_bytes_per_token, pcie_bandwidth, pcie_s : (device="cuda") bytes copied host -> device
+        per decode step (units not on the GPU, embedding rows), the h2d bandwidth used and the
+        resulting seconds.
     """
 
     device: str
@@ -176,6 +188,11 @@ class Placement:
     kv_disk_budget: int | None = None
     kv_reason: str = ""
     prefill_chunk: int = PREFILL_CHUNK
+    gpu_slots: int = 0
+    gpu_slot_bytes: int = 0
+    pcie_bytes_per_token: int = 0
+    pcie_bandwidth: float | None = None
+    pcie_s: float | None = None
 
     @property
     def kv_tiered(self) -> bool:
@@ -194,6 +211,8 @@ class Placement:
 
     def explain(self) -> str:
         """A few lines: budgets, what is resident, what streams, the predicted step."""
+        if self.device == "cuda":
+            return self._explain_cuda()
         gib = lambda b: f"{b / 2**20:.0f} MiB"
         lines = []
         for tier in ("gpu", "cpu"):
@@ -216,6 +235,43 @@ class Placement:
                          f"max({io}, compute {self.compute_s * 1e3:.1f} ms) with I/O overlapped")
         else:
             lines.append("no prediction: no measured machine profile (run `roofline probe`)")
+        return "\n".join(lines)
+
+
+    def _explain_cuda(self) -> str:
+        mib = lambda b: f"{b / 2**20:.0f} MiB" if b >= 2**20 or b == 0 else f"{b / 2**10:.0f} KiB"
+        cap = lambda t: "no limit" if self.budgets.get(t) is None else mib(self.budgets[t])
+        off = [u for u, t in self.tiers.items() if t in ("cpu", "disk") and u != "embed"]
+        lines = [f"gpu: holds {mib(self.used['gpu'])} of {cap('gpu')} "
+                 f"({', '.join(_ranges(self.resident('gpu'))) or 'no weights'}; KV {mib(self.kv_bytes)}, "
+                 + (f"{self.gpu_slots} device slots x {mib(self.gpu_slot_bytes)}" if self.gpu_slots
+                    else "no device slots")
+                 + f", workspace {mib(self.workspace_bytes)}: prompts {self.prefill_chunk} tokens per pass)",
+                 f"cpu: holds {mib(self.used['cpu'])} of {cap('cpu')} "
+                 f"({', '.join(_ranges([u for u in self.resident('cpu') if u != 'embed'])) or 'no layers'} pinned; "
+                 f"embedding {'resident' if self.tiers['embed'] == 'cpu' else 'rows read from disk per token'}; "
+                 + (f"{self.slots} staging slots x {mib(self.slot_bytes)})" if self.slots else "no staging slots)"),
+                 f"pcie: copies {', '.join(_ranges(off)) or 'nothing but embedding rows'} = "
+                 f"{mib(self.pcie_bytes_per_token)} host -> device per decode step",
+                 f"disk: streams {', '.join(_ranges(self.streamed())) or 'nothing'} = "
+                 f"{mib(self.disk_bytes_per_token)} per decode step"]
+        if self.predicted_s is not None:
+            parts = [f"compute {self.compute_s * 1e3:.1f} ms"]
+            if self.pcie_s is not None:
+                parts.append(f"pcie {mib(self.pcie_bytes_per_token)} / {self.pcie_bandwidth / 1e9:.1f} GB/s = "
+                             f"{self.pcie_s * 1e3:.1f} ms")
+            if self.bound_s is not None:
+                parts.append(f"disk {mib(self.disk_bytes_per_token)} / {self.disk_bandwidth / 1e9:.2f} GB/s = "
+                             f"{self.bound_s * 1e3:.1f} ms")
+            lines.append(f"predicted {self.predicted_s * 1e3:.1f} ms per decode step on {self.machine}: "
+                         f"max({', '.join(parts)}) with copies and reads overlapped")
+        elif self.machine is None:
+            lines.append("no prediction: no GPU profile (pass machine=, e.g. 'A100-80GB-SXM', or run "
+                         "`roofline probe --device cuda` on the GPU machine)")
+        else:
+            lines.append(f"no prediction: {self.machine} has no host -> device bandwidth, or units are read "
+                         f"from disk at an unknown disk bandwidth (pass disk_bandwidth=)")
+        lines.append("planning only: the CUDA executor is not written (load_model(device='cuda') raises)")
         return "\n".join(lines)
 
 
@@ -253,6 +309,15 @@ def _machine(machine):
     from roofline.hardware import get_machine
 
     return default_machine("cpu") if machine is None else get_machine(machine)
+
+
+def _gpu_machine(machine):
+    """The GPU's MachineProfile: ``machine`` (a profile or a ``roofline.HARDWARE`` name), or the
+    cached CUDA profile of this machine; None when there is none."""
+    from roofline.advise import default_machine
+    from roofline.hardware import get_machine
+
+    return default_machine("cuda") if machine is None else get_machine(machine)
 
 
 def disk_read_bandwidth(m) -> float | None:
@@ -336,7 +401,9 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
         weight and KV page on disk once); None: :func:`choose_prefill_chunk` (at most 1/16 of the
         CPU budget more workspace than a ``PREFILL_CHUNK``-token pass); the workspace reserved is
         what the chunk needs. At most ``kv_page_tokens`` when the KV spills to disk.
-    device : "cpu" (the CUDA executor is not written yet: "cuda" raises NotImplementedError).
+    device : "cpu", or "cuda" (planning only: three tiers, a "gpu" budget or a ``machine`` with
+        ``mem_capacity`` required; the KV cache stays whole on the GPU; see the module notes. The
+        CUDA executor is not written, so ``load_model`` refuses the result).
     unit_bytes : exact unit sizes (``Store.unit_nbytes``); default: :func:`estimate_unit_bytes`.
     slots : streaming buffers (2 = double buffering), each as large as the largest streamed unit.
     dtype_bytes : bytes per element of the compute dtype (activations, dense KV).
@@ -350,10 +417,7 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
     Placement (``.explain()`` says why).
     """
 
-    if device == "cuda":
-        raise NotImplementedError("device='cuda': the GPU tier of the offload executor is not written yet "
-                                  "(only device='cpu' streams); see the README's status table")
-    if device != "cpu":
+    if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     if mode not in ("auto", "disk", "memory"):
         raise ValueError(f"mode: expected 'auto', 'disk' or 'memory', got {mode!r}")
@@ -374,8 +438,8 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
     if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                       or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk: expected None or an int >= 1, got {prefill_chunk!r}")
-    if budgets.get("gpu") not in (None, 0, "0"):
-        raise ValueError("budgets: a 'gpu' budget needs device='cuda' (not written yet)")
+    if device == "cpu" and budgets.get("gpu") not in (None, 0, "0"):
+        raise ValueError("budgets: a 'gpu' budget needs device='cuda'")
     cpu_cap = None if budgets.get("cpu") is None else parse_bytes(budgets["cpu"], "budgets['cpu']")
     disk_cap = None if budgets.get("disk") is None else parse_bytes(budgets["disk"], "budgets['disk']")
     c = _cfg(config)
@@ -398,10 +462,25 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
         dt = {4: torch.float32, 2: torch.bfloat16}.get(dtype_bytes, torch.bfloat16)
         kv = L * QuantizedKVCache.allocation_bytes(batch, context, kvh, hd, bits=kv_bits, group_size=kv_group_size,
                                                    residual=kv_residual, dtype=dt, resident=True)
+    gpu_m = gpu_cap = None
+    if device == "cuda":  # the workspace lives on the GPU: its budget bounds the prefill chunk
+        gpu_m = _gpu_machine(machine)
+        if budgets.get("gpu") is not None:
+            gpu_cap = parse_bytes(budgets["gpu"], "budgets['gpu']")
+        elif gpu_m is not None and gpu_m.mem_capacity:
+            gpu_cap = int(gpu_m.mem_capacity * GPU_CAPACITY_FRACTION)
+        else:
+            raise ValueError("budgets: device='cuda' needs a 'gpu' budget (or a machine with mem_capacity, e.g. "
+                             "machine='A100-80GB-SXM')")
     # activations + the RoPE cos/sin tables (float32 [context, head_dim] each)
-    chunk = choose_prefill_chunk(c, batch, context, cpu_cap) if prefill_chunk is None else prefill_chunk
+    chunk = (choose_prefill_chunk(c, batch, context, cpu_cap if device == "cpu" else gpu_cap)
+             if prefill_chunk is None else prefill_chunk)
     ws = workspace_bytes(c, batch, context, chunk) + 2 * 4 * context * hd
     fixed = kv + ws
+    if device == "cuda":
+        return _plan_cuda(c, ub, gpu_m, gpu_cap, cpu_cap, disk_cap, kv=kv, ws=ws, chunk=chunk, batch=batch,
+                          context=context, weight_bits=weight_bits, kv_bits=kv_bits, slots=slots,
+                          page_bytes=page_bytes, disk_bandwidth=disk_bandwidth, mode=mode, dtype_bytes=dtype_bytes)
     cap = math.inf if cpu_cap is None else cpu_cap
     reasons = {}
     layers = [f"layer.{i}" for i in range(L)]
@@ -513,6 +592,153 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
                        f"step ({tier['slots']} read slots of {tier['chunk_pages']} pages: {tier['slots_why']})")
     _predict(p, c, machine, disk_bandwidth, dtype_bytes)
     return p
+
+
+#: device buffers a unit that is not resident on the GPU is copied into (double buffering)
+GPU_SLOTS = 2
+#: share of a machine's GPU memory the planner uses when no "gpu" budget is given (the CUDA
+#: context, the allocator's fragmentation and other tensors need the rest)
+GPU_CAPACITY_FRACTION = 0.9
+
+
+def _plan_cuda(c: dict, ub: dict, m, gpu_cap: int, cpu_cap, disk_cap, *, kv: int, ws: int, chunk: int, batch: int,
+               context: int, weight_bits, kv_bits, slots: int, page_bytes: int, disk_bandwidth, mode: str,
+               dtype_bytes: int) -> Placement:
+    """plan_placement for device="cuda" (see the module notes). ``m``: the GPU's profile or None."""
+    L = c["num_hidden_layers"]
+    layers = [f"layer.{i}" for i in range(L)]
+    units = layers + ["head"]
+    need = ["embed", *units]
+    if kv + ws > gpu_cap:
+        raise ValueError(f"budgets['gpu']: {gpu_cap / _MiB:.0f} MiB cannot hold the KV cache ({kv / _MiB:.0f} MiB for "
+                         f"batch={batch}, context={context}) and the workspace ({ws / _MiB:.0f} MiB); with "
+                         f"device='cuda' the KV cache stays whole on the GPU (spilling it to CPU memory or disk "
+                         f"is only planned for device='cpu')")
+    cpu = math.inf if cpu_cap is None else cpu_cap
+    embed_cost = min(ub["embed"], batch * page_bytes)
+
+    def gpu_option(head_off: bool, n_off: int):
+        """(units off the GPU, GPU bytes held) with ``n_off`` layers (spread) and maybe the head
+        copied in every step; None when it does not fit the GPU budget."""
+        idx = _spread(L, n_off)
+        off = [u for i, u in enumerate(layers) if i in idx] + (["head"] if head_off else [])
+        slot = max((ub[u] for u in off), default=0)
+        held = kv + ws + (GPU_SLOTS * slot if off else 0) + sum(ub[u] for u in units if u not in off)
+        return None if held > gpu_cap else (off, held)
+
+    def cpu_option(off: list, head_disk: bool, n_disk: int, embed_disk: bool = False):
+        """(tiers, CPU bytes held, disk bytes per token) with ``n_disk`` of the off-GPU layers
+        (spread) and maybe the head read from disk; None when it does not fit the CPU budget."""
+        off_layers = [u for u in off if u != "head"]
+        idx = _spread(len(off_layers), n_disk)
+        disk = [u for i, u in enumerate(off_layers) if i in idx] + (["head"] if head_disk and "head" in off else [])
+        slot = max((ub[u] for u in disk), default=0)
+        held = (slots * slot if disk else 0) + sum(ub[u] for u in off if u not in disk)
+        if held > cpu:
+            return None
+        t = {u: ("gpu" if u not in off else "disk" if u in disk else "cpu") for u in units}
+        if not embed_disk and held + ub["embed"] <= cpu:
+            held += ub["embed"]
+            t["embed"] = "cpu"
+        else:
+            t["embed"] = "disk"
+        return t, held, sum(ub[u] for u in disk) + (embed_cost if t["embed"] == "disk" else 0)
+
+    if mode == "memory":
+        g = gpu_option(False, 0)
+        if g is None:
+            total = kv + ws + sum(ub[u] for u in units)
+            raise ValueError(f"budgets['gpu']: placement='memory' needs {total / _MiB:.0f} MiB on the GPU "
+                             f"(layers and head {(total - kv - ws) / _MiB:.0f} + KV {kv / _MiB:.0f} + workspace "
+                             f"{ws / _MiB:.0f}), budget is {gpu_cap / _MiB:.0f} MiB")
+        best_cpu = cpu_option([], False, 0)
+        if best_cpu is None or best_cpu[0]["embed"] != "cpu":
+            raise ValueError(f"budgets['cpu']: placement='memory' keeps the embedding ({ub['embed'] / _MiB:.0f} MiB) "
+                             f"in CPU memory, budget is {cpu / _MiB:.0f} MiB")
+    else:
+        if mode == "disk":
+            gpu_opts = [gpu_option(True, L)]
+        else:  # the fewest bytes copied to the GPU per step
+            gpu_opts = [gpu_option(h, n) for h in (False, True) for n in range(L + 1)]
+        g = min((o for o in gpu_opts if o is not None), key=lambda o: (sum(ub[u] for u in o[0]), o[1]), default=None)
+        if g is None:
+            least = kv + ws + GPU_SLOTS * max(ub[u] for u in units)
+            raise ValueError(f"budgets['gpu']: {gpu_cap / _MiB:.1f} MiB is too small: with every layer and the head "
+                             f"copied in per step the GPU still needs {least / _MiB:.1f} MiB (KV {kv / _MiB:.1f} MiB, "
+                             f"workspace {ws / _MiB:.1f} MiB, {GPU_SLOTS} device slots of the largest unit)")
+        off = g[0]
+        n_layers_off = sum(1 for u in off if u != "head")
+        if mode == "disk":
+            cpu_opts = [cpu_option(off, True, n_layers_off, embed_disk=True)]
+        else:  # then the fewest bytes read from disk per step
+            cpu_opts = [cpu_option(off, h, n) for h in (False, True) for n in range(n_layers_off + 1)]
+        best_cpu = min((o for o in cpu_opts if o is not None), key=lambda o: o[2], default=None)
+        if best_cpu is None:
+            raise ValueError(f"budgets['cpu']: {cpu / _MiB:.1f} MiB cannot hold {slots} staging slots for the "
+                             f"units read from disk ({max(ub[u] for u in off) / _MiB:.1f} MiB each)")
+    tiers, used_cpu, disk_tok = best_cpu
+    off, used_gpu = g  # (budgets["disk"] limits KV page files, which a cuda plan never writes)
+    reasons = {}
+    for u in need:
+        t = tiers[u]
+        if u == "embed":
+            reasons[u] = ("resident in CPU memory: rows looked up on the host, copied to the GPU per token"
+                          if t == "cpu" else "on disk: only the rows of the input tokens are read")
+        elif t == "gpu":
+            reasons[u] = "resident in GPU memory"
+        elif t == "cpu":
+            reasons[u] = "pinned in CPU memory, copied into a device slot every step: the GPU budget is full"
+        else:
+            reasons[u] = ("placement='disk': read from disk and copied to the GPU every step" if mode == "disk"
+                          else "read from disk and copied to the GPU every step: the GPU and CPU budgets are full")
+    streamed = [u for u in units if tiers[u] == "disk"]
+    p = Placement(device="cuda", tiers={u: tiers[u] for u in need}, unit_bytes=ub,
+                  budgets={"gpu": gpu_cap, "cpu": cpu_cap, "disk": disk_cap},
+                  slots=slots if streamed else 0, slot_bytes=max((ub[u] for u in streamed), default=0),
+                  kv_bytes=kv, workspace_bytes=ws, used={"gpu": used_gpu, "cpu": used_cpu},
+                  disk_bytes_per_token=disk_tok, batch=batch, context=context, weight_bits=weight_bits,
+                  kv_bits=kv_bits, reasons=reasons, prefill_chunk=chunk,
+                  gpu_slots=GPU_SLOTS if off else 0, gpu_slot_bytes=max((ub[u] for u in off), default=0),
+                  pcie_bytes_per_token=sum(ub[u] for u in off) + batch * c["hidden_size"] * dtype_bytes)
+    _predict_cuda(p, c, m, disk_bandwidth)
+    return p
+
+
+def _predict_cuda(p: Placement, c: dict, m, disk_bandwidth) -> None:
+    """Prediction fields of a device="cuda" plan (in place): nothing without the GPU's profile,
+    and none when units are read from disk at an unknown disk bandwidth."""
+    from roofline.model import analyze_model
+
+    if m is None:
+        return
+    h2d = m.links.get("h2d_pinned")
+    bw = disk_bandwidth
+    if bw is None:
+        bw = m.links.get("disk_read")
+        try:
+            host = _machine(None)
+        except (ValueError, OSError):
+            host = None
+        if bw is None and host is not None:
+            bw = disk_read_bandwidth(host)
+    try:
+        a = analyze_model(c, batch=p.batch, context=p.context, w_bits=p.weight_bits or 16,
+                          kv_bits=16 if p.kv_bits is None else p.kv_bits, machine=m)
+    except ValueError:
+        return
+    p.machine, p.compute_s, p.disk_bandwidth, p.pcie_bandwidth = m.name, a.time_s, bw, h2d
+    times = [a.time_s]
+    if p.pcie_bytes_per_token and h2d:
+        p.pcie_s = p.pcie_bytes_per_token / h2d
+        times.append(p.pcie_s)
+    elif p.pcie_bytes_per_token:
+        return  # copies of unknown cost
+    if p.disk_bytes_per_token:
+        if not bw:
+            return
+        p.bound_s = p.disk_bytes_per_token / bw
+        times.append(p.bound_s)
+    p.predicted_s = max(times)
 
 
 def _predict(p: Placement, c: dict, machine, disk_bandwidth, dtype_bytes) -> None:

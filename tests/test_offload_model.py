@@ -581,3 +581,101 @@ def test_given_placement_must_match_the_kv_format(tiny32, tmp_path):
     p = plan_placement(cfg, context=64, mode="disk", dtype_bytes=4, unit_bytes=ub)
     with pytest.raises(ValueError, match="kv_bits"):
         _load(tiny32, tmp_path, placement=p, kv_bits=8, kv_residual=32, max_context=64)
+
+
+# ------------------------------------------------------------------ device="cuda": planning only
+
+_L3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+              intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, model_type="llama")
+
+
+def _cuda_accounting(p, ub):
+    """The three tiers' books of a device="cuda" plan must balance exactly."""
+    units = [u for u in ub if u != "embed"]
+    off = [u for u in units if p.tiers[u] != "gpu"]
+    disk = [u for u in units if p.tiers[u] == "disk"]
+    assert p.device == "cuda" and set(p.tiers.values()) <= {"gpu", "cpu", "disk"}
+    assert p.streamed() == disk
+    assert p.gpu_slots == (2 if off else 0) and p.gpu_slot_bytes == max((ub[u] for u in off), default=0)
+    assert p.used["gpu"] == (p.kv_bytes + p.workspace_bytes + p.gpu_slots * p.gpu_slot_bytes
+                             + sum(ub[u] for u in units if p.tiers[u] == "gpu"))
+    assert p.slots == (2 if disk else 0) and p.slot_bytes == max((ub[u] for u in disk), default=0)
+    assert p.used["cpu"] == (p.slots * p.slot_bytes + sum(ub[u] for u in units if p.tiers[u] == "cpu")
+                             + (ub["embed"] if p.tiers["embed"] == "cpu" else 0))
+    assert p.pcie_bytes_per_token == sum(ub[u] for u in off) + p.batch * 4096 * 2
+    assert p.disk_bytes_per_token == sum(ub[u] for u in disk) + (
+        min(ub["embed"], p.batch * 4 * _MiB) if p.tiers["embed"] == "disk" else 0)
+    for tier in ("gpu", "cpu"):
+        assert p.budgets[tier] is None or p.used[tier] <= p.budgets[tier]
+
+
+@pytest.mark.parametrize("budgets", [{"gpu": "40GiB"}, {"gpu": "12GiB", "cpu": "2GiB"}, {"gpu": "8GiB", "cpu": "8GiB"},
+                                     {"gpu": "6GiB", "cpu": "3GiB"}, {"gpu": "6GiB"}])
+def test_plan_cuda_three_tiers_balance_and_prefer_the_gpu(budgets):
+    ub = estimate_unit_bytes(_L3_8B)
+    p = plan_placement(_L3_8B, "A100-80GB-SXM", budgets, device="cuda", context=8192, disk_bandwidth=2e9)
+    _cuda_accounting(p, ub)
+    layer = ub["layer.0"]
+    # the GPU is filled first: one more resident layer would not fit beside the device slots
+    assert p.used["gpu"] + layer > p.budgets["gpu"] or all(t == "gpu" for u, t in p.tiers.items() if u != "embed")
+    if p.budgets["cpu"] is not None:  # then CPU memory, before the disk
+        assert p.used["cpu"] + layer > p.budgets["cpu"] or not p.streamed()
+    # prediction: max of the three overlapped costs
+    parts = [p.compute_s, p.pcie_bytes_per_token / p.pcie_bandwidth] + (
+        [p.disk_bytes_per_token / 2e9] if p.disk_bytes_per_token else [])
+    assert p.predicted_s == pytest.approx(max(parts))
+    text = p.explain()
+    assert "gpu: holds" in text and "pcie: copies" in text and "planning only" in text
+
+
+def test_plan_cuda_modes_and_errors():
+    ub = estimate_unit_bytes(_L3_8B)
+    whole = plan_placement(_L3_8B, "A100-80GB-SXM", None, device="cuda", context=8192)  # 90% of 80 GiB
+    assert whole.budgets["gpu"] == int(0.9 * 80 * 2**30) and whole.streamed() == [] and whole.gpu_slots == 0
+    assert whole.tiers["embed"] == "cpu" and whole.pcie_bytes_per_token == 4096 * 2
+    mem = plan_placement(_L3_8B, "A100-80GB-SXM", {"gpu": "20GiB", "cpu": "2GiB"}, device="cuda", context=8192,
+                         mode="memory")
+    assert all(t == "gpu" for u, t in mem.tiers.items() if u != "embed") and mem.tiers["embed"] == "cpu"
+    disk = plan_placement(_L3_8B, "A100-80GB-SXM", {"gpu": "6GiB", "cpu": "2GiB"}, device="cuda", context=8192,
+                          mode="disk", disk_bandwidth=2e9)
+    _cuda_accounting(disk, ub)
+    assert set(disk.tiers.values()) == {"disk"} and len(disk.streamed()) == 33
+    with pytest.raises(ValueError, match="budgets\\['gpu'\\].*KV cache stays whole"):
+        plan_placement(_L3_8B, "A100-80GB-SXM", {"gpu": "1GiB"}, device="cuda", context=8192)
+    with pytest.raises(ValueError, match="budgets\\['gpu'\\].*memory"):
+        plan_placement(_L3_8B, "A100-80GB-SXM", {"gpu": "10GiB"}, device="cuda", context=8192, mode="memory")
+    with pytest.raises(ValueError, match="budgets\\['gpu'\\].*too small"):  # KV + workspace fit, slots do not
+        plan_placement(_L3_8B, "A100-80GB-SXM", {"gpu": "1400MiB"}, device="cuda", context=8192)
+    with pytest.raises(ValueError, match="budgets\\['cpu'\\].*staging"):
+        plan_placement(_L3_8B, "A100-80GB-SXM", {"gpu": "4GiB", "cpu": "100MiB"}, device="cuda", context=8192)
+    with pytest.raises(ValueError, match="'gpu' budget"):  # no budget and no capacity to derive one from
+        plan_placement(_L3_8B, None, None, device="cuda", context=8192)
+    with pytest.raises(ValueError, match="'gpu' budget needs device='cuda'"):
+        plan_placement(_L3_8B, budgets={"gpu": "8GiB"}, context=8192)
+
+
+def test_plan_cuda_without_a_disk_bandwidth_predicts_nothing(monkeypatch):
+    import offload.placement as pl
+
+    monkeypatch.setattr(pl, "_machine", lambda machine: None)  # no host profile with a disk figure
+    p = plan_placement(_L3_8B, "A100-80GB-SXM", {"gpu": "6GiB", "cpu": "3GiB"}, device="cuda", context=8192)
+    assert p.streamed() and p.predicted_s is None and p.compute_s is not None
+    assert "no prediction" in p.explain() and "disk_bandwidth" in p.explain()
+    q = plan_placement(_L3_8B, "A100-80GB-SXM", {"gpu": "40GiB"}, device="cuda", context=8192)  # nothing on disk
+    assert q.predicted_s == pytest.approx(q.compute_s)
+
+
+def test_plan_cuda_is_planning_only(tiny32, tmp_path):
+    with offload.convert(tiny32, str(tmp_path / "store")) as st:
+        cfg = st.config
+        ub = {u: st.unit_nbytes(u) for u in st.unit_names()}
+    p = plan_placement(cfg, "A100-80GB-SXM", {"gpu": "1GiB"}, device="cuda", context=16, dtype_bytes=4, unit_bytes=ub)
+    assert p.device == "cuda"
+    with pytest.raises(ValueError, match="device='cuda'"):  # the CPU executor refuses a GPU plan
+        _load(tiny32, tmp_path, placement=p, max_context=16)
+    with pytest.raises(NotImplementedError, match="plan_placement"):
+        _load(tiny32, tmp_path, device="cuda")
+    out = subprocess.run([sys.executable, "-m", "offload", "plan", tiny32, "--device", "cuda", "--gpu-budget", "1GiB",
+                          "--machine", "H100-SXM", "--max-context", "16"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "gpu: holds" in out.stdout and "planning only" in out.stdout
