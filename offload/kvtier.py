@@ -39,6 +39,7 @@ writing, never a partial page.
 from __future__ import annotations
 
 import errno
+import fcntl
 import math
 import os
 import re
@@ -132,33 +133,64 @@ def default_kv_dir() -> str:
     return d
 
 
-_PRIVATE = re.compile(r"^pk-kv-(\d+)-[A-Za-z0-9_]+$")
+_PRIVATE = re.compile(r"^pk-kv-([A-Za-z0-9_]+)-(\d+)-[A-Za-z0-9_]+$")
+_LOCK = ".lock"
+
+
+def _host_tag() -> str:
+    """This host's name as it appears in page directory names (letters, digits and _)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", os.uname().nodename)[:40] or "host"
+
+
+def _make_private_dir(parent: str) -> tuple[str, int]:
+    """A new page directory ``pk-kv-<host>-<pid>-*`` under ``parent`` holding ``.lock``, locked
+    (flock) by this process for the directory's life -> (path, lock fd). The lock is taken on a
+    temporary name and renamed into place, so no other process ever sees an unlocked ``.lock``."""
+    d = tempfile.mkdtemp(prefix=f"pk-kv-{_host_tag()}-{os.getpid()}-", dir=parent)
+    tmp = os.path.join(d, ".lock-new")
+    fd = os.open(tmp, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(tmp, os.path.join(d, _LOCK))
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(d, ignore_errors=True)
+        raise
+    return d, fd
 
 
 def remove_stale_dirs(parent: str) -> list[str]:
     """Delete the page directories under ``parent`` left by caches whose process died without
-    closing them (killed, crashed): ``pk-kv-<pid>-*`` owned by this user whose pid is not
-    running. -> the directories removed. (A reused pid keeps its directory: never one in use.)"""
+    closing them (killed, crashed) -> the directories removed. A directory is stale when it is
+    this user's, was made on this host, and its ``.lock`` can be locked: the owning process holds
+    that lock (flock) for as long as it lives, whatever its pid namespace. Directories without a
+    lock file, of another host (a shared NFS cache) or another user are never touched."""
     removed = []
     try:
         names = os.listdir(parent)
     except OSError:
         return removed
+    host = _host_tag()
     for name in names:
         m = _PRIVATE.match(name)
-        if not m:
+        if not m or m.group(1) != host:
             continue
         path = os.path.join(parent, name)
         try:
             if os.stat(path).st_uid != os.getuid():
                 continue
-            os.kill(int(m.group(1)), 0)
-            continue  # the process is alive
-        except ProcessLookupError:
+            fd = os.open(os.path.join(path, _LOCK), os.O_RDWR)
+        except OSError:
+            continue  # no lock file (being made, or not ours) or unreadable: leave it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # locked: its process is alive
+        else:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
-        except (PermissionError, OSError):
-            continue  # alive under another user, or unreadable: leave it
+        finally:
+            os.close(fd)
     return removed
 
 
@@ -417,7 +449,11 @@ class TieredKVCache:
                                  f"layer x {L} layers x {self.page_bytes} bytes = {self.disk_bytes_max} bytes spill to "
                                  f"disk at capacity {capacity}")
         self.disk_budget = disk_budget
-        self._dirbox = [None]  # the private page directory, shared with the finalizer
+        self._dirbox = [None, None]  # the private page directory and its lock fd, shared with the finalizer
+        if disk_dir is not None and not isinstance(disk_dir, (str, os.PathLike)):
+            raise TypeError(f"disk_dir: expected a directory path (str or os.PathLike), got {type(disk_dir).__name__}")
+        if disk_dir is not None and not isinstance(os.fspath(disk_dir), str):
+            raise TypeError(f"disk_dir: expected a str path, got {os.fspath(disk_dir)!r}")
         if self.disk_bytes_max:
             parent = os.fspath(disk_dir) if disk_dir is not None else default_kv_dir()
             if not os.path.isdir(parent):
@@ -524,8 +560,19 @@ class TieredKVCache:
                 "approx_cosine_last": self._audit_cos[-1] if self._audit_cos else None,
                 "read_mode": None if r is None else ("direct" if r.direct else "buffered")}
 
+    def _check_layer(self, layer) -> None:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.cfg.num_layers:
+            raise ValueError(f"layer: expected an int in [0, {self.cfg.num_layers}), got {layer!r}")
+
+    def _check_open(self) -> None:
+        if not self._finalizer.alive:
+            raise RuntimeError("TieredKVCache: closed")
+        if self._broken:
+            raise RuntimeError(self._broken)
+
     def tier_tokens(self, layer: int = 0) -> dict:
         """Tokens of ``layer`` per tier: {"window", "cpu", "disk"} (committed and pending)."""
+        self._check_layer(layer)
         pages = self._pages[layer]
         nd = sum(1 for p in pages if p["tier"] == "disk")
         S = self.page_tokens
@@ -544,14 +591,16 @@ class TieredKVCache:
                 f"nbytes={self.nbytes}, disk_bytes={self.disk_bytes}, approx={self.approx})")
 
     # ------------------------------------------------------------------ appends
-    def _reserve(self, layer, q, k, v, T_expected=None):
+    def _reserve(self, layer, q, k, v, T_expected=None, need_q=True):
         if self._broken:
             raise RuntimeError(self._broken)
         if self._finalizer is not None and not self._finalizer.alive:
             raise RuntimeError("TieredKVCache: closed")
-        for name, t in (("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.device.type != "cpu":
-                raise TypeError(f"{name}: expected a float tensor on the CPU, got "
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if name == "q" and not need_q:
+                continue  # append(): no query
+            if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT or t.device.type != "cpu":
+                raise TypeError(f"{name}: expected a float32 / float16 / bfloat16 tensor on the CPU, got "
                                 f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '-')}")
         T = check_append(self, layer, q, k, v, T_expected)
         if T > self.max_append:
@@ -560,6 +609,16 @@ class TieredKVCache:
             raise RuntimeError(f"the full-precision window of layer {layer} is full ({self._win_n[layer]} tokens): "
                                f"an earlier page spill failed; free disk space and call advance(0)")
         if self.kv_bits is None:
+            if self._reader is not None and not any(self._pending):
+                # advance(T) will seal pages in every layer, and pages that find no free CPU slot
+                # spill to disk: check the room for all of them before the first layer appends,
+                # so a full disk fails the forward with nothing committed (a retry is safe)
+                S, need = self.page_tokens, 0
+                for i in range(self.cfg.num_layers):
+                    seals = (self._win_n[i] + T) // S
+                    need += seals if self.cpu_pages == 0 else max(0, seals - len(self._cpu_free[i]))
+                if need:
+                    self._check_disk(need * self.page_bytes)
             n0 = self._win_n[layer]
             self._win_k[layer, :, n0:n0 + T] = k
             self._win_v[layer, :, n0:n0 + T] = v
@@ -578,7 +637,7 @@ class TieredKVCache:
     def append(self, layer: int, k, v) -> None:
         """Append k, v [B, T, Hkv, D] (T <= max_append) to ``layer`` without attending (loading
         a precomputed cache); ``advance(T)`` after every layer, as in a forward."""
-        self._reserve(layer, None, k, v)
+        self._reserve(layer, None, k, v, need_q=False)
 
     def discard_pending(self) -> None:
         """Forget what layers appended since the last ``advance`` (a forward that failed part
@@ -600,6 +659,8 @@ class TieredKVCache:
         unusable, as any failed forward on a quantized cache.)"""
         if not self._finalizer.alive:
             raise RuntimeError("TieredKVCache: closed")
+        if isinstance(T, bool) or not isinstance(T, int) or T < 0:
+            raise ValueError(f"T: expected an int >= 0, got {T!r}")
         bad = [i for i, p in enumerate(self._pending) if p != T]
         if bad:
             raise ValueError(f"T: advance({T}) but layer {bad[0]} appended {self._pending[bad[0]]} tokens in this "
@@ -610,9 +671,14 @@ class TieredKVCache:
             return  # quantized appends already placed their tokens
         for i in range(self.cfg.num_layers):
             self._win_n[i] += T
-        for i in range(self.cfg.num_layers):
-            while self._win_n[i] >= self.page_tokens + self.residual:
-                self._seal(i)
+        try:
+            for i in range(self.cfg.num_layers):
+                while self._win_n[i] >= self.page_tokens + self.residual:
+                    self._seal(i)
+        except StoreError as e:  # the disk filled up since the forward's check
+            raise StoreError(f"{e}. The {T} tokens of this forward ARE committed (length {self.length}): do not "
+                             f"append them again; the page is written at the next advance() once there is "
+                             f"room (advance(0) retries)") from e
 
     # ------------------------------------------------------------------ pages
     def _write_fields(self, views, slot, start, f, a, b):
@@ -749,7 +815,7 @@ class TieredKVCache:
         n = len(mv)
         self._check_disk(n)
         if self._dirbox[0] is None:
-            self._dirbox[0] = tempfile.mkdtemp(prefix=f"pk-kv-{os.getpid()}-", dir=self._parent)
+            self._dirbox[0], self._dirbox[1] = _make_private_dir(self._parent)
         d = os.path.join(self._dirbox[0], f"layer{layer}")
         os.makedirs(d, exist_ok=True)
         path = os.path.join(d, f"page{rec['index']:06d}.kv")
@@ -990,6 +1056,8 @@ class TieredKVCache:
     def dequantize(self, layer: int):
         """(k, v) float32 [B, n, Hkv, D] of every token ``layer`` holds, in order (pages as
         stored, dequantized; then the window): what its attention reads."""
+        self._check_open()
+        self._check_layer(layer)
         scratch = self._scratch() if self._disk_pages(layer) else None
         ks, vs = [], []
         for rec in self._pages[layer]:
@@ -1008,6 +1076,7 @@ class TieredKVCache:
     def read_pass(self) -> float:
         """Read every disk page once through the reader (no compute) -> seconds: the disk
         bound of one exact decode step right now."""
+        self._check_open()
         r = self._reader
         if r is None or not any(self._disk_pages(i) for i in range(self.cfg.num_layers)):
             return 0.0
@@ -1068,3 +1137,6 @@ def _cleanup(reader, dirbox) -> None:
         reader.close()
     if dirbox[0] is not None:
         shutil.rmtree(dirbox[0], ignore_errors=True)
+    if dirbox[1] is not None:  # the lock goes last: the directory is gone before it is free
+        os.close(dirbox[1])
+        dirbox[1] = None

@@ -61,6 +61,8 @@ num_workers, tile)``
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FORMATS = (8, 4, 2, "fp8")
@@ -232,7 +234,7 @@ def check_format(bits, group_size: int, head_dim: int) -> None:
     """ValueError naming the argument for an unsupported combination."""
     if bits not in FORMATS:
         raise ValueError(f"bits: expected one of 8, 4, 2 or 'fp8', got {bits!r}")
-    if group_size not in GROUP_SIZES:
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size not in GROUP_SIZES:
         raise ValueError(f"group_size: expected one of {GROUP_SIZES}, got {group_size!r}")
-    if not isinstance(head_dim, int) or head_dim < 8 or head_dim % 8 or head_dim > 512:
+    if isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral) or head_dim < 8 or head_dim % 8 or head_dim > 512:
         raise ValueError(f"head_dim: expected a multiple of 8 in [8, 512], got {head_dim!r}")

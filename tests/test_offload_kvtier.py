@@ -218,7 +218,7 @@ def _filled(tmp_path, n=5, extra=8, **kw):
 
 def test_corrupt_page_is_detected(tmp_path):
     c, g = _filled(tmp_path)
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(c.directory) for f in fs)
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(c.directory) for f in fs if f != ".lock")
     assert len(files) == 4 and all(f.endswith(".kv") for f in files)  # 5 pages, 1 in memory
     with open(files[1], "r+b") as f:
         f.seek(777)
@@ -261,15 +261,40 @@ def test_disk_budget_is_checked_before_anything_is_written(tmp_path):
         TieredKVCache(cfg, 1, 64 * 9, page_tokens=64, cpu_pages=1, disk_dir=tmp_path / "nope")
 
 
-def test_full_disk_raises_before_writing_and_loses_nothing(tmp_path, monkeypatch):
+def test_full_disk_fails_the_forward_before_plain_pages_change(tmp_path, monkeypatch):
+    """Plain pages seal in advance(), after every layer ran: the first layer's append checks the
+    room for the pages that will spill, so a full disk fails the forward with nothing committed
+    and the caller can simply retry it."""
+    c, g = _filled(tmp_path, n=2, extra=200)  # pages 0 (disk) and 1 (memory)
+    K0, V0 = c.dequantize(0)
+    monkeypatch.setattr(kvtier, "_disk_free", lambda path: 1 << 20)
+    k, v = _kv(g, 1, 64, 2, 32)
+    with pytest.raises(StoreError, match="nothing was written"):
+        c.append(0, k, v)  # its page would push page 1 to disk
+    assert c.length == 128 and c._pending == [0] and c.disk_bytes == c.page_bytes
+    K1, V1 = c.dequantize(0)
+    assert torch.equal(K1, K0) and torch.equal(V1, V0)
+    monkeypatch.undo()
+    c.append(0, k, v)  # the same forward, now with room
+    c.advance(64)
+    assert c.length == 192 and c.tier_tokens(0) == {"window": 0, "cpu": 64, "disk": 128}
+    K2, _ = c.dequantize(0)
+    assert torch.equal(K2[:, :128], K0) and torch.equal(K2[:, 128:], k)
+    c.close()
+
+
+def test_disk_filled_after_the_check_commits_the_tokens_and_says_so(tmp_path, monkeypatch):
+    """Another process fills the disk between the forward's check and advance(): the tokens
+    stay committed (nothing lost), the error says so, and advance(0) writes the page later."""
     c, g = _filled(tmp_path, n=2, extra=200)  # pages 0 (disk) and 1 (memory)
     K0, V0 = c.dequantize(0)
     real = kvtier._disk_free
-    monkeypatch.setattr(kvtier, "_disk_free", lambda path: 1 << 20)
     k, v = _kv(g, 1, 64, 2, 32)
-    c.append(0, k, v)
-    with pytest.raises(StoreError, match="nothing was written"):
+    c.append(0, k, v)  # checked with room
+    monkeypatch.setattr(kvtier, "_disk_free", lambda path: 1 << 20)
+    with pytest.raises(StoreError, match="ARE committed"):
         c.advance(64)  # the third page would push page 1 to disk
+    assert c.length == 192
     assert not [f for _, _, fs in os.walk(c.directory) for f in fs if f.endswith(".tmp")]
     K1, V1 = c.dequantize(0)  # all 192 tokens still there: 2 pages + 64 in the window
     assert K1.shape[1] == 192 and torch.equal(K1[:, :128], K0) and torch.equal(K1[:, 128:], k)
@@ -341,17 +366,47 @@ def test_full_disk_in_a_quantized_forward_is_caught_before_the_first_layer_chang
 
 
 def test_page_directories_of_dead_processes_are_removed(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # its pid is no longer running
-    for pid in (dead.pid, os.getpid()):
-        d = tmp_path / f"pk-kv-{pid}-abc123"
-        d.mkdir()
-        (d / "page000000.kv").write_bytes(b"x" * 4096)
-    (tmp_path / "pk-kv-notapid").mkdir()  # not ours: left alone
-    c = TieredKVCache(_cfg(L=1), 1, 64 * 4, page_tokens=64, cpu_pages=0, disk_dir=tmp_path, dtype=torch.float32)
-    left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted([f"pk-kv-{os.getpid()}-abc123", "pk-kv-notapid"])
-    c.close()
+    """Stale = its .lock is free: the owner holds it (flock) while alive, in whatever pid
+    namespace; another host's, an unlocked-by-design (no lock file) or a foreign-named directory
+    is never touched."""
+    import fcntl
+
+    from offload.kvtier import _host_tag, _make_private_dir, remove_stale_dirs
+
+    host = _host_tag()
+    # a live owner in another process: it holds its lock until told to exit
+    live = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from offload.kvtier import _make_private_dir
+        d, fd = _make_private_dir({str(tmp_path)!r})
+        print(d, flush=True)
+        sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    live_dir = live.stdout.readline().strip()
+    dead = subprocess.run([sys.executable, "-c", f"from offload.kvtier import _make_private_dir; "
+                           f"print(_make_private_dir({str(tmp_path)!r})[0])"], capture_output=True, text=True,
+                          check=True).stdout.strip()  # its process exited: the lock is free
+    mine, fd = _make_private_dir(str(tmp_path))  # this process's, alive
+    for d in (live_dir, dead, mine):
+        (tmp_path / d / "page000000.kv").write_bytes(b"x" * 4096)
+    other = tmp_path / f"pk-kv-otherhost-{os.getpid() + 1}-abc123"  # another host's (shared NFS)
+    other.mkdir()
+    (other / ".lock").write_bytes(b"")
+    nolock = tmp_path / f"pk-kv-{host}-1-abc123"  # no lock file (being made, or an old layout)
+    nolock.mkdir()
+    (tmp_path / "pk-kv-notapid").mkdir()
+    try:
+        assert remove_stale_dirs(str(tmp_path)) == [dead]
+        c = TieredKVCache(_cfg(L=1), 1, 64 * 4, page_tokens=64, cpu_pages=0, disk_dir=tmp_path, dtype=torch.float32)
+        c.close()
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == sorted(os.path.basename(d) for d in (live_dir, mine, other, nolock, tmp_path / "pk-kv-notapid"))
+    finally:
+        live.communicate("")
+    assert remove_stale_dirs(str(tmp_path)) == [live_dir]  # its owner has exited now
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    assert remove_stale_dirs(str(tmp_path)) == [mine]
 
 
 def test_memory_is_fixed_and_accounted(tmp_path):
@@ -401,11 +456,30 @@ def test_bad_arguments_name_the_argument(tmp_path):
     c.advance(60)
     with pytest.raises(ValueError, match="capacity"):
         c.append(0, k[:, :41], k[:, :41])
+    with pytest.raises(ValueError, match="T: expected an int"):
+        c.advance(1.0)  # would leave float lengths behind
+    with pytest.raises(ValueError, match="layer"):
+        c.dequantize(-1)
+    with pytest.raises(ValueError, match="layer"):
+        c.tier_tokens(1)
+    q = torch.zeros(1, 1, 8, 32)
+    for bad in (None, q.long(), q.to(torch.complex64)):  # rejected before anything is appended
+        with pytest.raises(TypeError, match="q:"):
+            c.decode_attend(0, bad, k[:, :1], k[:, :1])
+        assert c._pending == [0]
     c.close()
     with pytest.raises(RuntimeError, match="closed"):
         c.append(0, k[:, :1], k[:, :1])
     with pytest.raises(RuntimeError, match="closed"):
         c.advance(0)
+    for call in (lambda: c.dequantize(0), c.read_pass):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+    with pytest.raises(ValueError, match="group_size"):
+        TieredKVCache(cfg, 1, 100, kv_bits=4, group_size=32.0, page_tokens=64, residual=64)
+    for bad_dir in (123, str(tmp_path).encode()):
+        with pytest.raises(TypeError, match="disk_dir"):
+            TieredKVCache(cfg, 1, 100, page_tokens=64, cpu_pages=0, disk_dir=bad_dir)
 
 
 # -------------------------------------------------------------------- in OffloadedModel
