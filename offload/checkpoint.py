@@ -356,9 +356,12 @@ def _read_header(file: str) -> tuple[dict, int]:
     for name, e in hdr.items():
         try:
             b, end = e["data_offsets"]
-            dt, shape = e["dtype"], tuple(int(s) for s in e["shape"])
+            dt, shape = e["dtype"], tuple(e["shape"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{file}: bad safetensors header entry for {name!r}: {e!r}") from None
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (b, end, *shape)):
+            raise ValueError(f"{file}: bad safetensors header entry for {name!r}: data_offsets and shape must be "
+                             f"integers >= 0, got {e!r}")
         if dt not in SAFETENSORS_DTYPES:
             raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {dt!r}")
         numel = 1

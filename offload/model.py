@@ -553,6 +553,9 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
         raise NotImplementedError("device='cuda': the GPU tier of the offload executor is not written yet; "
                                   "use device='cpu' (see README: what has run where). "
                                   "offload.plan_placement(..., device='cuda') shows where each unit would live")
+    if weight_bits is not None and (isinstance(weight_bits, bool) or not isinstance(weight_bits, int)
+                                    or weight_bits not in (1, 2, 3, 4)):
+        raise ValueError(f"weight_bits: expected None or one of 1, 2, 3, 4, got {weight_bits!r}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a directory path, got {type(path).__name__}")
     path = os.fspath(path)
@@ -575,6 +578,7 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
     if _is_store(path):
         store = Store(path)
         if weight_bits is not None and store.weight_bits != weight_bits:
+            store.close()
             raise ValueError(f"weight_bits: the store at {path!r} holds weight_bits={store.weight_bits}, "
                              f"got {weight_bits}")
     else:

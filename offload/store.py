@@ -141,6 +141,12 @@ def _write_all(fd, mv, offset):
         done += os.pwrite(fd, mv[done:done + (64 << 20)], offset + done)
 
 
+def _is_own_tmp(fname: str) -> bool:
+    """A temp file this module writes (``<unit>.bin.tmp``, ``manifest.json.tmp``,
+    ``progress.json.tmp``): what a killed conversion can leave behind."""
+    return fname.endswith(".tmp") and bool(_UNIT_FILE.match(fname) or fname[:-4] in (_MANIFEST, _JOURNAL))
+
+
 def _unlink_quiet(path):
     try:
         os.unlink(path)
@@ -359,7 +365,8 @@ def _convert(checkpoint, store_dir, *, weight_bits=None, group_size=128, quantiz
     >>> st.unit_names()
     ['embed', 'layer.0', 'layer.1', 'head']
     """
-    if weight_bits is not None and (isinstance(weight_bits, bool) or weight_bits not in (1, 2, 3, 4)):
+    if weight_bits is not None and (isinstance(weight_bits, bool) or not isinstance(weight_bits, int)
+                                    or weight_bits not in (1, 2, 3, 4)):
         raise ValueError(f"weight_bits: expected None or one of 1, 2, 3, 4, got {weight_bits!r}")
     if (isinstance(group_size, bool) or not isinstance(group_size, int)
             or not (group_size == -1 or (group_size >= 8 and group_size % 8 == 0))):
@@ -373,6 +380,8 @@ def _convert(checkpoint, store_dir, *, weight_bits=None, group_size=128, quantiz
         raise ValueError(f"_fail_after_units: expected None or an int >= 0, got {_fail_after_units!r}")
     if not isinstance(store_dir, (str, os.PathLike)):
         raise TypeError(f"store_dir: expected a str or os.PathLike, got {type(store_dir).__name__}")
+    if not isinstance(checkpoint, (Checkpoint, str, os.PathLike)):
+        raise TypeError(f"checkpoint: expected a Checkpoint or a directory path, got {type(checkpoint).__name__}")
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     store_dir = os.path.abspath(os.fspath(store_dir))
     plan = _plan_units(ck)
@@ -385,13 +394,19 @@ def _convert(checkpoint, store_dir, *, weight_bits=None, group_size=128, quantiz
                         raise ValueError(f"group_size: {group_size} does not divide K={K} of {src!r}; "
                                          f"use a divisor of K that is a multiple of 8, or -1 (per-channel)")
 
-    options = {"weight_bits": weight_bits, "group_size": group_size, "quantize_head": quantize_head,
+    # group_size and quantize_head mean nothing without weight_bits: not part of such a store's
+    # identity (a different group_size must not rewrite an unquantized store)
+    options = {"weight_bits": weight_bits, "group_size": group_size if weight_bits is not None else None,
+               "quantize_head": quantize_head and weight_bits is not None,
                "source": {"path": ck.path, "fingerprint": ck.fingerprint()}}
 
     # -- what is already there -------------------------------------------------------------------
     done: dict = {}
     if os.path.lexists(store_dir) and not os.path.isdir(store_dir):
         raise ValueError(f"store_dir: {store_dir!r} exists and is not a directory")
+    if os.path.isdir(store_dir) and os.listdir(store_dir) and all(_is_own_tmp(f) for f in os.listdir(store_dir)):
+        for fname in os.listdir(store_dir):  # only the temp files of a run killed before its first rename
+            _unlink_quiet(os.path.join(store_dir, fname))
     if os.path.isdir(store_dir) and os.listdir(store_dir):
         man = _load_json(os.path.join(store_dir, _MANIFEST))
         jour = _load_json(os.path.join(store_dir, _JOURNAL))
@@ -408,7 +423,7 @@ def _convert(checkpoint, store_dir, *, weight_bits=None, group_size=128, quantiz
             _discard(store_dir, {"format": _JOURNAL_FORMAT, "version": VERSION, "options": options, "units": {}})
     os.makedirs(store_dir, exist_ok=True)
     for fname in os.listdir(store_dir):           # a temp file of a killed run
-        if fname.endswith(".tmp") and (_UNIT_FILE.match(fname) or fname[:-4] in (_MANIFEST, _JOURNAL)):
+        if _is_own_tmp(fname):
             _unlink_quiet(os.path.join(store_dir, fname))
     for unit in list(done):
         try:
@@ -458,8 +473,8 @@ def _convert(checkpoint, store_dir, *, weight_bits=None, group_size=128, quantiz
             bar.close()
 
     manifest = {"format": FORMAT, "version": VERSION, "config": ck.config, "source": options["source"],
-                "weight_bits": weight_bits, "group_size": group_size, "quantize_head": quantize_head,
-                "checksum": "crc32c", "page_bytes": PAGE_BYTES,
+                "weight_bits": weight_bits, "group_size": options["group_size"],
+                "quantize_head": options["quantize_head"], "checksum": "crc32c", "page_bytes": PAGE_BYTES,
                 "units": {u: journal["units"][u] for u in plan}, "complete": True}
     _write_json_atomic(os.path.join(store_dir, _MANIFEST), manifest)
     _unlink_quiet(os.path.join(store_dir, _JOURNAL))   # redundant once the manifest exists
@@ -606,7 +621,10 @@ class Store:
 
     def _fd_for(self, unit) -> int:
         if self.read_mode == "direct":
-            return self._fds[unit]
+            fd = self._fds.get(unit)
+            if fd is None:
+                raise StoreError(f"{self.store_dir}: store is closed")
+            return fd
         fd = self._bfds.get(unit)
         if fd is None:
             with self._lock:
@@ -741,7 +759,8 @@ class Store:
         if len(t["shape"]) != 2:
             raise ValueError(f"name: {name!r} has shape {t['shape']}, read_rows needs a 2-D tensor")
         R, C = t["shape"]
-        idx = torch.as_tensor(rows)
+        idx = torch.as_tensor(rows) if not (isinstance(rows, (list, tuple)) and len(rows) == 0) else \
+            torch.zeros(0, dtype=torch.int64)  # [] is an empty list of ids, not a float tensor
         if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
             raise ValueError(f"rows: expected a 1-D sequence of ints, got {idx.dtype} shape {tuple(idx.shape)}")
         idx = idx.to(torch.int64)

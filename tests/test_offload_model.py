@@ -213,6 +213,8 @@ def test_bad_arguments(tiny32, tmp_path):
         _load(tiny32, tmp_path, budgets={"cpu": "1KiB"}, max_context=16)
     with pytest.raises(NotImplementedError, match="cuda"):
         _load(tiny32, tmp_path, device="cuda")
+    with pytest.raises(ValueError, match="weight_bits"):  # checked before a store directory is named
+        _load(tiny32, tmp_path, weight_bits=4.0)
     with pytest.raises(ValueError, match="placement"):
         _load(tiny32, tmp_path, placement="gpu")
     with pytest.raises(FileNotFoundError, match="path"):

@@ -286,10 +286,60 @@ def test_store_dir_guards_and_bad_args(tmp_path, tiny):
     for kw, arg in [({"weight_bits": 5}, "weight_bits"), ({"weight_bits": True}, "weight_bits"),
                     ({"weight_bits": 4, "group_size": 12}, "group_size"),
                     ({"weight_bits": 4, "group_size": 128}, "group_size"),    # does not divide K=64
-                    ({"quantize_head": 1}, "quantize_head"), ({"progress": "yes"}, "progress")]:
+                    ({"quantize_head": 1}, "quantize_head"), ({"progress": "yes"}, "progress"),
+                    ({"weight_bits": 4.0, "group_size": 16}, "weight_bits")]:
         with pytest.raises(ValueError, match=arg):
             convert(tiny, str(tmp_path / "new"), **kw)
         assert not os.path.exists(tmp_path / "new")
+    with pytest.raises(TypeError, match="checkpoint"):
+        convert(123, str(tmp_path / "new"))
+
+
+def test_only_temp_files_of_a_killed_first_run_do_not_block_it(tmp_path, tiny):
+    """A run killed while writing its first progress.json leaves only progress.json.tmp: the
+    next run clears it and converts (a foreign file still blocks, as above)."""
+    d = tmp_path / "st"
+    d.mkdir()
+    (d / "progress.json.tmp").write_bytes(b'{"form')
+    (d / "layer.0.bin.tmp").write_bytes(b"\0" * 100)
+    with convert(tiny, str(d)) as st:
+        assert sorted(os.listdir(d)) == sorted(["manifest.json"] + [st.units[u]["file"] for u in st.unit_names()])
+
+
+def test_unquantized_store_is_not_rewritten_for_an_unused_group_size(tmp_path, tiny):
+    d = str(tmp_path / "st")
+    convert(tiny, d).close()
+    m0 = os.stat(os.path.join(d, "layer.0.bin")).st_mtime_ns
+    with convert(tiny, d, group_size=64, quantize_head=True) as st:  # both meaningless without weight_bits
+        assert st.weight_bits is None
+    assert os.stat(os.path.join(d, "layer.0.bin")).st_mtime_ns == m0
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_reads_after_close_and_empty_rows(tmp_path, tiny, direct):
+    d = str(tmp_path / "st")
+    convert(tiny, d).close()
+    st = Store(d, direct=direct)
+    name = next(iter(st.units["embed"]["tensors"]))
+    assert st.read_rows("embed", name, []).shape[0] == 0
+    st.close()
+    for call in (lambda: st.read_unit("layer.0"), lambda: st.read_rows("embed", name, [0])):
+        with pytest.raises(StoreError, match="closed"):
+            call()
+
+
+@pytest.mark.parametrize("entry", [{"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]},
+                                   {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]},
+                                   {"dtype": "F32", "shape": [-2], "data_offsets": [8, 0]},
+                                   {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}])
+def test_malformed_safetensors_header_names_the_file(tmp_path, tiny, entry):
+    d = tmp_path / "ck"
+    d.mkdir()
+    shutil.copy(os.path.join(tiny, "config.json"), d)
+    hdr = json.dumps({"t": entry}).encode()
+    (d / "model.safetensors").write_bytes(len(hdr).to_bytes(8, "little") + hdr + b"\0" * 8)
+    with pytest.raises(ValueError, match="model.safetensors.*integers >= 0"):
+        Checkpoint(str(d))
 
 
 def test_resume_after_interrupt_and_options_change(tmp_path, tiny):
