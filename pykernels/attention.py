@@ -26,7 +26,9 @@ MAX_HEAD_DIM = 512
 
 def _as_tensor(x, name):
     if isinstance(x, torch.Tensor):
-        return x
+        # inference kernels, no autograd: a tensor that requires grad (an activation of a model
+        # run without torch.no_grad()) is read as its detached view; DLPack refuses it otherwise
+        return x.detach() if x.requires_grad else x
     if hasattr(x, "__dlpack__"):  # numpy / cupy / jax arrays: zero-copy view
         return torch.from_dlpack(x)
     raise TypeError(f"{name}: expected a torch.Tensor (or a DLPack-capable array), got {type(x).__name__}")
@@ -84,11 +86,14 @@ def _validate(q, k_cache, v_cache, seqlens, block_table, scale, method, num_spli
     if seqlens is None:
         raise ValueError("seqlens: required for a tensor cache ([batch] int lengths)")
     if not isinstance(seqlens, torch.Tensor):
-        seqlens = torch.as_tensor(seqlens)
+        try:
+            seqlens = torch.as_tensor(seqlens)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"seqlens: expected [{B}] integer lengths, got {seqlens!r:.80}") from e
     if seqlens.dim() != 1 or seqlens.shape[0] != B:
         raise ValueError(f"seqlens: expected shape [{B}] (one length per sequence), got {tuple(seqlens.shape)}")
     if seqlens.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
-        raise TypeError(f"seqlens: expected an integer tensor, got {seqlens.dtype}")
+        raise TypeError(f"seqlens: expected int32, int64, int16 or uint8 lengths, got {seqlens.dtype}")
     if seqlens.device != q.device:
         raise ValueError(f"seqlens: on {seqlens.device}, but q is on {q.device}")
 
@@ -129,12 +134,13 @@ def _check_options(q, scale, method, num_splits, out) -> float:
     """Checks of the keyword arguments shared by tensor and quantized caches; returns the scale."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale!r}")
     if method not in ("auto", "lean", "split"):
         raise ValueError(f"method: expected 'auto', 'lean' or 'split', got {method!r}")
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits: expected None or an int >= 1, got {num_splits!r}")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or not 1 <= num_splits <= 1 << 30):
+        raise ValueError(f"num_splits: expected None or an int in [1, 2**30], got {num_splits!r}")
     if out is not None:
         check_out(out, q.shape, q)
         if not out.is_contiguous():

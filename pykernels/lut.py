@@ -506,7 +506,7 @@ def _search_affine(wg, imp, bits, factors):
     best = None
     for f in factors:
         s = _fp16((hi - lo) * f / maxq)
-        s = torch.where(s > 0, s, torch.ones_like(s))
+        s = torch.where(s > 0, s, torch.full_like(s, _FP16_TINY))
         z = torch.clamp(torch.round(-lo * f / s), 0, maxq)
         q = torch.clamp(torch.round(wg / s.unsqueeze(-1)) + z.unsqueeze(-1), 0, maxq)
         err = _wsum((s.unsqueeze(-1) * (q - z.unsqueeze(-1)) - wg) ** 2, imp)
@@ -536,7 +536,7 @@ def _search_symmetric(wg, imp, bits, factors):
     best = None
     for f in factors:
         s = _fp16(amax * f / c0)
-        s = torch.where(s > 0, s, torch.ones_like(s))
+        s = torch.where(s > 0, s, torch.full_like(s, _FP16_TINY))
         q = torch.clamp(torch.round(wg / s.unsqueeze(-1) + c0), 0, maxq)
         err = _wsum((s.unsqueeze(-1) * (q - c0) - wg) ** 2, imp)
         best = _keep_better(best, err, q, s, None)
@@ -757,7 +757,7 @@ def _check_scale_range(wf, bits, scheme, codebook, group_size):
 
 def _absmax_scale(wg, cbmax):
     s = _fp16(wg.abs().amax(-1) / cbmax)
-    return torch.where(s > 0, s, torch.ones_like(s))
+    return torch.where(s > 0, s, torch.full_like(s, _FP16_TINY))
 
 
 def _codebook_rows(wg, ig, bits, cb, given, group_size, factors, iters):
@@ -772,7 +772,7 @@ def _codebook_rows(wg, ig, bits, cb, given, group_size, factors, iters):
         best = None
         for f in factors:
             s = _fp16(amax * f / cbmax.unsqueeze(-1))
-            s = torch.where(s > 0, s, torch.ones_like(s))
+            s = torch.where(s > 0, s, torch.full_like(s, _FP16_TINY))
             q = _nearest((wg / s.unsqueeze(-1)).view(R, -1), cb).view(R, G, g)
             lv = _levels(cb, q)
             best = _keep_better(best, _wsum((s.unsqueeze(-1) * lv - wg) ** 2, ig), q, s, None)
@@ -1027,6 +1027,19 @@ class LUTLinear(nn.Module):
             raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
         qw = quantize_weight(linear.weight.detach(), bits=bits, group_size=group_size, scheme=scheme, **kw)
         return cls(qw, linear.bias, mode=mode, backend=backend)
+
+    def _apply(self, fn, recurse=True):
+        """``.to()`` / ``.half()`` / ``.cuda()``: the packed buffers follow device moves but keep
+        their dtypes (fp16 scales and zeros, fp32 codebook are part of the format; a cast would
+        round them), so a whole-model ``model.to(torch.bfloat16)`` leaves the weight exact. The
+        bias follows the cast (it is applied in the activations' dtype anyway)."""
+        before = {k: getattr(self, k) for k in _QW_BUFFERS}
+        super()._apply(fn, recurse)
+        for k, old in before.items():
+            new = getattr(self, k)
+            if new is not None and old is not None and new.dtype != old.dtype:
+                self._buffers[k] = old.to(device=new.device)  # the original values, moved only
+        return self
 
     @property
     def qweight(self) -> LUTWeight:

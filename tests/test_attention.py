@@ -248,6 +248,11 @@ def _inputs(B=2, Hq=8, Hkv=2, D=64, L=32, dtype=torch.float32):
     ("method", ValueError, "method"),
     ("num_splits", ValueError, "num_splits"),
     ("scale", ValueError, "scale"),
+    ("scale_bool", ValueError, "scale"),
+    ("num_splits_bool", ValueError, "num_splits"),
+    ("num_splits_huge", ValueError, "num_splits"),
+    ("seqlen_strings", TypeError, "seqlens"),
+    ("seqlen_int8", TypeError, "seqlens: expected int32, int64, int16 or uint8"),
     ("out_shape", ValueError, "out"),
     ("backend", ValueError, "backend"),
     ("batch", ValueError, "k_cache: batch"),
@@ -272,6 +277,11 @@ def test_bad_input(case, exc, match):
     elif case == "method": kw["method"] = "stream"
     elif case == "num_splits": kw["num_splits"] = 0
     elif case == "scale": kw["scale"] = float("nan")
+    elif case == "scale_bool": kw["scale"] = True
+    elif case == "num_splits_bool": kw["num_splits"] = True
+    elif case == "num_splits_huge": kw["num_splits"] = 2 ** 70
+    elif case == "seqlen_strings": sl = ["5", "1"]
+    elif case == "seqlen_int8": sl = torch.tensor([5, 1], dtype=torch.int8)
     elif case == "out_shape": kw["out"] = torch.empty(2, 8, 32)
     elif case == "backend": kw["backend"] = "tpu"
     elif case == "batch": k, v = k[:1], v[:1]
@@ -482,3 +492,12 @@ def test_set_num_threads_during_calls(monkeypatch, runtime):
         stop.set()
         t.join()
         _C.set_num_threads(before)
+
+
+def test_inputs_that_require_grad_are_read_detached():
+    """Inference kernels: an activation that requires grad (a model run without torch.no_grad())
+    is accepted, and the result equals the no-grad one (DLPack alone would refuse it)."""
+    q, k, v, sl = _inputs()
+    ref = pk.decode_attention(q, k, v, sl, backend="cpu")
+    out = pk.decode_attention(q.clone().requires_grad_(), k.clone().requires_grad_(), v, sl, backend="cpu")
+    assert torch.equal(out, ref) and not out.requires_grad

@@ -417,6 +417,39 @@ def test_lut_linear_state_dict_and_to():
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
+def test_lut_linear_in_a_cast_model_without_no_grad(scheme):
+    """A whole-model dtype cast leaves the packed format (fp16 scales, fp32 codebook) exact, and
+    a forward without torch.no_grad() (the input requires grad) runs: inference-only kernels read
+    it detached."""
+    torch.manual_seed(0)
+    layer = pk.LUTLinear.from_linear(nn.Linear(64, 32), bits=2, group_size=32, scheme=scheme, backend="reference")
+    w0 = layer.weight.clone()
+    model = nn.Sequential(nn.Linear(64, 64), layer)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        cast(model)
+        assert layer.scales.dtype == torch.float16 and torch.equal(layer.weight, w0)
+        if layer.codebook is not None:
+            assert layer.codebook.dtype == torch.float32
+    x = torch.randn(3, 64)
+    y = model(x)  # no torch.no_grad(): the first Linear's output requires grad
+    with torch.no_grad():
+        assert torch.equal(y.detach(), model(x))
+
+
+def test_lut_gemv_int8_tables_of_tiny_activations_stay_within_the_bound():
+    """|x| ~ 1e-38: 127 / max|T| would overflow float32; the tables are scaled by 2^100 first, so
+    the int8 mode keeps its usual relative error."""
+    _require("cpu")
+    g = torch.Generator().manual_seed(0)
+    qw = pk.quantize_weight(torch.randn(64, 256, generator=g), bits=4, group_size=64)
+    x = torch.randn(256, generator=g)
+    for tiny in (1e-30, 1e-38):
+        y8 = pk.lut_gemv(x * tiny, qw, backend="cpu", mode="int8").double()
+        ye = pk.lut_gemv(x * tiny, qw, backend="cpu", mode="exact").double()
+        assert float((y8 - ye).norm() / ye.norm()) < 0.02, tiny
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_opcheck(scheme):
     qw, _ = _gptq_like(act_order=True) if scheme == "affine" else (
         pk.quantize_weight(torch.randn(40, 96), bits=3, group_size=-1 if scheme == "codebook" else 32,

@@ -297,6 +297,24 @@ def test_quantizer_edge_values():
         d = qw.dequantize()
         assert torch.isfinite(d).all() and float((d - w).abs().max()) < 1e-2, scheme
     assert torch.equal(pk.quantize_weight(w, bits=2, group_size=32).dequantize()[0], torch.zeros(64))
+
+
+@pytest.mark.parametrize("scheme,kw", [("affine", {}), ("symmetric", {"clip_grid": 0}),
+                                       ("codebook", {"codebook": torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]),
+                                                     "clip_grid": 0})])
+def test_all_zero_group_gets_a_tiny_scale_not_one(scheme, kw):
+    """A pruned row (all-zero groups): its scale is the smallest float16, so its output stays ~0
+    whatever the format cannot represent exactly (symmetric and zero-free codebooks have no 0
+    level; int8 tables add an error proportional to the scale)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 256, generator=g) * 0.02
+    w[3] = 0.0
+    qw = pk.quantize_weight(w, bits=2, group_size=64, scheme=scheme, **kw)
+    assert float(qw.dequantize()[3].abs().max()) < 1e-6
+    assert float(qw.scales.float()[3].max()) <= 2.0 ** -24
+    if scheme == "affine" and pk.backends.cpu_module() is not None:
+        y = pk.lut_gemv(torch.randn(256, generator=g), qw, backend="cpu", mode="int8")
+        assert abs(float(y[3])) < 1e-5
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         x = torch.randn(32, 64).to(dtype)
         assert pk.quantize_weight(x, bits=4, group_size=32).shape == (32, 64)

@@ -93,12 +93,23 @@ static inline void prefetch_ahead(const LutParams& p, int64_t t, int64_t kk, int
 // lut_quant_entry (round half away from zero); only called with finite t and inv (see finish_block_scale).
 static inline int8_t quant_entry(float t, float inv) { return (int8_t)lut_quant_entry(t, inv); }
 
-static inline void finish_block_scale(float amax, float* ts, float* inv) {
+// T [n] with 0 < amax < 2^-100 (127 / amax could overflow to inf below ~3.7e-37): scaled by
+// 2^100 in place, exactly (a power of two), amax with it; -> the factor (1 when not tiny).
+// The caller divides the block scale by it, so ts * Tq still approximates the unscaled T.
+static inline float prescale_tiny(float* T, int64_t n, float* amax) {
+  const float kTiny = 0x1p-100f, kUp = 0x1p100f;
+  if (!(*amax > 0.f && *amax < kTiny)) return 1.f;
+  for (int64_t e = 0; e < n; ++e) T[e] *= kUp;
+  *amax *= kUp;
+  return kUp;
+}
+
+static inline void finish_block_scale(float amax, float* ts, float* inv, float pre = 1.f) {
   if (!(amax <= FLT_MAX)) {  // NaN or inf in x: no table is meaningful; NaN scale propagates
     *ts = __builtin_nanf("");
     *inv = 0.f;
   } else {
-    *ts = amax / 127.f;
+    *ts = amax / 127.f / pre;
     *inv = amax > 0.f ? 127.f / amax : 0.f;
   }
 }
@@ -129,7 +140,8 @@ static void prepare_block(const LutParams& p, int64_t m, int64_t b) {
   }
   if (nan) amax = __builtin_nanf("");
   float ts, inv;
-  finish_block_scale(amax, &ts, &inv);
+  const float pre = prescale_tiny(T, (k1 - k0) / 4 * 16, &amax);
+  finish_block_scale(amax, &ts, &inv, pre);
   p.ts[m * p.nblk + b] = ts;
   int8_t* q = p.tq + m * p.tstride + k0 / 4 * 16;
   const int64_t n = (k1 - k0) / 4 * 16;
@@ -176,7 +188,9 @@ static void prepare_block(const LutParams& p, int64_t m, int64_t b) {
     vmax = _mm512_max_ps(vmax, av);
   }
   float ts, inv;
-  finish_block_scale(nan ? __builtin_nanf("") : _mm512_reduce_max_ps(vmax), &ts, &inv);
+  float amax = nan ? __builtin_nanf("") : _mm512_reduce_max_ps(vmax);
+  const float pre = prescale_tiny(T, (k1 - k0) / 4 * 16, &amax);
+  finish_block_scale(amax, &ts, &inv, pre);
   p.ts[m * p.nblk + b] = ts;
   int8_t* q = p.tq + m * p.tstride + k0 / 4 * 16;
   const int64_t ng = (k1 - k0) / 4;
@@ -229,7 +243,9 @@ static void prepare_block(const LutParams& p, int64_t m, int64_t b) {
       vmax = _mm256_max_ps(vmax, av);
     }
   float ts, inv;
-  finish_block_scale(_mm256_movemask_ps(unord) ? __builtin_nanf("") : LutV::hmax(vmax), &ts, &inv);
+  float amax = _mm256_movemask_ps(unord) ? __builtin_nanf("") : LutV::hmax(vmax);
+  const float pre = prescale_tiny(T, (k1 - k0) / 4 * 16, &amax);
+  finish_block_scale(amax, &ts, &inv, pre);
   p.ts[m * p.nblk + b] = ts;
   int8_t* q = p.tq + m * p.tstride + k0 / 4 * 16;
   const int64_t ng = (k1 - k0) / 4;
