@@ -268,7 +268,16 @@ class OffloadedModel:
         # bounded activations: one pass over the layers (every streamed weight read once) per chunk
         chunk = min(self.placement.prefill_chunk, getattr(cache, "max_append", T))
         if T > chunk:
-            outs = [self._forward(ids[:, s:s + chunk], cache, last_only, "prefill") for s in range(0, T, chunk)]
+            L0, outs = cache.length, []
+            try:
+                for s in range(0, T, chunk):
+                    outs.append(self._forward(ids[:, s:s + chunk], cache, last_only, "prefill"))
+            except BaseException:
+                if cache.length != L0:  # earlier chunks are committed: a retry of the prompt would repeat them
+                    cache._broken = (f"the cache is unusable: a {T}-token input was run in chunks of {chunk} and "
+                                     f"failed after {cache.length - L0} of its tokens were committed; start a new "
+                                     f"cache (repeating the input would append those tokens twice)")
+                raise
             return outs[-1] if last_only else torch.cat(outs, 1)
         st = self._streamer
         if st is not None:

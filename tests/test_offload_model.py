@@ -506,6 +506,38 @@ def test_long_prompt_is_prefill_in_chunks(tiny32, tmp_path, chunk):
                                    rtol=1e-4)
 
 
+def test_chunked_input_failing_part_way_makes_the_cache_unusable(tiny32, tmp_path, monkeypatch):
+    """A long input runs as several passes; if a later pass fails, the earlier ones are already
+    committed, so repeating the input would append them twice: the cache refuses further use."""
+    from offload import llama as llama_mod
+
+    with _load(tiny32, tmp_path, max_context=256, prefill_chunk=64) as m:
+        ids = _ids(1, 150, 256)
+        c = m.new_cache(1, 256)
+        real, calls = llama_mod.layer_forward, {"n": 0}
+
+        def flaky(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] == m.config.num_layers + 1:  # the first layer of the second pass
+                raise KeyboardInterrupt
+            return real(*a, **kw)
+
+        monkeypatch.setattr(llama_mod, "layer_forward", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            m.forward(ids, c)
+        monkeypatch.undo()
+        assert c.length == 64
+        with pytest.raises(RuntimeError, match="64 of its tokens were committed"):
+            m.forward(ids, c)
+        c2 = m.new_cache(1, 256)  # a failure in the first pass commits nothing: the cache stays usable
+        monkeypatch.setattr(llama_mod, "layer_forward", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            m.forward(ids, c2)
+        monkeypatch.undo()
+        assert c2.length == 0
+        torch.testing.assert_close(m.forward(ids, c2), m.forward(ids))
+
+
 def test_prefill_chunk_choice_and_workspace():
     from offload.llama import QUERY_BLOCK
     from offload.placement import (MAX_PREFILL_CHUNK, PREFILL_CHUNK, choose_prefill_chunk, plan_placement,
