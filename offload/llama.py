@@ -92,9 +92,14 @@ def _rope_from_hf(cfg: dict, max_pos: int):
                      f"{', '.join(SUPPORTED_ROPE_TYPES)})")
 
 
+_HF_DEFAULT_WINDOW = 4096  # transformers' MistralConfig and Qwen2Config default sliding_window
+
+
 def _sliding_from_hf(cfg: dict, model_type: str, num_layers: int):
     """The attention window W where HF would apply one on some layer, else None."""
-    sw = cfg.get("sliding_window")
+    # a config.json without the key gets HF's class default (MistralConfig / Qwen2Config: 4096);
+    # an explicit null means no window
+    sw = cfg.get("sliding_window", _HF_DEFAULT_WINDOW)
     if model_type == "mistral":
         return int(sw) if sw else None
     if model_type == "qwen2":
@@ -148,8 +153,8 @@ class LlamaConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_kv_heads: num_heads {self.num_heads} is not a multiple of "
                              f"num_kv_heads {self.num_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim: RoPE needs an even head_dim, got {self.head_dim}")
+        if self.head_dim % 8:  # (also even, as RoPE needs)
+            raise ValueError(f"head_dim: the decode-attention kernels need a multiple of 8, got {self.head_dim}")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type: expected one of {SUPPORTED_MODEL_TYPES}, got {self.model_type!r}")
 

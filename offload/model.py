@@ -237,8 +237,9 @@ class OffloadedModel:
                 input_ids = torch.as_tensor(input_ids)  # no dtype: floats must not be truncated to ids
             except (TypeError, ValueError, RuntimeError) as e:
                 raise TypeError(f"input_ids: expected token ids [B, T], got {type(input_ids).__name__}") from e
-        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"input_ids: expected an integer tensor, got {input_ids.dtype}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"input_ids: expected an integer tensor (int64, int32, int16, int8 or uint8), "
+                            f"got {input_ids.dtype}")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         if input_ids.dim() != 2 or input_ids.shape[1] < 1 or input_ids.shape[0] < 1:
@@ -263,6 +264,8 @@ class OffloadedModel:
         B, T = ids.shape
         if cache is None:
             cache = self.new_cache(B, T)
+        elif not all(hasattr(cache, a) for a in ("length", "capacity", "advance", "discard_pending")):
+            raise TypeError(f"cache: expected a cache from new_cache(), got {type(cache).__name__}")
         if cache.length + T > cache.capacity:
             raise ValueError(f"input_ids: {T} tokens do not fit the cache ({cache.length} of {cache.capacity} used)")
         # bounded activations: one pass over the layers (every streamed weight read once) per chunk
@@ -282,6 +285,7 @@ class OffloadedModel:
         st = self._streamer
         if st is not None:
             st.skip_to_start()
+        phase = _phase or ("prefill" if T > 1 or cache.length == 0 else "decode")
         t0 = time.perf_counter()
         stall0 = st.stall_s if st else 0.0
         busy0 = st.io_busy_s if st else 0.0
@@ -299,7 +303,7 @@ class OffloadedModel:
         if kv0 and kv1["approx_audits"] > kv0["approx_audits"]:
             kv["kv_approx_cosine_min"] = kv1["approx_cosine_min"]
         self.stats.steps.append({**kv,
-            "phase": _phase or ("decode" if T == 1 else "prefill"), "tokens": B * T, "wall_s": time.perf_counter() - t0,
+            "phase": phase, "tokens": B * T, "wall_s": time.perf_counter() - t0,
             "stall_s": (st.stall_s - stall0) if st else 0.0, "io_busy_s": (st.io_busy_s - busy0) if st else 0.0,
             "read_bytes": (st.bytes_read - read0) if st else 0, "disk_bytes": tally["disk"], "cpu_bytes": tally["cpu"]})
         return logits
@@ -366,13 +370,22 @@ class OffloadedModel:
             if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
                                       or not 0 < top_p <= 1):
                 raise ValueError(f"top_p: expected a float in (0, 1] or None, got {top_p!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed: expected an int >= 0 or None, got {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+            raise ValueError(f"seed: expected an int in [0, 2**63) or None, got {seed!r}")
         if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
                                          or not 0 <= eos_token_id < self.config.vocab_size):
             raise ValueError(f"eos_token_id: expected a token id in [0, {self.config.vocab_size}) or None, "
                              f"got {eos_token_id!r}")
         B, T = ids.shape
+        if T + max_new_tokens > self.placement.context:
+            raise ValueError(f"max_new_tokens: the prompt's {T} tokens + {max_new_tokens} new exceed max_context="
+                             f"{self.placement.context} (the KV the budget was planned for; pass max_context to "
+                             f"load_model)")
+        win = self.config.sliding_window
+        if win is not None and T + max_new_tokens > win:
+            raise ValueError(f"max_new_tokens: the prompt's {T} tokens + {max_new_tokens} new exceed the "
+                             f"{self.config.model_type} attention window of {win} tokens (the windowed mask "
+                             f"is not implemented)")
         cache = self.new_cache(B, T + max_new_tokens) if max_new_tokens else None
         gen = None
         if do_sample:
@@ -430,7 +443,7 @@ class OffloadedModel:
         if top_p is not None and top_p < 1:
             srt, idx = torch.sort(z, dim=-1, descending=True)
             p = torch.softmax(srt, -1)
-            drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix reaching top_p
+            drop = p.cumsum(-1) - p >= top_p  # keep the smallest prefix reaching top_p (as HF's warper)
             srt = srt.masked_fill(drop, -math.inf)
             z = torch.full_like(z, -math.inf).scatter(-1, idx, srt)
         return torch.multinomial(torch.softmax(z, -1), 1, generator=gen).squeeze(-1)
@@ -448,6 +461,7 @@ class OffloadedModel:
             self._finalizer()
             self._resident.clear()
             self._bufs.clear()
+            self._streamer = None  # its slot buffers go with it (tensors still viewing one keep it alive)
 
     def __enter__(self):
         return self
@@ -600,9 +614,19 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
         stored = _store_dtype(store)
         if dtype is None:
             dtype = stored
+        elif not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype: expected a torch.dtype such as torch.bfloat16 or None, got {dtype!r}")
         elif dtype != stored:
             raise ValueError(f"dtype: the store holds {stored} weights and computes in that dtype (no per-step "
                              f"conversion copies); got {dtype}. Convert a {dtype} checkpoint instead")
+        if kv_bits is not None:  # checked here, not at the first step, and under these names
+            from pykernels.kv_format import GROUP_SIZES
+            if isinstance(kv_group_size, bool) or kv_group_size not in GROUP_SIZES:
+                raise ValueError(f"kv_group_size: expected one of {GROUP_SIZES}, got {kv_group_size!r}")
+            if (isinstance(kv_residual, bool) or not isinstance(kv_residual, int) or kv_residual < kv_group_size
+                    or kv_residual % kv_group_size):
+                raise ValueError(f"kv_residual: expected a positive multiple of kv_group_size={kv_group_size}, "
+                                 f"got {kv_residual!r}")
         if max_context is None:
             max_context = min(cfg.max_position_embeddings or 4096, 4096)
         if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:

@@ -141,6 +141,10 @@ def _write_all(fd, mv, offset):
         done += os.pwrite(fd, mv[done:done + (64 << 20)], offset + done)
 
 
+# the state_dict fields of a pykernels.LUTWeight (LUTWeight.state_dict)
+_LUT_KEYS = frozenset(("planes", "scales", "zeros", "codebook", "perm", "meta", "scheme"))
+
+
 def _is_own_tmp(fname: str) -> bool:
     """A temp file this module writes (``<unit>.bin.tmp``, ``manifest.json.tmp``,
     ``progress.json.tmp``): what a killed conversion can leave behind."""
@@ -744,8 +748,8 @@ class Store:
         from pykernels import LUTWeight
         for p in prefixes:
             qw = LUTWeight.from_state_dict(v, prefix=p)
-            for k in [k for k in v if k.startswith(p) and "." not in k[len(p):]]:
-                del v[k]
+            for k in [k for k in v if k.startswith(p) and k[len(p):] in _LUT_KEYS]:
+                del v[k]  # the LUTWeight's own fields; a projection's bias stays
             v[p + "weight"] = qw
         return v
 

@@ -368,6 +368,14 @@ def test_config_spellings_and_defaults():
                                           max_window_layers=1).to_dict())
     assert qs.sliding_window == 16
     assert L.LlamaConfig.from_hf(_hf_config("mistral", sliding_window=4096).to_dict()).sliding_window == 4096
+    # a config.json without the key gets HF's class default (4096), an explicit null none
+    mis = dict(minimal, model_type="mistral")
+    assert L.LlamaConfig.from_hf(mis).sliding_window == 4096
+    assert L.LlamaConfig.from_hf(dict(mis, sliding_window=None)).sliding_window is None
+    qw = dict(minimal, model_type="qwen2", use_sliding_window=True, max_window_layers=0)
+    assert L.LlamaConfig.from_hf(qw).sliding_window == 4096
+    with pytest.raises(ValueError, match="head_dim: .*multiple of 8"):  # what the decode kernels need
+        L.LlamaConfig.from_hf(dict(minimal, hidden_size=16))
 
 
 @pytest.mark.parametrize("change, key", [

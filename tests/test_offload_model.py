@@ -228,7 +228,7 @@ def test_bad_arguments(tiny32, tmp_path):
             m.forward(torch.zeros(1, 0, dtype=torch.long))
         with pytest.raises(TypeError, match="input_ids"):
             m.forward(torch.zeros(1, 3))
-        with pytest.raises(ValueError, match="capacity"):
+        with pytest.raises(ValueError, match="max_new_tokens: .*max_context"):
             m.generate(_ids(1, 10, 256), 10)
         with pytest.raises(ValueError, match="max_new_tokens"):
             m.generate(_ids(1, 3, 256), -1)
@@ -264,6 +264,67 @@ def test_bad_arguments(tiny32, tmp_path):
         m.generate(_ids(1, 3, 256), 2)
         m.generate(_ids(1, 3, 256), 2, do_sample=True)
     assert torch.equal(torch.randn(3), a)
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_it():
+    """As transformers' TopPLogitsWarper: a prefix whose mass equals top_p is enough."""
+    from offload.model import OffloadedModel
+
+    gen = torch.Generator().manual_seed(0)
+    for p, top_p, keep in (([0.5, 0.25, 0.25], 0.5, {0}), ([0.25] * 4, 0.5, {0, 1}), ([0.5, 0.3, 0.2], 0.6, {0, 1})):
+        logits = torch.tensor([p]).log()
+        seen = {int(OffloadedModel._pick(logits, True, 1.0, None, top_p, gen)) for _ in range(200)}
+        assert seen == keep, (p, top_p, seen)
+
+
+def test_generation_arguments_checked_before_the_first_token(tiny32, tmp_path):
+    with _load(tiny32, tmp_path, max_context=16) as m:
+        ids = _ids(1, 5, 256)
+        for bad, match in ((dict(max_new_tokens=12), "max_new_tokens: .*max_context=16"),
+                           (dict(max_new_tokens=3, do_sample=True, seed=2 ** 64), "seed")):
+            got = []
+            with pytest.raises(ValueError, match=match):
+                m.generate(ids, streamer=got.append, **bad)
+            assert got == []
+        small = ids % 100
+        out = m.generate(small.to(torch.int8), 3)  # any integer dtype of ids
+        assert torch.equal(out, m.generate(small, 3))
+        with pytest.raises(TypeError, match="cache: expected a cache from new_cache"):
+            m.forward(ids, cache="x")
+        s = m.stats
+        s.reset()
+        m.generate(ids[:, :1], 3)  # a one-token prompt is still the prefill
+        assert [x["phase"] for x in s.steps] == ["prefill", "decode", "decode"]
+        assert s.summary()["decode_steps"] == 2 and s.summary()["prefill_passes"] == 1
+    with pytest.raises(TypeError, match="dtype"):
+        _load(tiny32, tmp_path, dtype="float32")
+    with pytest.raises(ValueError, match="kv_group_size"):
+        _load(tiny32, tmp_path, kv_bits=4, kv_group_size=7)
+    with pytest.raises(ValueError, match="kv_residual"):
+        _load(tiny32, tmp_path, kv_bits=4, kv_residual=5)
+
+
+def test_close_drops_the_streaming_slots(tiny32, tmp_path):
+    m = _load(tiny32, tmp_path, placement="disk", max_context=16)
+    assert m._streamer is not None
+    m.close()
+    assert m._streamer is None
+    with pytest.raises(RuntimeError, match="closed"):
+        m.forward(_ids(1, 3, 256))
+
+
+def test_lut_weights_keep_the_projection_biases(tmp_path):
+    """A quantized store of a model with biases (Qwen2, Llama attention_bias) keeps them beside
+    the LUT planes: the logits stay close to the unquantized model's."""
+    ck = demo_checkpoint(str(tmp_path / "ck"), preset="tiny", dtype=torch.float32,
+                         config_overrides={"attention_bias": True, "mlp_bias": True})
+    ids = _ids(1, 6, 256)
+    with offload.load_model(ck, store_dir=str(tmp_path / "s16"), max_context=16) as m:
+        ref = m.forward(ids)
+    with offload.load_model(ck, store_dir=str(tmp_path / "s4"), weight_bits=4, group_size=16, max_context=16) as m:
+        got = m.forward(ids)
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
+    assert float(cos) > 0.95
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny32, tmp_path):
