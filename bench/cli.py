@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -62,9 +63,60 @@ def _print_probe(p: dict):
 
 
 
+def _check_common(args) -> None:
+    """Options every subcommand shares, checked before anything is measured (so a typo never
+    costs a whole run): --threads, --repeats, --bandwidth, --json."""
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise SystemExit(f"--threads: expected >= 1, got {threads}")
+    if getattr(args, "repeats", 1) < 1:
+        raise SystemExit(f"--repeats: expected >= 1, got {args.repeats}")
+    bw = getattr(args, "bandwidth", None)
+    if bw is not None and not (math.isfinite(bw) and bw > 0):
+        raise SystemExit(f"--bandwidth: expected GB/s > 0, got {bw}")
+    path = getattr(args, "json", None)
+    if path:
+        ap = os.path.abspath(path)
+        if os.path.isdir(ap):
+            raise SystemExit(f"--json: {path!r} is a directory; give a file name")
+        tmp = f"{ap}.tmp{os.getpid()}"
+        try:  # what _write_json will do at the end: make the folder, write beside the file
+            os.makedirs(os.path.dirname(ap), exist_ok=True)
+            with open(tmp, "w"):
+                pass
+            os.unlink(tmp)
+        except OSError as e:
+            raise SystemExit(f"--json: cannot write {path!r}: {e.strerror or e}")
+
+
+def _check_sweep(sweep: str, suites) -> set:
+    """The --sweep selection: suite numbers or names; SystemExit listing the valid ones otherwise."""
+    wanted = {x.strip() for x in sweep.split(",") if x.strip()}
+    valid = {n for name, _, _ in suites for n in (name, name.split("-")[-1])}
+    bad = sorted(wanted - valid)
+    if bad or not wanted:
+        raise SystemExit(f"--sweep: unknown {bad or [sweep]}; expected a comma list of "
+                         f"{', '.join(name for name, _, _ in suites)} (or their numbers)")
+    return wanted
+
+
+def _positive(**vals) -> None:
+    for flag, v in vals.items():
+        if v is not None and v < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')}: expected >= 1, got {v}")
+
+
+def _dtype(name: str) -> None:
+    from .attention import parse_dtype
+    try:
+        parse_dtype(name)
+    except ValueError as e:
+        raise SystemExit(f"--{e}")
+
+
 def _bandwidth(args):
     """-> (GB/s for '% bw', probe dict or None when --bandwidth was given)."""
-    if args.bandwidth:
+    if args.bandwidth is not None:
         print(f"bandwidth given: {args.bandwidth:.1f} GB/s (probe skipped)")
         return args.bandwidth, None
     probe = _probe(args)
@@ -90,6 +142,9 @@ def _machine(bw, probe, device: str, out: dict):
     return machine
 
 def cmd_probe(args) -> int:
+    _check_common(args)
+    if args.size_mib is not None and not (math.isfinite(args.size_mib) and args.size_mib > 0):
+        raise SystemExit(f"--size-mib: expected > 0, got {args.size_mib}")
     _set_threads(args.threads)
     from roofline import probe_memory_bandwidth
     size = int(args.size_mib * (1 << 20)) if args.size_mib else None
@@ -101,10 +156,21 @@ def cmd_probe(args) -> int:
 
 
 def _write_json(path, obj):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(obj, fh, indent=1, default=str)
+    """Strict JSON (non-finite numbers as null), written to a temporary name and renamed: a
+    crash never leaves a truncated file."""
+    from roofline.report import _jsonable
+
+    ap = os.path.abspath(path)
+    os.makedirs(os.path.dirname(ap), exist_ok=True)
+    tmp = f"{ap}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(_jsonable(obj), fh, indent=1, allow_nan=False)
+        os.replace(tmp, ap)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     print(f"wrote {path}")
 
 
@@ -115,6 +181,10 @@ def _parse_seqlens(text: str, batch: int | None) -> list[int]:
         raise SystemExit(f"--seqlens: expected a comma-separated list of ints, got {text!r}")
     if not lens:
         raise SystemExit("--seqlens: expected at least one length")
+    if any(n < 1 for n in lens):
+        raise SystemExit(f"--seqlens: expected lengths >= 1, got {lens}")
+    if batch is not None and batch < 1:
+        raise SystemExit(f"--batch: expected >= 1, got {batch}")
     if batch is None:
         return lens
     if len(lens) == 1:
@@ -143,8 +213,24 @@ def _run_suites(suites, ctx, wanted: set, out: dict) -> None:
 
 
 def cmd_attention(args) -> int:
-    _set_threads(args.threads)
+    _check_common(args)
     from . import attention as A
+
+    if args.sweep:
+        _check_sweep(args.sweep, A.SUITES)
+    else:
+        _positive(heads_q=args.heads_q, heads_kv=args.heads_kv, head_dim=args.head_dim, num_splits=args.num_splits)
+        if args.heads_q % args.heads_kv:
+            raise SystemExit(f"--heads-q: {args.heads_q} is not a multiple of --heads-kv {args.heads_kv}")
+        _dtype(args.dtype)
+        _parse_seqlens(args.seqlens, args.batch)
+    if args.device not in ("cpu", "cuda"):
+        raise SystemExit(f"--device: expected cpu or cuda, got {args.device!r}")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
+    _set_threads(args.threads)
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     bad = [m for m in methods if m not in A.ALL_METHODS and not A.is_pk_method(m)]
@@ -156,7 +242,7 @@ def cmd_attention(args) -> int:
     out = {"probe": probe, "rows": [], "targets": []}
     machine = _machine(bw, probe, args.device, out)
     if args.sweep:
-        wanted = {s.strip() for s in args.sweep.split(",")}
+        wanted = _check_sweep(args.sweep, A.SUITES)
         ctx = A.BenchContext(bandwidth_GB_s=bw, backend=args.backend, device=args.device,
                              repeats=args.repeats, quick=args.quick, wait_quiet_s=args.wait_quiet,
                              probe=probe, machine=machine)
@@ -185,8 +271,14 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def cmd_lut(args) -> int:
-    _set_threads(args.threads)
+    _check_common(args)
     from . import lut as L
+
+    _positive(N=args.N, K=args.K)
+    _dtype(args.dtype)
+    if args.sweep:
+        _check_sweep(args.sweep, L.SUITES)
+    _set_threads(args.threads)
 
     kinds = [m.strip() for m in args.method.split(",") if m.strip()]
     bad = [m for m in kinds if m not in L.KINDS]
@@ -202,7 +294,7 @@ def cmd_lut(args) -> int:
     out = {"probe": probe, "rows": [], "targets": []}
     machine = _machine(bw, probe, args.device, out)
     if args.sweep:
-        wanted = {s.strip() for s in args.sweep.split(",")}
+        wanted = _check_sweep(args.sweep, L.SUITES)
         ctx = L.LutContext(bandwidth_GB_s=bw, backend=args.backend, device=args.device,
                            repeats=args.repeats, quick=args.quick, wait_quiet_s=args.wait_quiet,
                            probe=probe, machine=machine, group_size=args.group_size, scheme=args.scheme,
@@ -231,8 +323,20 @@ def cmd_lut(args) -> int:
 
 
 def cmd_kv(args) -> int:
-    _set_threads(args.threads)
+    _check_common(args)
     from . import kvquant as KV
+
+    _positive(batch=args.batch, acc_queries=args.acc_queries)
+    if args.acc_len < 2:
+        raise SystemExit(f"--acc-len: expected >= 2, got {args.acc_len}")
+    if args.head_dim % 8:
+        raise SystemExit(f"--head-dim: expected a multiple of 8, got {args.head_dim}")
+    if args.sweep:
+        _check_sweep(args.sweep, KV.SUITES)
+        if args.batch != 1:
+            raise SystemExit(f"--batch: the --sweep suites run the issue's B=1; got --batch {args.batch} "
+                             f"(drop --sweep to time another batch)")
+    _set_threads(args.threads)
 
     kinds = [m.strip() for m in args.method.split(",") if m.strip()]
     bad = [m for m in kinds if m not in KV.KINDS]
@@ -277,7 +381,7 @@ def cmd_kv(args) -> int:
             ctx = KV.KVContext(bandwidth_GB_s=bw, probe=probe, machine=machine, **ctx_kw)
             if not args.seqlens_given:
                 ctx.lengths = (16384, 32768)
-            _run_suites(KV.SUITES, ctx, {s.strip() for s in args.sweep.split(",")}, out)
+            _run_suites(KV.SUITES, ctx, _check_sweep(args.sweep, KV.SUITES), out)
         else:
             for L in lens:
                 rows = KV.bench_kv(L, formats, batch=args.batch, heads_q=args.heads_q, heads_kv=args.heads_kv,

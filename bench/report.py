@@ -230,17 +230,31 @@ def markdown_body(rep: dict) -> str:
     return "\n".join(L)
 
 
+def _all_suites() -> list:
+    """(name, title, fn) of every suite, in report order (read at call time)."""
+    from . import advisor as AD
+    from . import attention as A
+    from . import kvquant as KV
+    from . import kvtier as KT
+    from . import lut as LU
+    from . import offload as OF
+    from . import probe_check as PC
+
+    return (list(PC.SUITES) + list(A.SUITES) + list(LU.SUITES) + list(KV.SUITES) + list(AD.SUITES)
+            + list(OF.SUITES) + list(KT.SUITES))
+
+
+def suite_names() -> list[str]:
+    return [name for name, _, _ in _all_suites()]
+
+
 def run_report(out_dir: str | None = None, suites: list[str] | None = None, quick: bool = False,
                repeats: int = 25, log=print, probe_size_bytes: int | None = None,
                wait_quiet_s: float = 0.0) -> dict:
     from roofline import probe_memory_bandwidth
-    from . import advisor as AD
     from . import attention as A
     from . import kvquant as KV
     from . import lut as LU
-    from . import kvtier as KT
-    from . import offload as OF
-    from . import probe_check as PC
     from .roof import run_machine
 
     t0 = time.perf_counter()
@@ -265,8 +279,7 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
                           repeats=repeats, quick=quick, log=log, wait_quiet_s=wait_quiet_s, probe=probe,
                           machine=machine)
     results = []
-    for name, title, fn in (list(PC.SUITES) + list(A.SUITES) + list(LU.SUITES) + list(KV.SUITES)
-                            + list(AD.SUITES) + list(OF.SUITES) + list(KT.SUITES)):
+    for name, title, fn in _all_suites():
         entry = {"name": name, "title": title}
         if suites and not {name, name.split("-")[-1], name.split("-")[0]} & set(suites):
             entry["skipped"] = "not selected"
@@ -335,7 +348,15 @@ def main(argv=None) -> int:
                     help="before the probe and each configuration, wait up to this long for other "
                          "processes to leave the CPUs idle (shared machines); 0 = do not wait")
     args = ap.parse_args(argv)
-    suites = [s.strip() for s in args.suites.split(",")] if args.suites else None
+    suites = None
+    if args.suites is not None:  # a typo must not overwrite the last report with an empty one
+        suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+        known = suite_names()
+        valid = {n for name in known for n in (name, name.split("-")[-1], name.split("-")[0])}
+        bad = [s for s in suites if s not in valid]
+        if bad or not suites:
+            ap.error(f"--suites: unknown {bad or [args.suites]}; expected a comma list of {', '.join(known)} "
+                     f"(or their families, e.g. attention, kv, or numbers)")
     rep = run_report(args.out, suites, args.quick, args.repeats, wait_quiet_s=args.wait_quiet)
     return 0 if all(not s.get("error") for s in rep["suites"]) else 1
 

@@ -103,10 +103,13 @@ def cmd_plan(a) -> int:
                        kv_bits=a.kv_bits, group_size=a.group_size, unit_bytes=ub, dtype_bytes=db,
                        mode=a.placement, kv_page_tokens=a.kv_page_tokens, prefill_chunk=a.prefill_chunk,
                        device=a.device)
-    print(p.explain())
-    print(f"({how})")
-    if a.json:
+    if a.json:  # stdout is the JSON alone (parseable); the explanation goes to stderr
+        print(p.explain(), file=sys.stderr)
+        print(f"({how})", file=sys.stderr)
         print(json.dumps(p.to_dict(), indent=1, default=str))
+    else:
+        print(p.explain())
+        print(f"({how})")
     return 0
 
 
@@ -136,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="write a deterministic random-init Llama checkpoint (HF format)")
     d.add_argument("path")
-    d.add_argument("--preset", default="1b", help="tiny | small | 1b")
+    d.add_argument("--preset", default="1b", help="tiny | small | 1b | long")
     d.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
@@ -170,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --kv-approx: every N layer-steps also compute the exact output, report the cosine")
         g.set_defaults(func=fn)
         if name == "plan":
-            g.add_argument("--json", action="store_true")
+            g.add_argument("--json", action="store_true",
+                           help="print the Placement as JSON on stdout (the explanation on stderr)")
             g.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                            help="where the layers compute (cuda: planning only, three tiers)")
             g.add_argument("--gpu-budget", default=None, help="with --device cuda: GPU memory budget, e.g. 20GiB")

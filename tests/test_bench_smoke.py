@@ -4,6 +4,7 @@ Timings are benchmarks, not tests: nothing here asserts a speed, only that the f
 well-formed and that bytes are counted by the stated formula.
 """
 import json
+import os
 import math
 
 import pytest
@@ -152,6 +153,50 @@ def test_cli_attention_writes_json(tmp_path, capsys):
 def test_cli_rejects_unknown_method():
     with pytest.raises(SystemExit):
         cli.main(["attention", "--method", "fast", "--bandwidth", "1"])
+
+
+_ATT = ["attention", "--seqlens", "9", "--heads-q", "4", "--heads-kv", "2", "--head-dim", "16", "--repeats", "2",
+        "--bandwidth", "10", "--method", "reference"]
+_LUT = ["lut", "-N", "16", "-K", "64", "--repeats", "2", "--bandwidth", "10"]
+_KV = ["kv", "--seqlens", "64", "--heads-q", "4", "--heads-kv", "2", "--head-dim", "64", "--bandwidth", "10"]
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (_ATT + ["--heads-kv", "0"], "--heads-kv"), (_ATT + ["--head-dim", "-64"], "--head-dim"),
+    (_ATT + ["--batch", "0"], "--batch"), (_ATT + ["--seqlens", "0"], "--seqlens"),
+    (_ATT + ["--dtype", "int8"], "--dtype"), (_ATT + ["--threads", "0"], "--threads"),
+    (_ATT + ["--bandwidth", "nan"], "--bandwidth"), (_ATT + ["--bandwidth", "0"], "--bandwidth"),
+    (_ATT + ["--sweep", "attention"], "--sweep"), (_ATT + ["--sweep", "4"], "--sweep"),
+    (_LUT + ["-N", "0"], "--N"), (_LUT + ["-K", "-8"], "--K"), (_LUT + ["--sweep", "lut-5"], "--sweep"),
+    (_KV + ["--batch", "0"], "--batch"), (_KV + ["--head-dim", "60"], "--head-dim"),
+    (_KV + ["--sweep", "1", "--batch", "3"], "--batch"), (_KV + ["--accuracy", "--acc-queries", "0"], "--acc-queries"),
+    (["probe", "--size-mib", "0"], "--size-mib"),
+])
+def test_cli_bad_options_are_one_line_errors_before_any_measurement(argv, flag, monkeypatch):
+    """A typo is a SystemExit naming the option, raised before the probe or any timing runs."""
+    monkeypatch.setattr(cli, "_probe", lambda args: pytest.fail("probed before checking the options"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert str(e.value).startswith(flag), str(e.value)
+
+
+def test_cli_json_is_strict_and_checked_first(tmp_path):
+    with pytest.raises(SystemExit, match="--json: .* is a directory"):
+        cli.main(_ATT + ["--json", str(tmp_path)])
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    with pytest.raises(SystemExit, match="--json: cannot write"):
+        cli.main(_ATT + ["--json", str(blocked / "out.json")])  # a file where a folder should be
+    out = tmp_path / "sub" / "rows.json"
+    cli._write_json(str(out), {"a": float("nan"), "b": [float("inf"), 1.5]})
+    assert json.loads(out.read_text()) == {"a": None, "b": [None, 1.5]}  # strict: no bare NaN
+    assert os.listdir(out.parent) == ["rows.json"]  # written beside and renamed: no temp file left
+
+
+def test_report_rejects_unknown_suite_names(tmp_path):
+    with pytest.raises(SystemExit):
+        report.main(["--suites", "kvteir", "--out", str(tmp_path / "rep")])
+    assert not (tmp_path / "rep").exists()  # the last real report is never replaced by an empty one
 
 
 def test_report_writes_json_and_markdown(tmp_path, monkeypatch):

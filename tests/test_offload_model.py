@@ -774,3 +774,7 @@ def test_plan_cuda_is_planning_only(tiny32, tmp_path):
                           "--machine", "H100-SXM", "--max-context", "16"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "gpu: holds" in out.stdout and "planning only" in out.stdout
+    js = subprocess.run([sys.executable, "-m", "offload", "plan", tiny32, "--max-context", "16", "--json"],
+                        capture_output=True, text=True, timeout=120)
+    assert js.returncode == 0, js.stderr
+    assert json.loads(js.stdout)["device"] == "cpu" and "disk:" in js.stderr  # stdout is the JSON alone
