@@ -109,6 +109,18 @@ def default_machine(device: str = "cpu") -> MachineProfile | None:
     return _DEFAULT[device]
 
 
+def _is_this_machine(machine, device: str) -> bool:
+    """False for a datasheet machine (a ``roofline.HARDWARE`` name or a ``source="table"``
+    profile: planning for other hardware), whose advice must not follow the timings recorded on
+    this one; True for None (this machine) and measured profiles."""
+    if machine is None:
+        return True
+    try:
+        return get_machine(machine).source != "table"
+    except (ValueError, TypeError):
+        return False
+
+
 def _bandwidth(machine) -> tuple[float | None, str]:
     """(read bandwidth or None when unknown, machine name)."""
     if machine is None:
@@ -230,10 +242,11 @@ def advise_decode_attention(seqlens, num_heads: int, num_kv_heads: int, head_dim
         B = None                              # no usable bandwidth figure: relative prediction
     B1 = worker_bw
     tiles_seq = -(-a // tile)                # the model depends on lengths in tiles only, the
-    use_measured = bool(autotune) and _autotune.enabled()   # autotune bucket also on imbalance
+    # recorded timings are this machine's: never for the advice about another one (a table GPU)
+    use_measured = bool(autotune) and _autotune.enabled() and _is_this_machine(machine, device)
     key = (tiles_seq.tobytes(), _autotune.imbalance_class(int(a.max()), a.size, int(a.sum())),
            num_heads, num_kv_heads, head_dim, W, float(dtype_bytes), tile, device, mname, B, B1,
-           use_measured, _autotune.generation())
+           use_measured, _autotune.stamp(device) if use_measured else None)
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
@@ -392,7 +405,7 @@ def advise_kv_format(context: int, num_heads: int, num_kv_heads: int, head_dim: 
     B = m.mem_bandwidth["read"] if m is not None else 1.0
     mname = m.name if m is not None else "no profile"
     tuned = None
-    if measured is None and autotune and m is not None:
+    if measured is None and autotune and m is not None and _is_this_machine(m, "cpu"):
         tuned = _measured_kv(num_heads, num_kv_heads, head_dim, group_size, num_workers)
         if tuned is not None:
             measured = {k: v * batch * context * num_layers for k, v in tuned[1]["timings"].items() if k in names}
@@ -470,7 +483,7 @@ def advise_lut(N: int, K: int, *, M: int = 1, bits=(4, 3, 2, 1), group_size: int
     for name, v in (("N", N), ("K", K), ("M", M), ("group_size", group_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-    bits = tuple(bits)
+    bits = (bits,) if isinstance(bits, int) and not isinstance(bits, bool) else tuple(bits)
     if not bits or any(b not in (1, 2, 3, 4) for b in bits):
         raise ValueError(f"bits: expected a non-empty choice of 1..4, got {bits!r}")
     m = get_machine(machine) if machine is not None else default_machine("cpu")

@@ -48,6 +48,16 @@ def generation() -> int:
     return _GENERATION[0]
 
 
+def stamp(device: str) -> tuple:
+    """What memoised advice for ``device`` depends on: this process's records (``generation``)
+    and the cache file's modification time (another process's records)."""
+    try:
+        mtime = os.stat(path(device)).st_mtime_ns
+    except OSError:
+        mtime = None
+    return _GENERATION[0], mtime
+
+
 def enabled() -> bool:
     """False when ``PYKERNELS_AUTOTUNE=0``."""
     return os.environ.get("PYKERNELS_AUTOTUNE", "1") != "0"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 
 from .hardware import HARDWARE, MachineProfile
 from .measure import probe
@@ -118,10 +119,12 @@ def _load_results(ap, paths: list[str]):
         if not os.path.isfile(path):
             ap.error(f"--results: {path!r} is not a file")
         try:
-            with open(path) as fh:
+            with open(path, encoding="utf-8") as fh:
                 loaded.append(json.load(fh))
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             ap.error(f"--results: {path!r} is not valid JSON: {exc}")
+        except OSError as exc:
+            ap.error(f"--results: {exc}")
     if len(loaded) == 1 and isinstance(loaded[0], dict) and "suites" in loaded[0]:
         return loaded[0]
     rows = []
@@ -142,9 +145,9 @@ def _read_model(ap, path: str) -> dict:
     if not os.path.isfile(path):
         ap.error(f"--model: {path!r} is not a file")
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             return json.load(fh)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         ap.error(f"--model: {path!r} is not valid JSON: {exc}")
     except OSError as exc:
         ap.error(f"--model: {exc}")
@@ -196,10 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
     if args.command == "probe":
+        for d in args.disk or []:  # checked before minutes of measuring: the disk probe writes a file there
+            if not os.path.isdir(d):
+                ap.error(f"--disk: {d!r} is not a directory")
+            try:
+                fd, scratch = tempfile.mkstemp(dir=d, prefix=".pk-probe-check-")
+                os.close(fd)
+                os.unlink(scratch)
+            except OSError as exc:
+                ap.error(f"--disk: cannot write a scratch file in {d!r} ({exc.strerror or exc})")
         try:
             m = probe(device=args.device, quick=args.quick, disk_dirs=args.disk,
                       threads=args.threads, refresh=args.no_cache)
-        except (ValueError, TypeError, RuntimeError) as exc:
+        except (ValueError, TypeError, RuntimeError, OSError) as exc:
             ap.error(str(exc))
         if args.json:
             print(json.dumps(m.to_dict(), indent=1))

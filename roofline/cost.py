@@ -73,6 +73,8 @@ def _choice(name: str, value, allowed):
 
 def _seqlens(batch: int, seqlens_or_context) -> list[int]:
     _pos_int("batch", batch)
+    if hasattr(seqlens_or_context, "tolist"):  # numpy / torch: arrays and scalars as Python ints
+        seqlens_or_context = seqlens_or_context.tolist()
     if isinstance(seqlens_or_context, Sequence):
         lens = list(seqlens_or_context)
         if len(lens) != batch:
@@ -93,8 +95,9 @@ def kv_bytes_per_token(num_kv_heads: int, head_dim: int, kv_bits=16, group_size:
     - ``kv_bits=16`` (bf16/fp16): ``2 * H * D * 2``.
     - ``kv_bits`` in 8/4/2 (KIVI layout): codes ``2 * H * D * bits / 8``, plus an fp16 scale and
       zero (4 bytes) per group: keys are grouped per channel over ``g`` tokens
-      (``4 * D / g`` bytes per token and head), values per token over ``g`` channels
-      (``4 * D / g``), so ``+ 2 * H * 4 * D / g``.
+      (``4 * D / g`` bytes per token and head), values per token over ``ceil(D / g)`` channel
+      groups (``4 * ceil(D / g)``, as ``pykernels.kv_format`` stores them), so
+      ``+ H * 4 * (D / g + ceil(D / g))``.
     - ``kv_bits="fp8"`` (e4m3): ``2 * H * D`` plus one fp32 scale per ``g`` tokens, per head, for
       K and V: ``+ 2 * H * 4 / g``.
 
@@ -112,7 +115,7 @@ def kv_bytes_per_token(num_kv_heads: int, head_dim: int, kv_bits=16, group_size:
         return float(2 * h * d * 2)
     if kv_bits == "fp8":
         return 2 * h * d + 2 * h * 4 / g
-    return 2 * h * d * kv_bits / 8 + 2 * h * 4 * d / g
+    return 2 * h * d * kv_bits / 8 + h * 4 * (d / g + math.ceil(d / g))
 
 
 def _decode(batch, seqlens_or_context, num_q_heads, num_kv_heads, head_dim, q_dtype_bytes,
@@ -181,8 +184,11 @@ def decode_attention_kv_cost(batch: int, seqlens_or_context, num_q_heads: int, n
     """Decode attention over a quantized KV cache (dequantized inside the kernel).
 
     KV bytes per sequence: ``(L - r) * kv_bytes_per_token(kv_bits) + r * kv_bytes_per_token(16)``
-    with ``r = min(residual, L)`` the full-precision window of recent tokens. FLOPs and the q/out
-    bytes are those of :func:`decode_attention_cost`; dequantization runs on the same roof.
+    with ``r`` the full-precision window of recent tokens as ``pk.QuantizedKVCache`` holds it:
+    ``L`` while ``L <= residual``, else whole groups are quantized once the window would exceed
+    ``residual``, so ``r = L - g * ceil((L - residual) / g)``, in ``(residual - g, residual]``
+    (fp8, which has no window: ``residual=0``). FLOPs and the q/out bytes are those of
+    :func:`decode_attention_cost`; dequantization runs on the same roof.
 
     Example
     -------
@@ -193,8 +199,10 @@ def decode_attention_kv_cost(batch: int, seqlens_or_context, num_q_heads: int, n
     q_tok = kv_bytes_per_token(num_kv_heads, head_dim, kv_bits, group_size)
     f_tok = kv_bytes_per_token(num_kv_heads, head_dim, 16)
 
+    g = _pos_int("group_size", group_size)
+
     def kv(n):
-        r = min(residual, n)
+        r = n if n <= residual else n - g * math.ceil((n - residual) / g)
         return (n - r) * q_tok + r * f_tok
 
     return _decode(batch, seqlens_or_context, num_q_heads, num_kv_heads, head_dim, q_dtype_bytes,

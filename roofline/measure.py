@@ -208,8 +208,12 @@ def _measure_cpu(quick: bool, threads: int) -> tuple[dict, dict, float, list[str
             notes.append(f"int8 not measured: {err}")
         # fp16: listed only where torch has a native CPU GEMM for it (often it is a slow
         # scalar loop, ~100x below bf16, which would be no roof at all)
-        fp16_small = _matmul_flops(torch.float16, 256, 1, "cpu")
-        if fp16_small >= 0.5 * _matmul_flops(torch.float32, 256, 1, "cpu"):
+        # (best of 5 each, and the fp32 reference never below a quarter of the n-size peak: one
+        # slow fp32 sample on a busy machine once let a ~0.2 GFLOP/s fp16 loop through, timed at
+        # n=2048 for minutes)
+        fp16_small = _matmul_flops(torch.float16, 256, 5, "cpu")
+        ref = max(_matmul_flops(torch.float32, 256, 5, "cpu"), 0.25 * peaks["fp32"])
+        if fp16_small >= 0.5 * ref:
             peaks["fp16"] = _matmul_flops(torch.float16, n, reps, "cpu")
         else:
             notes.append(f"fp16 not listed: {fp16_small / 1e9:.1f} GFLOP/s at n=256, "

@@ -19,7 +19,7 @@ Rules worth knowing:
   Prefill: each sequence processes ``context`` new tokens (causal attention) and writes its cache;
   lm_head runs on the last position only, as serving engines do.
 - Tensor parallelism over ``tp`` devices: query heads, the MLP width and the vocabulary are split;
-  kv heads are split too, or replicated when ``num_kv_heads < tp`` (``ceil(Hkv / tp)`` per
+  kv heads are split too (``Hkv / tp`` per device), or replicated when ``num_kv_heads < tp`` (one per
   device). Two all-reduces per layer (after attention and after the MLP) of the
   ``tokens * hidden * 2``-byte activations; a ring all-reduce moves ``2 * (tp - 1) / tp`` of that
   over each device's link (``links["nvlink"]``, else ``"xgmi"``, else ``"pcie_p2p"``). All
@@ -105,7 +105,8 @@ def _load_config(config) -> dict:
         if key not in config:
             raise ValueError(f"config: missing key {key!r}")
         out[key] = config[key]
-    out["num_key_value_heads"] = config.get("num_key_value_heads") or out["num_attention_heads"]
+    kvh = config.get("num_key_value_heads")  # absent or null: MHA; 0 is an error, not MHA
+    out["num_key_value_heads"] = out["num_attention_heads"] if kvh is None else kvh
     for key, val in out.items():
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"config: {key!r} must be an int >= 1, got {val!r}")
@@ -225,7 +226,10 @@ def analyze_model(config, *, batch: int, context: int, phase: str = "decode", w_
     if hq % tp or inter % tp:
         raise ValueError(f"tp: num_attention_heads={hq} and intermediate_size={inter} must be "
                          f"multiples of tp, got tp={tp}")
-    hq_d, hkv_d = hq // tp, math.ceil(hkv / tp)
+    if (hkv % tp if hkv >= tp else tp % hkv):  # split evenly, or replicated on groups of tp / hkv devices
+        raise ValueError(f"tp: num_key_value_heads={hkv} and tp={tp}: one must divide the other (kv heads are "
+                         f"split evenly or replicated, as serving engines require)")
+    hq_d, hkv_d = hq // tp, max(1, hkv // tp)
     inter_d, vocab_d = inter // tp, math.ceil(vocab / tp)
     tokens = batch if phase == "decode" else batch * context
 

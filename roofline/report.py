@@ -299,8 +299,9 @@ def _machine_rows(machine: MachineProfile) -> list[tuple[str, str, str]]:
         rows.append(("memory capacity", f"{machine.mem_capacity / 2**30:.1f} GiB", src))
     rows += [(f"cache {k}", f"{v / 2**10:.0f} KiB" if v < 2**20 else f"{v / 2**20:.0f} MiB", src)
              for k, v in machine.caches.items()]
-    for path, d in machine.disk.items():
-        rows += [(f"disk {k} {path}", _fmt_rate(v, "B/s"), src) for k, v in d.items()]
+    for path, d in machine.disk.items():  # bandwidths; other fields (e.g. "method": "o_direct") as text
+        rows += [(f"disk {k} {path}", _fmt_rate(v, "B/s") if isinstance(v, (int, float)) and not isinstance(v, bool)
+                  else str(v), src) for k, v in d.items()]
     rows += [(f"link {k}", _fmt_rate(v, "B/s"), src) for k, v in machine.links.items()]
     return rows
 
@@ -600,6 +601,11 @@ def _jsonable(x):
 def _write(path: str, text: str) -> None:
     """Write via a temporary file and rename: a crash never leaves a half-written report."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:  # the page declares utf-8, whatever the locale
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -279,6 +279,23 @@ def test_record_from_threads_keeps_every_entry(autotune_home):
     assert len(data["decode_attention"]) == 80
 
 
+def test_measured_results_follow_other_processes_but_never_a_table_machine(autotune_home):
+    """Advice is memoised per shape; a result another process records afterwards is used (the
+    memo key holds the cache file's time), and a datasheet machine (planning for other
+    hardware) never follows this machine's timings."""
+    import subprocess
+    import sys
+
+    lens = [4096, 4096]
+    assert advise_decode_attention(lens, 8, 8, 128, num_workers=2, machine=CPU).source == "model"
+    bucket = autotune_home.decode_bucket(lens, 8, 8, 128, 2, 2, "cpu")
+    subprocess.run([sys.executable, "-c", "from roofline import autotune; autotune.record('decode_attention', "
+                    f"{bucket!r}, {{'lean': 2e-3, 'split4': 1e-3}})"], check=True)
+    a = advise_decode_attention(lens, 8, 8, 128, num_workers=2, machine=CPU)
+    assert a.source == "measured" and a.choice == {"method": "split", "num_splits": 4}
+    assert advise_decode_attention(lens, 8, 8, 128, num_workers=2, machine="H100-SXM").source == "model"
+
+
 def test_measured_result_wins_over_the_model(autotune_home):
     at = autotune_home
     lens = [32768, 1024, 512]

@@ -100,11 +100,26 @@ def test_kv_bytes_per_token_formats():
     assert kv_bytes_per_token(8, 128, kv_bits=2) == 512 + 256 == 768
     # fp8: 2048 codes + an fp32 scale per 32 tokens for K and V of each head: 2*8*4/32 = 2.
     assert kv_bytes_per_token(8, 128, kv_bits="fp8") == 2050
-    # residual window: the last 128 of 1000 tokens stay bf16.
+    # residual window: of 1000 tokens, 28 whole groups of 32 are quantized (896), 104 stay bf16
     c = decode_attention_kv_cost(1, 1000, 8, 8, 128, kv_bits=4, residual=128)
-    assert c.bytes == 872 * 1280 + 128 * 4096 + 2 * 8 * 128 * 2
+    assert c.bytes == 896 * 1280 + 104 * 4096 + 2 * 8 * 128 * 2
     a4 = analyze_model(YI_34B, batch=1, context=50_000, kv_bits=4)
     assert a4.kv_bytes_per_token == 60 * 1280
+
+
+def test_kv_bytes_match_what_the_quantized_cache_stores():
+    """Value scales per ceil(D / g) channel groups, and the full-precision window as
+    pk.QuantizedKVCache keeps it: whole groups are quantized once it would exceed ``residual``."""
+    from pykernels import kv_format
+
+    for D, g in ((128, 32), (80, 32), (64, 128), (96, 64)):
+        for bits in (8, 4, 2, "fp8"):
+            assert kv_bytes_per_token(8, D, kv_bits=bits, group_size=g) == pytest.approx(
+                kv_format.bytes_per_token(bits, g, 8, D)), (D, g, bits)
+    f, q = kv_bytes_per_token(8, 128), kv_bytes_per_token(8, 128, kv_bits=4)
+    for L, n_res in ((100, 100), (128, 128), (129, 97), (160, 128), (161, 97)):
+        c = decode_attention_kv_cost(1, L, 8, 8, 128, kv_bits=4, residual=128, group_size=32)
+        assert c.bytes == (L - n_res) * q + n_res * f + 2 * 8 * 128 * 2, L
 
 
 def test_paged_and_split_bytes():
@@ -173,6 +188,15 @@ def test_tensor_parallel_comm():
     assert a1.time_s / 4 < a4.time_s < a1.time_s / 3
     with pytest.raises(ValueError, match="tp"):
         analyze_model(YI_34B, batch=1, context=10, tp=2, machine="RTX-4090")
+    # kv heads: split evenly or replicated; other combinations are refused, naming tp
+    odd = dict(YI_34B, num_attention_heads=40, num_key_value_heads=8, intermediate_size=20480)
+    with pytest.raises(ValueError, match="tp: num_key_value_heads=8 and tp=5"):
+        analyze_model(odd, batch=1, context=10, tp=5)
+    rep = analyze_model(dict(odd, num_key_value_heads=2), batch=1, context=4096, tp=4)
+    one = analyze_model(dict(odd, num_key_value_heads=1), batch=1, context=4096, tp=4)
+    assert rep.kv_bytes_per_token == one.kv_bytes_per_token  # one replicated kv head per device
+    with pytest.raises(ValueError, match="num_key_value_heads"):  # 0 is an error, not MHA
+        analyze_model(dict(YI_34B, num_key_value_heads=0), batch=1, context=10)
 
 
 # ---------------------------------------------------------------- place()

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -226,6 +227,50 @@ def test_cli_report(tmp_path, capsys):
     assert [r["topic"] for r in doc["recommendations"]] == ["decode_attention", "kv_format", "lut"]
     assert [a["kv_bits"] for a in doc["analyses"]] == [16, 4] and doc["analyses"][0]["model"] == "llama"
     assert "Predicted for" in doc["report_notes"][0]
+
+
+def test_report_of_a_profile_with_a_disk_probe_and_under_an_ascii_locale(tmp_path):
+    """probe_disk adds a "method" text beside the bandwidths; files are written as UTF-8
+    whatever the locale (matplotlib's tick labels hold a U+2212 minus sign)."""
+    m = MachineProfile("box", {"fp32": 1e11}, {"read": 4e10, "copy": 4e10, "triad": 4e10},
+                       disk={"/data": {"read": 1.2e9, "write": 1.3e9, "method": "o_direct"}}, source="measured")
+    paths = report(_rows(), m, str(tmp_path / "a"))
+    assert "o_direct" in open(paths["markdown"], encoding="utf-8").read()
+    code = ("import sys, json; sys.path.insert(0, %r); from test_roofline_report import _rows; "
+            "from roofline import MachineProfile, report; "
+            "m = MachineProfile('box', {'fp32': 1e11}, {'read': 4e10, 'copy': 4e10, 'triad': 4e10}); "
+            "report(_rows(), m, %r)") % (os.path.dirname(__file__), str(tmp_path / "b"))
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0",
+               PYTHONIOENCODING="ascii")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "b")) == ["index.html", "report.json", "report.md"]  # no temp left
+
+
+def test_cli_bad_files_and_disk_dirs(tmp_path, capsys):
+    from roofline.cli import main
+
+    bad = tmp_path / "cfg.json"
+    bad.write_bytes(b"\xff\xfe{not utf-8")
+    for argv in (["analyze", "--model", str(bad), "--batch", "1", "--context", "16"],
+                 ["report", "--out", str(tmp_path / "r"), "--results", str(bad), "--device", "H100-SXM"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "not valid JSON" in capsys.readouterr().err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores the mode bits: a file instead of a folder
+            ro.chmod(0o700)
+            ro = tmp_path / "plain-file"
+            ro.write_text("x")
+        with pytest.raises(SystemExit) as e:  # before any measurement
+            main(["probe", "--quick", "--disk", str(ro)])
+        assert e.value.code == 2 and "--disk" in capsys.readouterr().err
+    finally:
+        if ro.is_dir():
+            ro.chmod(0o700)
 
 
 @pytest.mark.parametrize("args,match", [
