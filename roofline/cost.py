@@ -268,11 +268,13 @@ def gemm_cost(M: int, N: int, K: int, dtype_bytes: int = 2, w_bits: int = 16,
 
 
 def lut_gemv_cost(N: int, K: int, M: int = 1, bits: int = 4, group_size: int = 128,
-                  act_bytes: int = 2) -> Cost:
+                  act_bytes: int = 2, scheme: str = "affine") -> Cost:
     """LUT-GEMV ``y[M, N] = x[M, K] @ W^T`` with ``bits``-bit weights (tables stay on chip).
 
     FLOPs ``2 * M * N * K``; bytes: packed weights ``N * K * bits / 8`` read once for all M rows,
-    fp16 scale and zero per group (``4 * N * K / group_size``), activations and output.
+    activations and output, and per group of ``group_size`` weights an fp16 scale and zero
+    (``scheme="affine"``), a scale only (``"symmetric"``), or a scale plus a per-channel fp32
+    codebook of ``2**bits`` levels per row (``"codebook"``), as ``pk.LUTWeight.nbytes`` counts.
 
     Example
     -------
@@ -281,8 +283,13 @@ def lut_gemv_cost(N: int, K: int, M: int = 1, bits: int = 4, group_size: int = 1
     """
     _choice("bits", bits, (1, 2, 3, 4, 5, 6, 7, 8))
     _choice("act_bytes", act_bytes, (2, 4))
+    _choice("scheme", scheme, ("affine", "symmetric", "codebook"))
     c = gemm_cost(M, N, K, act_bytes, bits, group_size)
-    c.name = f"lut_gemv[w{bits}]"
+    if scheme != "affine":  # no zero points; a codebook adds its levels
+        c.bytes -= N * math.ceil(K / group_size) * 2
+        if scheme == "codebook":
+            c.bytes += N * (1 << bits) * 4
+    c.name = f"lut_gemv[w{bits}]" + ("" if scheme == "affine" else f"[{scheme}]")
     return c
 
 

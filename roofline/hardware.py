@@ -30,6 +30,7 @@ Example
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["MachineProfile", "HARDWARE", "get_machine"]
@@ -82,6 +83,20 @@ class MachineProfile:
     source: str = "table"
     notes: str = ""
     caches: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        """Roofs are rates: every peak, bandwidth and link a finite number > 0 (a 0 would divide
+        every placement by zero; leave a figure out instead)."""
+        for what, d in (("peak_flops", self.peak_flops), ("mem_bandwidth", self.mem_bandwidth),
+                        ("links", self.links)):
+            if not isinstance(d, dict):
+                raise TypeError(f"{what}: expected a dict, got {type(d).__name__}")
+            for k, v in d.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                    raise ValueError(f"{what}[{k!r}]: expected a finite rate > 0, got {v!r}")
+        if self.mem_capacity is not None and not (isinstance(self.mem_capacity, (int, float))
+                                                  and math.isfinite(self.mem_capacity) and self.mem_capacity > 0):
+            raise ValueError(f"mem_capacity: expected bytes > 0 or None, got {self.mem_capacity!r}")
 
     def peak(self, dtype: str) -> float:
         """Peak FLOP/s for ``dtype``; ValueError naming the known dtypes if absent."""

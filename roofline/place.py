@@ -133,6 +133,8 @@ def place(cost: Cost, seconds: float, machine: str | MachineProfile,
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
             or not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"seconds: expected a finite number > 0, got {seconds!r}")
+    if not (math.isfinite(cost.flops / seconds) and math.isfinite(cost.bytes / seconds)):
+        raise ValueError(f"seconds: {seconds!r} makes the achieved rate infinite (a broken timing)")
     m = get_machine(machine)
     t, bound = roofline_time(cost, m, bandwidth)
     peak = m.peak(cost.dtype) if cost.flops else 0.0

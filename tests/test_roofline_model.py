@@ -107,6 +107,29 @@ def test_kv_bytes_per_token_formats():
     assert a4.kv_bytes_per_token == 60 * 1280
 
 
+@pytest.mark.parametrize("scheme", ["affine", "symmetric", "codebook"])
+def test_lut_gemv_bytes_match_the_weight_format(scheme):
+    import torch
+
+    import pykernels as pk
+    from roofline.cost import lut_gemv_cost
+
+    N, K = 64, 256
+    for bits in (2, 4):
+        qw = pk.quantize_weight(torch.randn(N, K), bits=bits, group_size=128, scheme=scheme)
+        c = lut_gemv_cost(N, K, 1, bits, 128, scheme=scheme)
+        assert c.bytes == qw.nbytes + K * 2 + N * 2  # weights + x read + y written
+
+
+def test_degenerate_machines_and_timings_are_refused():
+    with pytest.raises(ValueError, match="peak_flops\\['bf16'\\]"):
+        MachineProfile("z", {"bf16": 0.0}, {"read": 1e10})
+    with pytest.raises(ValueError, match="mem_bandwidth\\['read'\\]"):
+        MachineProfile("z", {"bf16": 1e12}, {"read": float("nan")})
+    with pytest.raises(ValueError, match="seconds"):
+        place(decode_attention_cost(1, 1024, 8, 8, 128), 1e-320, "H100-SXM")
+
+
 def test_kv_bytes_match_what_the_quantized_cache_stores():
     """Value scales per ceil(D / g) channel groups, and the full-precision window as
     pk.QuantizedKVCache keeps it: whole groups are quantized once it would exceed ``residual``."""
