@@ -471,4 +471,4 @@ def merge_states(o_a, lse_a, o_b, lse_b):
     wa = torch.where(empty, torch.zeros_like(la), torch.exp(la - safe)).unsqueeze(-1)
     wb = torch.where(empty, torch.zeros_like(lb), torch.exp(lb - safe)).unsqueeze(-1)
     o = (wa * o_a.to(ct) + wb * o_b.to(ct)).to(o_a.dtype)
-    return o, lse.float()
+    return o.contiguous(), lse.float().contiguous()  # the layout the registered op's fake declares

@@ -9,7 +9,6 @@ reference silently (ask for it with ``backend="reference"``). An explicit backen
 """
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -46,9 +45,11 @@ def cpu_module():
     from . import _C  # noqa: F401  (ImportError handled by the probe)
 
     if not _cpu_threads_set:
+        from roofline.probe import env_threads
+
         with _cpu_lock:
-            if not os.environ.get("PYKERNELS_NUM_THREADS"):
-                _C.set_num_threads(torch.get_num_threads())
+            n = env_threads()  # a bad value is a ValueError naming the variable, never ignored
+            _C.set_num_threads(torch.get_num_threads() if n is None else n)
             _cpu_threads_set = True
     return _C
 
@@ -84,6 +85,15 @@ REGISTRY = {
     "cpu": Backend("cpu", ("cpu",), _probe_cpu),
     "reference": Backend("reference", ("cpu", "cuda"), _probe_reference, auto=False),
 }
+
+
+def _triton_interprets() -> bool:
+    """True when the Triton kernels were decorated in interpreter mode (they can take CPU tensors)."""
+    try:
+        from .triton._runtime import INTERPRET
+    except Exception:
+        return False
+    return bool(INTERPRET)
 
 
 def status() -> dict:
@@ -122,15 +132,21 @@ def select(backend: str, device: torch.device, accepts: Callable[[str], Optional
     for name in names:
         b = REGISTRY[name]
         if device.type not in b.devices:
-            reasons[name] = f"runs on {'/'.join(b.devices)}, not {device.type}"
+            ok, why = b.status()
+            reasons[name] = f"runs on {'/'.join(b.devices)}, not {device.type}" + ("" if ok else f"; also: {why}")
             continue
         if backend == "auto" and not b.auto:
             reasons[name] = "not chosen automatically (pass backend='reference')"
             continue
-        if name == "triton" and backend == "auto" and device.type == "cpu":
-            reasons[name] = "Triton on CPU is the interpreter (slow); pass backend='triton' to use it"
-            continue
         ok, why = b.status()
+        if name == "triton" and device.type == "cpu":
+            if ok and not _triton_interprets():
+                reasons[name] = "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before import); it is off"
+                continue
+            if backend == "auto":
+                reasons[name] = ("Triton on CPU is the interpreter (slow); pass backend='triton' to use it" if ok
+                                 else why)
+                continue
         if not ok:
             reasons[name] = why
             continue
@@ -143,5 +159,18 @@ def select(backend: str, device: torch.device, accepts: Callable[[str], Optional
         reasons[name] = r
     if candidates:
         return _measured_first(candidates, measured)
+    if backend != "auto":  # the explicit one cannot: say what the others would do
+        for name in BACKENDS:
+            if name == backend:
+                continue
+            b = REGISTRY[name]
+            ok, why = b.status()
+            if device.type not in b.devices:
+                reasons[name] = f"runs on {'/'.join(b.devices)}, not {device.type}"
+            elif not ok:
+                reasons[name] = why
+            else:
+                r = accepts(name)
+                reasons[name] = f"could serve this call (backend={name!r})" if r is None else r
     lines = "\n".join(f"  {n}: {r}" for n, r in reasons.items())
     raise NotImplementedError(f"no backend can serve this call (backend={backend!r}, device={device}):\n{lines}")

@@ -20,7 +20,6 @@ import ctypes
 import ctypes.util
 import math
 import mmap
-import os
 import sys
 
 import torch
@@ -111,8 +110,11 @@ HUGEPAGE_MIN_BYTES = 4 << 20
 
 
 def hugepages_enabled() -> bool:
-    """False when ``PYKERNELS_HUGEPAGES=0`` (the switch for A/B runs and for OS-level trouble)."""
-    return os.environ.get("PYKERNELS_HUGEPAGES", "1").strip() not in ("0", "false", "no", "off")
+    """False when ``PYKERNELS_HUGEPAGES=0`` (or off / false / no; the switch for A/B runs and for
+    OS-level trouble)."""
+    from roofline.probe import env_switch
+
+    return env_switch("PYKERNELS_HUGEPAGES")
 
 
 def empty_cache_tensor(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:

@@ -66,7 +66,8 @@ def merge_states_op(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
 
 @merge_states_op.register_fake
 def _(o_a, lse_a, o_b, lse_b):
-    return torch.empty_like(o_a), torch.empty(lse_a.shape, dtype=torch.float32, device=lse_a.device)
+    return (torch.empty(o_a.shape, dtype=o_a.dtype, device=o_a.device),
+            torch.empty(lse_a.shape, dtype=torch.float32, device=lse_a.device))
 
 
 @torch.library.custom_op("pykernels::lut_gemv", mutates_args=())

@@ -59,8 +59,10 @@ def stamp(device: str) -> tuple:
 
 
 def enabled() -> bool:
-    """False when ``PYKERNELS_AUTOTUNE=0``."""
-    return os.environ.get("PYKERNELS_AUTOTUNE", "1") != "0"
+    """False when ``PYKERNELS_AUTOTUNE=0`` (or off / false / no)."""
+    from .probe import env_switch
+
+    return env_switch("PYKERNELS_AUTOTUNE")
 
 
 _IDENT: dict[str, str] = {}

@@ -185,13 +185,35 @@ class CpuLoadMeter:
         return round(max(0.0, (d_busy - d_own) / d_total), 3)
 
 
+def env_threads() -> int | None:
+    """``PYKERNELS_NUM_THREADS`` as an int >= 1, None when unset or empty; ValueError naming the
+    variable for anything else (the kernels' pool and the probes read it the same way)."""
+    env = os.environ.get("PYKERNELS_NUM_THREADS", "").strip()
+    if not env:
+        return None
+    if not env.isdigit() or int(env) < 1:
+        raise ValueError(f"PYKERNELS_NUM_THREADS: expected an int >= 1, got {env!r}")
+    return int(env)
+
+
+def env_switch(name: str, default: bool = True) -> bool:
+    """An on/off environment switch: 1/on/true/yes or 0/off/false/no (any case); unset or empty
+    -> ``default``; ValueError naming the variable for anything else (a typo is never ignored)."""
+    v = os.environ.get(name, "").strip().lower()
+    if not v:
+        return default
+    if v in ("1", "on", "true", "yes"):
+        return True
+    if v in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"{name}: expected 0/1 (off/on, false/true, no/yes), got {os.environ[name]!r}")
+
+
 def _resolve_threads(threads: int | None) -> int:
     if threads is not None:
         return int(threads)
-    env = os.environ.get("PYKERNELS_NUM_THREADS")
-    if env and env.strip().isdigit() and int(env) > 0:
-        return int(env)
-    return torch.get_num_threads()
+    env = env_threads()
+    return env if env is not None else torch.get_num_threads()
 
 
 def _stats(seconds: list[float], nbytes: int) -> dict:

@@ -339,6 +339,51 @@ def test_explicit_backend_unavailable_lists_reasons(monkeypatch):
     assert all(isinstance(r, str) and r for _, r in st.values())
 
 
+def test_explicit_backend_error_says_what_the_others_would_do(monkeypatch):
+    q = torch.randn(1, 2, 12)
+    k = torch.randn(1, 4, 1, 12)
+    with pytest.raises(NotImplementedError) as e:
+        pk.decode_attention(q, k, k, torch.tensor([4]), backend="cpu")
+    msg = str(e.value)
+    assert "cpu: head_dim must be a multiple of 8" in msg
+    assert "reference: could serve this call (backend='reference')" in msg
+    # Triton takes CPU tensors only in interpreter mode; without it the reason says so
+    monkeypatch.setattr(backends, "_triton_interprets", lambda: False)
+    with pytest.raises(NotImplementedError, match="TRITON_INTERPRET"):
+        pk.decode_attention(q, k, k, torch.tensor([4]), backend="triton")
+
+
+def test_environment_switches_are_validated(monkeypatch):
+    from roofline.probe import env_switch, env_threads
+
+    for v, want in (("0", False), ("OFF", False), ("false", False), ("1", True), ("Yes", True), ("", True)):
+        monkeypatch.setenv("PYKERNELS_AUTOTUNE", v)
+        assert env_switch("PYKERNELS_AUTOTUNE") is want
+    monkeypatch.setenv("PYKERNELS_AUTOTUNE", "of")
+    with pytest.raises(ValueError, match="PYKERNELS_AUTOTUNE"):
+        env_switch("PYKERNELS_AUTOTUNE")
+    for v in ("abc", "0", "-2", "3x"):
+        monkeypatch.setenv("PYKERNELS_NUM_THREADS", v)
+        with pytest.raises(ValueError, match="PYKERNELS_NUM_THREADS"):
+            env_threads()
+    monkeypatch.setenv("PYKERNELS_NUM_THREADS", "3")
+    assert env_threads() == 3
+    code = "import torch, pykernels as pk; pk.decode_attention(torch.randn(1, 2, 64), torch.randn(1, 4, 1, 64), " \
+           "torch.randn(1, 4, 1, 64), [4], backend='cpu')"
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYKERNELS_NUM_THREADS="abc"),
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "PYKERNELS_NUM_THREADS" in r.stderr
+
+
+def test_cupy_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    import importlib
+
+    cuda_att = importlib.import_module("pykernels.cuda.decode_attention")
+    monkeypatch.delenv("CUPY_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cuda_att._cupy_cache_dir() == str(tmp_path / "pykernels" / "cupy")
+
+
 def test_cpu_head_dim_not_multiple_of_8_declined():
     q = torch.randn(1, 2, 60)
     k = torch.randn(1, 4, 1, 60)
@@ -372,6 +417,9 @@ def test_opcheck():
                           (q, k, v, lens, None, 0.125, "lean", 0, "auto"))
     o, l = torch.randn(3, 4, 8), torch.randn(3, 4)
     torch.library.opcheck(torch.ops.pykernels.merge_states.default, (o, l, o * 2, l - 1))
+    # transposed inputs: the fake's layout must be the real op's (torch.compile checks strides)
+    ot, lt = torch.randn(4, 3, 8).transpose(0, 1), torch.randn(4, 3).t()
+    torch.library.opcheck(torch.ops.pykernels.merge_states.default, (ot, lt, o, l))
 
 
 def test_torch_compile():

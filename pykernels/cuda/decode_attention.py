@@ -145,18 +145,26 @@ def _native():
 
 
 def _cupy_cache_dir() -> str:
-    return os.environ.get("CUPY_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pykernels", "cupy")
+    """CUPY_CACHE_DIR if set, else ``$XDG_CACHE_HOME/pykernels/cupy`` (``~/.cache`` without it),
+    beside the package's other caches."""
+    if os.environ.get("CUPY_CACHE_DIR"):
+        return os.environ["CUPY_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pykernels", "cupy")
 
 
 @functools.lru_cache(maxsize=None)
 def _cupy():
     """(cupy module or None, reason). Sets CUPY_CACHE_DIR first (cupy reads it when imported)
     unless the user set it, so compiled kernels land outside the package directory."""
-    if "cupy" not in sys.modules:
-        os.environ.setdefault("CUPY_CACHE_DIR", _cupy_cache_dir())
+    set_here = "cupy" not in sys.modules and "CUPY_CACHE_DIR" not in os.environ
+    if set_here:
+        os.environ["CUPY_CACHE_DIR"] = _cupy_cache_dir()
     try:
         import cupy
     except Exception as e:
+        if set_here:  # no cupy: leave the environment as it was
+            os.environ.pop("CUPY_CACHE_DIR", None)
         return None, f"cupy not importable ({type(e).__name__}: {e})"
     return cupy, f"cupy {cupy.__version__} importable"
 
