@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Cost", "kv_bytes_per_token", "decode_attention_cost", "decode_attention_kv_cost",
+__all__ = ["Cost", "kv_bytes_per_token", "kv_bytes_of_sequence", "decode_attention_cost", "decode_attention_kv_cost",
            "prefill_attention_cost", "lut_gemv_cost", "gemm_cost", "transfer_cost"]
 
 _DTYPE_OF_BYTES = {1: "int8", 2: "bf16", 4: "fp32"}  # element size -> compute roof
@@ -118,6 +118,27 @@ def kv_bytes_per_token(num_kv_heads: int, head_dim: int, kv_bits=16, group_size:
     return 2 * h * d * kv_bits / 8 + h * 4 * (d / g + math.ceil(d / g))
 
 
+def kv_bytes_of_sequence(L: int, num_kv_heads: int, head_dim: int, kv_bits=16, group_size: int = 32,
+                         residual: int = 0) -> float:
+    """KV-cache bytes of one layer holding ``L`` tokens: quantized tokens at
+    :func:`kv_bytes_per_token` and the full-precision window of recent ones at 16 bits, the
+    window as ``pk.QuantizedKVCache`` keeps it (``L`` while ``L <= residual``; else whole groups
+    of ``group_size`` are quantized once it would exceed ``residual``, so it holds
+    ``L - g * ceil((L - residual) / g)`` tokens, in ``(residual - g, residual]``; never a partial
+    group: with ``residual < g`` the last ``L mod g`` tokens stay full precision).
+
+    >>> kv_bytes_of_sequence(1000, 8, 128, kv_bits=4, residual=128)   # 896 int4 + 104 bf16 tokens
+    1572864.0
+    """
+    _pos_int("residual", residual, 0)
+    g = _pos_int("group_size", group_size)
+    q_tok = kv_bytes_per_token(num_kv_heads, head_dim, kv_bits, group_size)
+    if kv_bits == 16:
+        return L * q_tok
+    n_quant = 0 if L <= residual else min(g * math.ceil((L - residual) / g), L // g * g)  # whole groups only
+    return n_quant * q_tok + (L - n_quant) * kv_bytes_per_token(num_kv_heads, head_dim, 16)
+
+
 def _decode(batch, seqlens_or_context, num_q_heads, num_kv_heads, head_dim, q_dtype_bytes,
             method, num_splits, kv_bytes_of_len, extra_bytes, name) -> Cost:
     lens = _seqlens(batch, seqlens_or_context)
@@ -187,7 +208,7 @@ def decode_attention_kv_cost(batch: int, seqlens_or_context, num_q_heads: int, n
     with ``r`` the full-precision window of recent tokens as ``pk.QuantizedKVCache`` holds it:
     ``L`` while ``L <= residual``, else whole groups are quantized once the window would exceed
     ``residual``, so ``r = L - g * ceil((L - residual) / g)``, in ``(residual - g, residual]``
-    (fp8, which has no window: ``residual=0``). FLOPs and the q/out bytes are those of
+    (fp8 keeps the same window). FLOPs and the q/out bytes are those of
     :func:`decode_attention_cost`; dequantization runs on the same roof.
 
     Example
@@ -196,14 +217,9 @@ def decode_attention_kv_cost(batch: int, seqlens_or_context, num_q_heads: int, n
     45056.0
     """
     _pos_int("residual", residual, 0)
-    q_tok = kv_bytes_per_token(num_kv_heads, head_dim, kv_bits, group_size)
-    f_tok = kv_bytes_per_token(num_kv_heads, head_dim, 16)
-
-    g = _pos_int("group_size", group_size)
 
     def kv(n):
-        r = n if n <= residual else n - g * math.ceil((n - residual) / g)
-        return (n - r) * q_tok + r * f_tok
+        return kv_bytes_of_sequence(n, num_kv_heads, head_dim, kv_bits, group_size, residual)
 
     return _decode(batch, seqlens_or_context, num_q_heads, num_kv_heads, head_dim, q_dtype_bytes,
                    method, num_splits, kv, lambda lens: 0, f"decode_attention[kv{kv_bits}]")

@@ -45,8 +45,8 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
-from .cost import (_weight_bytes, decode_attention_kv_cost, gemm_cost, kv_bytes_per_token,
-                   prefill_attention_cost, transfer_cost)
+from .cost import (_weight_bytes, decode_attention_kv_cost, gemm_cost, kv_bytes_of_sequence,
+                   kv_bytes_per_token, prefill_attention_cost, transfer_cost)
 from .hardware import MachineProfile, get_machine
 from .place import roofline_time
 
@@ -161,7 +161,7 @@ def _int_arg(name, value, minimum=1):
 def analyze_model(config, *, batch: int, context: int, phase: str = "decode", w_bits: int = 16,
                   kv_bits=16, machine: str | MachineProfile = "A100-80GB-SXM",
                   placement: dict | None = None, tp: int = 1, group_size: int = 128,
-                  kv_group_size: int = 32) -> ModelAnalysis:
+                  kv_group_size: int = 32, kv_residual: int = 128) -> ModelAnalysis:
     """Predict one decode step (or one prefill) of a decoder-only model on a roofline.
 
     Parameters
@@ -182,6 +182,11 @@ def analyze_model(config, *, batch: int, context: int, phase: str = "decode", w_
     kv_bits : {16, 8, 4, 2, "fp8"}
         KV-cache format (see :func:`roofline.cost.kv_bytes_per_token`, groups of
         ``kv_group_size``).
+    kv_residual : int
+        Quantized formats: the full-precision window of recent tokens ``pk.QuantizedKVCache``
+        keeps (its default, 128); decode reads those tokens at 16 bits (see
+        :func:`roofline.cost.decode_attention_kv_cost`). ``kv_bytes_per_token`` stays the
+        quantized per-token figure.
     machine : str or MachineProfile
         A ``HARDWARE`` name or a profile.
     placement : dict, optional
@@ -212,6 +217,8 @@ def analyze_model(config, *, batch: int, context: int, phase: str = "decode", w_
         raise ValueError(f"kv_bits: expected one of [16, 8, 4, 2, 'fp8'], got {kv_bits!r}")
     _int_arg("group_size", group_size)
     _int_arg("kv_group_size", kv_group_size)
+    if isinstance(kv_residual, bool) or not isinstance(kv_residual, int) or kv_residual < 0:
+        raise ValueError(f"kv_residual: expected an int >= 0, got {kv_residual!r}")
     _int_arg("tp", tp)
     m = get_machine(machine)
     if placement is not None and (not isinstance(placement, dict)
@@ -255,9 +262,9 @@ def analyze_model(config, *, batch: int, context: int, phase: str = "decode", w_
     linear("k_proj", hkv_d * d, hidden, w_bits)
     linear("v_proj", hkv_d * d, hidden, w_bits)
     if phase == "decode":
-        add("attention", decode_attention_kv_cost(batch, context, hq_d, hkv_d, d, kv_bits,
-                                                  kv_group_size), nl,
-            kv_read=batch * context * kv_tok)
+        res = 0 if kv_bits == 16 else kv_residual
+        add("attention", decode_attention_kv_cost(batch, context, hq_d, hkv_d, d, kv_bits, kv_group_size, res), nl,
+            kv_read=batch * kv_bytes_of_sequence(context, hkv_d, d, kv_bits, kv_group_size, res))
     else:
         add("attention", prefill_attention_cost(batch, context, hq_d, hkv_d, d, kv_bits,
                                                 kv_group_size), nl,

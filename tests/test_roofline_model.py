@@ -130,6 +130,22 @@ def test_degenerate_machines_and_timings_are_refused():
         place(decode_attention_cost(1, 1024, 8, 8, 128), 1e-320, "H100-SXM")
 
 
+def test_analyze_model_reads_the_quantized_caches_window_at_16_bits():
+    from roofline.cost import kv_bytes_of_sequence
+
+    cfg = dict(YI_34B, num_hidden_layers=2)
+    a = analyze_model(cfg, batch=2, context=1000, kv_bits=4, placement={"kv": "cpu"})  # default window 128
+    z = analyze_model(cfg, batch=2, context=1000, kv_bits=4, kv_residual=0, placement={"kv": "cpu"})
+    att = lambda r: next(x for x in r.layers if x["op"] == "attention")  # noqa: E731
+    per_seq = kv_bytes_of_sequence(1000, 8, 128, kv_bits=4, residual=128)
+    assert per_seq == 896 * 1280 + 104 * 4096
+    assert att(a)["link_bytes"]["h2d_pinned"] == 2 * per_seq
+    assert att(z)["link_bytes"]["h2d_pinned"] == 2 * (992 * 1280 + 8 * 4096)  # whole groups only
+    assert a.kv_bytes_per_token == z.kv_bytes_per_token == 2 * 1280  # the per-token figure stays quantized
+    with pytest.raises(ValueError, match="kv_residual"):
+        analyze_model(cfg, batch=1, context=10, kv_bits=4, kv_residual=-1)
+
+
 def test_kv_bytes_match_what_the_quantized_cache_stores():
     """Value scales per ceil(D / g) channel groups, and the full-precision window as
     pk.QuantizedKVCache keeps it: whole groups are quantized once it would exceed ``residual``."""
