@@ -584,6 +584,9 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path: {path!r} is not a directory")
+    if disk_bandwidth is not None and (isinstance(disk_bandwidth, bool) or not isinstance(disk_bandwidth, (int, float))
+                                       or not math.isfinite(disk_bandwidth) or disk_bandwidth <= 0):
+        raise ValueError(f"disk_bandwidth: expected bytes/s > 0 or None, got {disk_bandwidth!r}")
     for name, v, lo in (("io_threads", io_threads, 1), ("slots", slots, 2), ("max_batch", max_batch, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")

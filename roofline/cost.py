@@ -283,6 +283,10 @@ def gemm_cost(M: int, N: int, K: int, dtype_bytes: int = 2, w_bits: int = 16,
     return Cost(2 * m * n * k, nbytes, _DTYPE_OF_BYTES[dtype_bytes], f"gemm[w{w_bits}]")
 
 
+#: rows of x one LUT-GEMV pass takes (``pykernels.lut.MAX_M``): weights are read once per pass
+LUT_MAX_M = 16
+
+
 def lut_gemv_cost(N: int, K: int, M: int = 1, bits: int = 4, group_size: int = 128,
                   act_bytes: int = 2, scheme: str = "affine") -> Cost:
     """LUT-GEMV ``y[M, N] = x[M, K] @ W^T`` with ``bits``-bit weights (tables stay on chip).
@@ -291,6 +295,7 @@ def lut_gemv_cost(N: int, K: int, M: int = 1, bits: int = 4, group_size: int = 1
     activations and output, and per group of ``group_size`` weights an fp16 scale and zero
     (``scheme="affine"``), a scale only (``"symmetric"``), or a scale plus a per-channel fp32
     codebook of ``2**bits`` levels per row (``"codebook"``), as ``pk.LUTWeight.nbytes`` counts.
+    ``M > 16``: the kernel takes 16 rows per pass, so the weights are read ``ceil(M / 16)`` times.
 
     Example
     -------
@@ -305,6 +310,10 @@ def lut_gemv_cost(N: int, K: int, M: int = 1, bits: int = 4, group_size: int = 1
         c.bytes -= N * math.ceil(K / group_size) * 2
         if scheme == "codebook":
             c.bytes += N * (1 << bits) * 4
+    passes = -(-M // LUT_MAX_M)  # pk.lut_gemv takes x LUT_MAX_M rows at a time: each pass reads W again
+    if passes > 1:
+        w = _weight_bytes(N, K, bits, group_size) - (0 if scheme == "affine" else N * math.ceil(K / group_size) * 2)
+        c.bytes += (passes - 1) * (w + (N * (1 << bits) * 4 if scheme == "codebook" else 0))
     c.name = f"lut_gemv[w{bits}]" + ("" if scheme == "affine" else f"[{scheme}]")
     return c
 

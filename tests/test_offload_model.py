@@ -215,6 +215,9 @@ def test_bad_arguments(tiny32, tmp_path):
         _load(tiny32, tmp_path, device="cuda")
     with pytest.raises(ValueError, match="weight_bits"):  # checked before a store directory is named
         _load(tiny32, tmp_path, weight_bits=4.0)
+    for bad in (-1, float("nan"), 0):
+        with pytest.raises(ValueError, match="disk_bandwidth"):
+            _load(tiny32, tmp_path, disk_bandwidth=bad)
     with pytest.raises(ValueError, match="placement"):
         _load(tiny32, tmp_path, placement="gpu")
     with pytest.raises(FileNotFoundError, match="path"):

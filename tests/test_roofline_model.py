@@ -119,6 +119,11 @@ def test_lut_gemv_bytes_match_the_weight_format(scheme):
         qw = pk.quantize_weight(torch.randn(N, K), bits=bits, group_size=128, scheme=scheme)
         c = lut_gemv_cost(N, K, 1, bits, 128, scheme=scheme)
         assert c.bytes == qw.nbytes + K * 2 + N * 2  # weights + x read + y written
+        c40 = lut_gemv_cost(N, K, 40, bits, 128, scheme=scheme)  # 3 passes of <= 16 rows
+        assert c40.bytes == 3 * qw.nbytes + 40 * (K * 2 + N * 2)
+    import pykernels.lut as L
+    from roofline.cost import LUT_MAX_M
+    assert LUT_MAX_M == L.MAX_M
 
 
 def test_degenerate_machines_and_timings_are_refused():
