@@ -138,15 +138,15 @@ def select(backend: str, device: torch.device, accepts: Callable[[str], Optional
         if backend == "auto" and not b.auto:
             reasons[name] = "not chosen automatically (pass backend='reference')"
             continue
+        if name == "triton" and backend == "auto" and device.type == "cpu":
+            # never probed here: importing triton costs ~50 MB and seconds in every CPU process
+            reasons[name] = ("Triton on CPU runs only in its interpreter (slow; TRITON_INTERPRET=1 before "
+                             "import); pass backend='triton' to use it")
+            continue
         ok, why = b.status()
-        if name == "triton" and device.type == "cpu":
-            if ok and not _triton_interprets():
-                reasons[name] = "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before import); it is off"
-                continue
-            if backend == "auto":
-                reasons[name] = ("Triton on CPU is the interpreter (slow); pass backend='triton' to use it" if ok
-                                 else why)
-                continue
+        if name == "triton" and device.type == "cpu" and ok and not _triton_interprets():
+            reasons[name] = "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before import); it is off"
+            continue
         if not ok:
             reasons[name] = why
             continue
@@ -164,11 +164,14 @@ def select(backend: str, device: torch.device, accepts: Callable[[str], Optional
             if name == backend:
                 continue
             b = REGISTRY[name]
-            ok, why = b.status()
             if device.type not in b.devices:
                 reasons[name] = f"runs on {'/'.join(b.devices)}, not {device.type}"
-            elif not ok:
+                continue
+            ok, why = b.status()
+            if not ok:
                 reasons[name] = why
+            elif name == "triton" and device.type == "cpu" and not _triton_interprets():
+                reasons[name] = "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before import)"
             else:
                 r = accepts(name)
                 reasons[name] = f"could serve this call (backend={name!r})" if r is None else r

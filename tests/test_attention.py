@@ -353,6 +353,17 @@ def test_explicit_backend_error_says_what_the_others_would_do(monkeypatch):
         pk.decode_attention(q, k, k, torch.tensor([4]), backend="triton")
 
 
+def test_auto_dispatch_on_cpu_never_imports_triton():
+    """Importing triton costs ~50 MB of RSS and seconds: a CPU call with backend="auto" must not
+    do it (the offload benchmark's memory budget test caught a version that did)."""
+    code = ("import sys, torch, pykernels as pk; "
+            "pk.decode_attention(torch.randn(1, 2, 64), torch.randn(1, 4, 1, 64), torch.randn(1, 4, 1, 64), [4]); "
+            "print('triton' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
+
+
 def test_environment_switches_are_validated(monkeypatch):
     from roofline.probe import env_switch, env_threads
 
