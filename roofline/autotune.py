@@ -36,6 +36,8 @@ import tempfile
 import threading
 import time
 
+from .probe import env_switch
+
 __all__ = ["decode_bucket", "lut_bucket", "kv_bucket", "imbalance_class", "record", "lookup", "has_topic", "enabled",
            "path", "generation"]
 
@@ -60,8 +62,6 @@ def stamp(device: str) -> tuple:
 
 def enabled() -> bool:
     """False when ``PYKERNELS_AUTOTUNE=0`` (or off / false / no)."""
-    from .probe import env_switch
-
     return env_switch("PYKERNELS_AUTOTUNE")
 
 

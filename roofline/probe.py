@@ -196,17 +196,29 @@ def env_threads() -> int | None:
     return int(env)
 
 
+_SWITCHES: dict = {}
+
+
 def env_switch(name: str, default: bool = True) -> bool:
     """An on/off environment switch: 1/on/true/yes or 0/off/false/no (any case); unset or empty
-    -> ``default``; ValueError naming the variable for anything else (a typo is never ignored)."""
-    v = os.environ.get(name, "").strip().lower()
+    -> ``default``; ValueError naming the variable for anything else (a typo is never ignored).
+    Parsed once per distinct value (``PYKERNELS_AUTOTUNE`` is read on every decode call)."""
+    raw = os.environ.get(name)
+    key = (name, raw, default)
+    hit = _SWITCHES.get(key)
+    if hit is not None:
+        return hit
+    v = (raw or "").strip().lower()
     if not v:
-        return default
-    if v in ("1", "on", "true", "yes"):
-        return True
-    if v in ("0", "off", "false", "no"):
-        return False
-    raise ValueError(f"{name}: expected 0/1 (off/on, false/true, no/yes), got {os.environ[name]!r}")
+        out = default
+    elif v in ("1", "on", "true", "yes"):
+        out = True
+    elif v in ("0", "off", "false", "no"):
+        out = False
+    else:
+        raise ValueError(f"{name}: expected 0/1 (off/on, false/true, no/yes), got {raw!r}")
+    _SWITCHES[key] = out
+    return out
 
 
 def _resolve_threads(threads: int | None) -> int:
