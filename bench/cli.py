@@ -158,19 +158,11 @@ def cmd_probe(args) -> int:
 def _write_json(path, obj):
     """Strict JSON (non-finite numbers as null), written to a temporary name and renamed: a
     crash never leaves a truncated file."""
-    from roofline.report import _jsonable
+    from roofline.report import _jsonable, _write
 
     ap = os.path.abspath(path)
     os.makedirs(os.path.dirname(ap), exist_ok=True)
-    tmp = f"{ap}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(_jsonable(obj), fh, indent=1, allow_nan=False)
-        os.replace(tmp, ap)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _write(ap, json.dumps(_jsonable(obj), indent=1, allow_nan=False))
     print(f"wrote {path}")
 
 

@@ -592,10 +592,7 @@ class TieredKVCache:
 
     # ------------------------------------------------------------------ appends
     def _reserve(self, layer, q, k, v, T_expected=None, need_q=True):
-        if self._broken:
-            raise RuntimeError(self._broken)
-        if self._finalizer is not None and not self._finalizer.alive:
-            raise RuntimeError("TieredKVCache: closed")
+        self._check_open()
         for name, t in (("q", q), ("k", k), ("v", v)):
             if name == "q" and not need_q:
                 continue  # append(): no query

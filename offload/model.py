@@ -23,7 +23,7 @@ import torch
 
 from . import llama
 from .executor import Streamer
-from .store import _dtype_of
+from .store import _dtype_of, check_weight_bits
 from .placement import Placement, parse_bytes, plan_placement
 
 __all__ = ["load_model", "OffloadedModel"]
@@ -576,9 +576,7 @@ def load_model(path, *, budgets=None, weight_bits=None, kv_bits=None, device: st
         raise NotImplementedError("device='cuda': the GPU tier of the offload executor is not written yet; "
                                   "use device='cpu' (see README: what has run where). "
                                   "offload.plan_placement(..., device='cuda') shows where each unit would live")
-    if weight_bits is not None and (isinstance(weight_bits, bool) or not isinstance(weight_bits, int)
-                                    or weight_bits not in (1, 2, 3, 4)):
-        raise ValueError(f"weight_bits: expected None or one of 1, 2, 3, 4, got {weight_bits!r}")
+    check_weight_bits(weight_bits)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a directory path, got {type(path).__name__}")
     path = os.fspath(path)

@@ -302,22 +302,13 @@ def least_bytes(fixed: int, layer: int, head: int, slots: int) -> int:
     return fixed + min(slots * layer + head, slots * max(layer, head))
 
 
-def _machine(machine):
+def _machine(machine, device: str = "cpu"):
     """The MachineProfile to plan with: ``machine`` (a profile or a ``roofline.HARDWARE``
-    name), or this machine's cached profile; None when there is none."""
+    name), or this machine's cached profile for ``device``; None when there is none."""
     from roofline.advise import default_machine
     from roofline.hardware import get_machine
 
-    return default_machine("cpu") if machine is None else get_machine(machine)
-
-
-def _gpu_machine(machine):
-    """The GPU's MachineProfile: ``machine`` (a profile or a ``roofline.HARDWARE`` name), or the
-    cached CUDA profile of this machine; None when there is none."""
-    from roofline.advise import default_machine
-    from roofline.hardware import get_machine
-
-    return default_machine("cuda") if machine is None else get_machine(machine)
+    return default_machine(device) if machine is None else get_machine(machine)
 
 
 def disk_read_bandwidth(m) -> float | None:
@@ -464,7 +455,7 @@ def plan_placement(config, machine=None, budgets=None, *, batch: int = 1, contex
                                                    residual=kv_residual, dtype=dt, resident=True)
     gpu_m = gpu_cap = None
     if device == "cuda":  # the workspace lives on the GPU: its budget bounds the prefill chunk
-        gpu_m = _gpu_machine(machine)
+        gpu_m = _machine(machine, "cuda")
         if budgets.get("gpu") is not None:
             gpu_cap = parse_bytes(budgets["gpu"], "budgets['gpu']")
         elif gpu_m is not None and gpu_m.mem_capacity:
@@ -712,15 +703,13 @@ def _predict_cuda(p: Placement, c: dict, m, disk_bandwidth) -> None:
     if m is None:
         return
     h2d = m.links.get("h2d_pinned")
-    bw = disk_bandwidth
-    if bw is None:
-        bw = m.links.get("disk_read")
+    bw = disk_bandwidth if disk_bandwidth is not None else m.links.get("disk_read")
+    if bw is None:  # the host's measured disk (the GPU's profile has none)
         try:
             host = _machine(None)
         except (ValueError, OSError):
             host = None
-        if bw is None and host is not None:
-            bw = disk_read_bandwidth(host)
+        bw = disk_read_bandwidth(host) if host is not None else None
     try:
         a = analyze_model(c, batch=p.batch, context=p.context, w_bits=p.weight_bits or 16,
                           kv_bits=16 if p.kv_bits is None else p.kv_bits, machine=m)

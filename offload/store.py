@@ -141,8 +141,11 @@ def _write_all(fd, mv, offset):
         done += os.pwrite(fd, mv[done:done + (64 << 20)], offset + done)
 
 
-# the state_dict fields of a pykernels.LUTWeight (LUTWeight.state_dict)
-_LUT_KEYS = frozenset(("planes", "scales", "zeros", "codebook", "perm", "meta", "scheme"))
+def check_weight_bits(weight_bits) -> None:
+    """ValueError naming ``weight_bits`` unless it is None or an int in 1..4 (the store formats)."""
+    if weight_bits is not None and (isinstance(weight_bits, bool) or not isinstance(weight_bits, int)
+                                    or weight_bits not in (1, 2, 3, 4)):
+        raise ValueError(f"weight_bits: expected None or one of 1, 2, 3, 4, got {weight_bits!r}")
 
 
 def _is_own_tmp(fname: str) -> bool:
@@ -369,9 +372,7 @@ def _convert(checkpoint, store_dir, *, weight_bits=None, group_size=128, quantiz
     >>> st.unit_names()
     ['embed', 'layer.0', 'layer.1', 'head']
     """
-    if weight_bits is not None and (isinstance(weight_bits, bool) or not isinstance(weight_bits, int)
-                                    or weight_bits not in (1, 2, 3, 4)):
-        raise ValueError(f"weight_bits: expected None or one of 1, 2, 3, 4, got {weight_bits!r}")
+    check_weight_bits(weight_bits)
     if (isinstance(group_size, bool) or not isinstance(group_size, int)
             or not (group_size == -1 or (group_size >= 8 and group_size % 8 == 0))):
         raise ValueError(f"group_size: expected -1 or a positive multiple of 8, got {group_size!r}")
@@ -408,8 +409,9 @@ def _convert(checkpoint, store_dir, *, weight_bits=None, group_size=128, quantiz
     done: dict = {}
     if os.path.lexists(store_dir) and not os.path.isdir(store_dir):
         raise ValueError(f"store_dir: {store_dir!r} exists and is not a directory")
-    if os.path.isdir(store_dir) and os.listdir(store_dir) and all(_is_own_tmp(f) for f in os.listdir(store_dir)):
-        for fname in os.listdir(store_dir):  # only the temp files of a run killed before its first rename
+    present = os.listdir(store_dir) if os.path.isdir(store_dir) else []
+    if present and all(_is_own_tmp(f) for f in present):
+        for fname in present:  # only the temp files of a run killed before its first rename
             _unlink_quiet(os.path.join(store_dir, fname))
     if os.path.isdir(store_dir) and os.listdir(store_dir):
         man = _load_json(os.path.join(store_dir, _MANIFEST))
@@ -746,9 +748,10 @@ class Store:
         if not prefixes:
             return v
         from pykernels import LUTWeight
+        from pykernels.lut import STATE_KEYS
         for p in prefixes:
             qw = LUTWeight.from_state_dict(v, prefix=p)
-            for k in [k for k in v if k.startswith(p) and k[len(p):] in _LUT_KEYS]:
+            for k in [k for k in v if k.startswith(p) and k[len(p):] in STATE_KEYS]:
                 del v[k]  # the LUTWeight's own fields; a projection's bias stays
             v[p + "weight"] = qw
         return v

@@ -983,6 +983,8 @@ def lut_gemv(x, qw, *, backend="auto", out=None, mode="int8"):
 # nn.Module
 # --------------------------------------------------------------------------------------------
 _QW_BUFFERS = ("planes", "scales", "zeros", "codebook", "perm")
+#: every key LUTWeight.state_dict writes (the stored tensors, then its header fields)
+STATE_KEYS = frozenset(_QW_BUFFERS + ("meta", "scheme"))
 
 
 class LUTLinear(nn.Module):

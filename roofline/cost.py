@@ -306,14 +306,11 @@ def lut_gemv_cost(N: int, K: int, M: int = 1, bits: int = 4, group_size: int = 1
     _choice("act_bytes", act_bytes, (2, 4))
     _choice("scheme", scheme, ("affine", "symmetric", "codebook"))
     c = gemm_cost(M, N, K, act_bytes, bits, group_size)
+    w = _weight_bytes(N, K, bits, group_size)  # affine: packed bits + fp16 scale and zero per group
     if scheme != "affine":  # no zero points; a codebook adds its levels
-        c.bytes -= N * math.ceil(K / group_size) * 2
-        if scheme == "codebook":
-            c.bytes += N * (1 << bits) * 4
+        w += -N * math.ceil(K / group_size) * 2 + (N * (1 << bits) * 4 if scheme == "codebook" else 0)
     passes = -(-M // LUT_MAX_M)  # pk.lut_gemv takes x LUT_MAX_M rows at a time: each pass reads W again
-    if passes > 1:
-        w = _weight_bytes(N, K, bits, group_size) - (0 if scheme == "affine" else N * math.ceil(K / group_size) * 2)
-        c.bytes += (passes - 1) * (w + (N * (1 << bits) * 4 if scheme == "codebook" else 0))
+    c.bytes += passes * w - _weight_bytes(N, K, bits, group_size)
     c.name = f"lut_gemv[w{bits}]" + ("" if scheme == "affine" else f"[{scheme}]")
     return c
 

@@ -755,7 +755,8 @@ def test_plan_cuda_modes_and_errors():
 def test_plan_cuda_without_a_disk_bandwidth_predicts_nothing(monkeypatch):
     import offload.placement as pl
 
-    monkeypatch.setattr(pl, "_machine", lambda machine: None)  # no host profile with a disk figure
+    real = pl._machine  # no host profile (with a disk figure); the named GPU profile still resolves
+    monkeypatch.setattr(pl, "_machine", lambda machine, device="cpu": None if machine is None else real(machine, device))
     p = plan_placement(_L3_8B, "A100-80GB-SXM", {"gpu": "6GiB", "cpu": "3GiB"}, device="cuda", context=8192)
     assert p.streamed() and p.predicted_s is None and p.compute_s is not None
     assert "no prediction" in p.explain() and "disk_bandwidth" in p.explain()

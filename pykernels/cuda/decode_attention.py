@@ -147,10 +147,9 @@ def _native():
 def _cupy_cache_dir() -> str:
     """CUPY_CACHE_DIR if set, else ``$XDG_CACHE_HOME/pykernels/cupy`` (``~/.cache`` without it),
     beside the package's other caches."""
-    if os.environ.get("CUPY_CACHE_DIR"):
-        return os.environ["CUPY_CACHE_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "pykernels", "cupy")
+    from roofline.measure import pykernels_cache
+
+    return os.environ.get("CUPY_CACHE_DIR") or pykernels_cache("cupy")
 
 
 @functools.lru_cache(maxsize=None)
