@@ -4,6 +4,7 @@ Environment:
   PYKERNELS_CUDA=0/1        force the CUDA extension off / on (default: on when nvcc is found)
   PYKERNELS_CUDA_ARCHS      e.g. "80;90" (default), compute capabilities to build SASS for
   CUDA_HOME                 CUDA toolkit root (default: dirname(dirname(which nvcc)))
+  PYKERNELS_BUILD_JOBS      source files compiled at once (default: the number of CPUs)
 """
 import glob
 import os
@@ -11,7 +12,7 @@ import shutil
 import subprocess
 import sys
 
-from pybind11.setup_helpers import Pybind11Extension
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
@@ -167,4 +168,6 @@ class _BuildPyWithCudaSources(build_py):
                 self.copy_file(src, os.path.join(dst, os.path.basename(src)))
 
 
+# Compile an extension's source files in parallel (each .cu file takes about a minute in nvcc).
+ParallelCompile("PYKERNELS_BUILD_JOBS", default=0).install()
 setup(ext_modules=extensions(), cmdclass={"build_ext": _BuildExtWithNvcc, "build_py": _BuildPyWithCudaSources})

@@ -1,8 +1,11 @@
 import os
 
 # Triton kernels run in the interpreter on CPU-only machines; this must be set before triton
-# is imported anywhere in the test session.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# is imported anywhere in the test session. PK_TRITON_TEST_DEVICE=cuda is the run of
+# tests/test_triton_attention.py and tests/test_triton_kv.py compiled on a GPU (their
+# test_compiled_on_gpu starts it in a subprocess when a GPU is present): no interpreter there.
+if os.environ.get("PK_TRITON_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # method="auto" must not follow autotune results a benchmark recorded on this machine
 # (roofline.autotune): tests that exercise them turn lookups on with a private cache folder.
 os.environ["PYKERNELS_AUTOTUNE"] = "0"

@@ -606,8 +606,8 @@ def test_gpu_bad_values_raise(impl):
         pytest.skip("neither pykernels._cuda (with decode_attention_kv) nor cupy is available")
     kw, _, _ = make_case("int8", 32, 64, 2, 2, [(2, 64, 3), (0, 32, 1)], device="cuda")
     bad = kw["block_table"].clone()
-    bad[0, 1] = -3
-    with pytest.raises(ValueError, match=r"^block_table: block_table\[0, 1\] = -3"):
+    bad[0, 0] = -3  # a page sequence 0 uses (its 64 quantized tokens fill page 0 of 64 tokens)
+    with pytest.raises(ValueError, match=r"^block_table: block_table\[0, 0\] = -3"):
         kvc.decode_attention_kv(**dict(kw, block_table=bad), impl=impl)
     with pytest.raises(ValueError, match=r"^n_quant: n_quant\[1\] = 40 is not a multiple"):
         kvc.decode_attention_kv(**dict(kw, n_quant=torch.tensor([64, 40], dtype=torch.int32, device="cuda")),

@@ -7,7 +7,11 @@ Shapes are small because the interpreter runs every program in numpy.
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+# PK_TRITON_TEST_DEVICE=cuda: the kernel cases run compiled on a GPU instead of in the
+# interpreter (test_compiled_on_gpu at the end starts that run when a GPU is present).
+DEVICE = os.environ.get("PK_TRITON_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
 import math
 import subprocess
@@ -102,11 +106,12 @@ def run_and_check(q, k_cache, v_cache, block_table, k, v, lengths, method, *, nu
                   num_workers=5, tile=16, scale=None):
     B, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    seqlens = torch.tensor(lengths, dtype=torch.int32)
-    out = torch.full((B, Hq, D), float("nan"), dtype=q.dtype)  # every element must be written
-    lse = torch.full((B, Hq), float("nan"), dtype=torch.float32)
-    decode_attention(q, k_cache, v_cache, seqlens, block_table, out, lse, scale, method,
-                     num_splits, num_workers, tile)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    out = torch.full((B, Hq, D), float("nan"), dtype=q.dtype, device=DEVICE)  # every element must be written
+    lse = torch.full((B, Hq), float("nan"), dtype=torch.float32, device=DEVICE)
+    dq, dk, dv, dbt = (None if t is None else t.to(DEVICE) for t in (q, k_cache, v_cache, block_table))
+    decode_attention(dq, dk, dv, seqlens, dbt, out, lse, scale, method, num_splits, num_workers, tile)
+    out, lse = out.cpu(), lse.cpu()
     ref_out, ref_lse = reference(q, k, v, lengths, scale)
     tol = TOL[q.dtype]
     assert_close("out", out, ref_out, tol["atol"], tol["rtol"])
@@ -114,6 +119,11 @@ def run_and_check(q, k_cache, v_cache, block_table, k, v, lengths, method, *, nu
 
 
 METHODS = ["split", "lean"]
+
+
+# Tests of the launcher's checks and of the interpreter itself: they run in the interpreter only
+# (the PK_TRITON_TEST_DEVICE=cuda run checks the kernels' results on the GPU).
+interpreter_only = pytest.mark.skipif(DEVICE != "cpu", reason="interpreter-side test (this run: kernels on the GPU)")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -192,6 +202,7 @@ def test_q_dtype_differs_from_cache(method):
     run_and_check(*args, lengths, method)
 
 
+@interpreter_only
 @pytest.mark.parametrize("method", METHODS)
 def test_bf16_output_is_rounded_to_nearest(method):
     # The interpreter holds bf16 as raw uint16: its dots on bf16 are garbage and its fp32 -> bf16
@@ -211,6 +222,7 @@ def test_bf16_output_is_rounded_to_nearest(method):
     assert_close("out", out, ref.double(), 0.0, 2.0 ** -7)  # the rest is off by at most one ulp
 
 
+@interpreter_only
 @pytest.mark.parametrize("tile", [8, 24, 48, 0])
 def test_tile_must_be_power_of_two_at_least_16(tile):
     q, k_cache, v_cache, _, _, _ = make_inputs([5], 4, 4, 64, torch.float32)
@@ -220,12 +232,14 @@ def test_tile_must_be_power_of_two_at_least_16(tile):
                          0.125, "split", 1, 1, tile)
 
 
+@interpreter_only
 def test_available_in_interpreter():
     ok, reason = available()
     assert ok, reason
     assert "interpreter" in reason
 
 
+@interpreter_only
 def test_import_without_triton_does_not_fail():
     # a missing triton is a reason from available(), never an import error
     code = ("import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
@@ -237,6 +251,7 @@ def test_import_without_triton_does_not_fail():
     assert res.returncode == 0, res.stderr
 
 
+@interpreter_only
 def test_kernels_compile_for_gpu_without_a_gpu():
     """The interpreter does not check GPU-only rules (layouts, shared memory, dot shapes):
     compile every kernel for sm_80 and sm_90 down to a cubin, in a subprocess without
@@ -253,3 +268,22 @@ def test_kernels_compile_for_gpu_without_a_gpu():
     r = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "compiled 16 kernels, 0 failures" in r.stdout, r.stdout
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_compiled_on_gpu():
+    """This module's kernel cases again, compiled by Triton and run on the GPU (the interpreter
+    above checks the kernels' logic, not GPU code generation): pytest in a subprocess with
+    PK_TRITON_TEST_DEVICE=cuda and without TRITON_INTERPRET."""
+    import pykernels
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PK_TRITON_TEST_DEVICE"] = "cuda"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pykernels.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                        os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=1800)
+    tail = r.stdout[-6000:] + r.stderr[-2000:]
+    assert r.returncode == 0, tail
+    assert " passed" in r.stdout and " failed" not in r.stdout, tail

@@ -13,7 +13,11 @@ therefore turns the output NaN. Shapes are small because the interpreter runs in
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+# PK_TRITON_TEST_DEVICE=cuda: the kernel cases run compiled on a GPU instead of in the
+# interpreter (test_compiled_on_gpu at the end starts that run when a GPU is present).
+DEVICE = os.environ.get("PK_TRITON_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
 import math
 import subprocess
@@ -30,6 +34,11 @@ from pykernels.triton.kv_attention import available, decode_attention_kv  # noqa
 
 FMTS = ["int8", "int4", "int2", "fp8"]
 METHODS = ["split", "lean"]
+
+
+# Tests of the launcher's checks and of the interpreter itself: they run in the interpreter only
+# (the PK_TRITON_TEST_DEVICE=cuda run checks the kernels' results on the GPU).
+interpreter_only = pytest.mark.skipif(DEVICE != "cpu", reason="interpreter-side test (this run: kernels on the GPU)")
 
 
 def _bits(fmt):
@@ -136,10 +145,12 @@ def run_and_check(args, K, V, lengths, method, *, num_splits=3, num_workers=5, t
                   out_dtype=None, **kw):
     q = args["q"]
     B, Hq, D = q.shape
-    out = torch.full((B, Hq, D), float("nan"), dtype=out_dtype or q.dtype)  # every element must be written
-    lse = torch.full((B, Hq), float("nan"), dtype=torch.float32)
-    decode_attention_kv(**args, out=out, lse=lse, scale=scale, method=method, num_splits=num_splits,
+    out = torch.full((B, Hq, D), float("nan"), dtype=out_dtype or q.dtype, device=DEVICE)  # every element must be written
+    lse = torch.full((B, Hq), float("nan"), dtype=torch.float32, device=DEVICE)
+    dargs = {k: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for k, t in args.items()}
+    decode_attention_kv(**dargs, out=out, lse=lse, scale=scale, method=method, num_splits=num_splits,
                         num_workers=num_workers, tile=tile, **kw)
+    out, lse = out.cpu(), lse.cpu()
     scale = 1.0 / math.sqrt(D) if scale is None else scale  # None: the kernel's default
     ref_out, ref_lse = decode_attention_reference(q.double(), K, V, torch.tensor(lengths), None, scale,
                                                   return_lse=True, compute_dtype=torch.float64)
@@ -332,6 +343,7 @@ BAD = {
 }
 
 
+@interpreter_only
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_inputs_name_the_argument(case):
     a = _valid_call()
@@ -343,18 +355,21 @@ def test_bad_inputs_name_the_argument(case):
         decode_attention_kv(**a)
 
 
+@interpreter_only
 def test_valid_call_passes():
     a = _valid_call()
     decode_attention_kv(**a)
     assert torch.isfinite(a["out"]).all() and torch.isfinite(a["lse"]).all()
 
 
+@interpreter_only
 def test_available_in_interpreter():
     ok, reason = available()
     assert ok, reason
     assert "interpreter" in reason
 
 
+@interpreter_only
 def test_import_without_triton_does_not_fail():
     # a missing triton is a reason from available(), never an import error
     code = ("import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
@@ -399,6 +414,7 @@ print(f"compiled {n} kernels, {len(fails)} failures")
 """
 
 
+@interpreter_only
 def test_kernels_compile_for_gpu_without_a_gpu():
     """The interpreter skips GPU-only rules (layouts, dot shapes, bitcasts): compile the split and
     lean kernels for sm_80 / sm_90 down to a cubin, across formats, in a subprocess without
@@ -411,3 +427,22 @@ def test_kernels_compile_for_gpu_without_a_gpu():
     r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "compiled 2 kernels, 0 failures" in r.stdout, r.stdout
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_compiled_on_gpu():
+    """This module's kernel cases again, compiled by Triton and run on the GPU (the interpreter
+    above checks the kernels' logic, not GPU code generation): pytest in a subprocess with
+    PK_TRITON_TEST_DEVICE=cuda and without TRITON_INTERPRET."""
+    import pykernels
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PK_TRITON_TEST_DEVICE"] = "cuda"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pykernels.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                        os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=1800)
+    tail = r.stdout[-6000:] + r.stderr[-2000:]
+    assert r.returncode == 0, tail
+    assert " passed" in r.stdout and " failed" not in r.stdout, tail
