@@ -155,6 +155,7 @@ def _read_model(ap, path: str) -> dict:
 
 def _report(ap, args) -> int:
     from .advise import advise_decode_attention, advise_kv_format, advise_lut
+    from .hardware import decode_workers
     from .report import report
 
     results = _load_results(ap, args.results)
@@ -172,9 +173,9 @@ def _report(ap, args) -> int:
             hq = cfg["num_attention_heads"]
             hkv = cfg.get("num_key_value_heads") or hq
             d = cfg.get("head_dim") or cfg["hidden_size"] // hq
+            dev, workers = decode_workers(machine, args.threads)  # GPU: CTAs, not this host's threads
             recs.append(advise_decode_attention([args.context] * args.batch, hq, hkv, d,
-                                                num_workers=args.threads or os.cpu_count() or 1,
-                                                machine=machine))
+                                                num_workers=workers, machine=machine, device=dev))
             recs.append(advise_kv_format(args.context, hq, hkv, d, batch=args.batch,
                                          num_layers=cfg["num_hidden_layers"], machine=machine))
             recs.append(advise_lut(cfg["hidden_size"], cfg["intermediate_size"], M=args.batch, machine=machine))

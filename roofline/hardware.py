@@ -33,7 +33,7 @@ import copy
 import math
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["MachineProfile", "HARDWARE", "get_machine"]
+__all__ = ["MachineProfile", "HARDWARE", "GPU_SM_COUNT", "get_machine", "decode_workers"]
 
 _GiB = float(1 << 30)
 
@@ -197,3 +197,44 @@ def get_machine(machine: str | MachineProfile) -> MachineProfile:
         return copy.deepcopy(HARDWARE[machine])  # callers may edit it; the table stays as cited
     raise ValueError(f"machine: expected a MachineProfile or one of {sorted(HARDWARE)}, "
                      f"got {machine!r}")
+
+
+# Streaming multiprocessors (AMD: compute units) of the table's GPUs: the NVIDIA A100 (GA100, 108
+# SMs) and H100 (GH100: 132 SMs SXM5, 114 PCIe) architecture whitepapers, H200 (same GH100 die as
+# the H100 SXM, 132), the Ada whitepaper (L4 AD104 58, L40S AD102 142, RTX 4090 AD102 128) and
+# the AMD CDNA 3 white paper (MI300X 304 CUs). The decode-attention model needs the worker count.
+GPU_SM_COUNT: dict[str, int] = {
+    "A100-40GB-SXM": 108, "A100-80GB-SXM": 108, "H100-SXM": 132, "H100-PCIe": 114, "H200-SXM": 132,
+    "L4": 58, "L40S": 142, "RTX-4090": 128, "MI300X": 304,
+}
+assert set(GPU_SM_COUNT) == {n for n, p in HARDWARE.items() if "h2d_pinned" in p.links}
+
+
+def decode_workers(machine: str | MachineProfile, cpu_threads: int | None = None) -> tuple[str, int]:
+    """``(device, num_workers)`` of decode attention on ``machine``, for the schedule model.
+
+    A GPU of the table: ``("cuda", 2 * SMs)``, the CTA count ``pykernels`` launches
+    (``pykernels.attention``: two resident CTAs per SM). A measured GPU profile (it has a
+    ``h2d_pinned`` link): the SM count of the CUDA device torch sees, else ValueError. Any other
+    machine is a CPU: ``("cpu", cpu_threads or os.cpu_count())``.
+
+    >>> decode_workers("H100-SXM")
+    ('cuda', 264)
+    """
+    import os
+
+    p = get_machine(machine)
+    if p.name in GPU_SM_COUNT:
+        return "cuda", 2 * GPU_SM_COUNT[p.name]
+    if "h2d_pinned" in p.links:  # a probe(device="cuda") profile
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return "cuda", 2 * torch.cuda.get_device_properties(0).multi_processor_count
+        except ImportError:
+            pass
+        raise ValueError(f"machine: {p.name!r} is a GPU profile, but no CUDA device is visible to "
+                         "count its SMs; name a table GPU instead (one of "
+                         f"{sorted(GPU_SM_COUNT)})")
+    return "cpu", int(cpu_threads or os.cpu_count() or 1)

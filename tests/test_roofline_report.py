@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("matplotlib")  # a report extra; make test installs it (pyproject [test])
 
@@ -227,6 +228,30 @@ def test_cli_report(tmp_path, capsys):
     assert [r["topic"] for r in doc["recommendations"]] == ["decode_attention", "kv_format", "lut"]
     assert [a["kv_bits"] for a in doc["analyses"]] == [16, 4] and doc["analyses"][0]["model"] == "llama"
     assert "Predicted for" in doc["report_notes"][0]
+    # a GPU's decode attention is planned for its CTAs (2 per SM: 216 on an A100), not for the
+    # --threads of this host
+    assert "each of 216 workers" in doc["recommendations"][0]["reason"]
+
+
+def test_decode_workers():
+    from roofline.hardware import GPU_SM_COUNT, HARDWARE, decode_workers
+
+    assert decode_workers("H100-SXM") == ("cuda", 264)
+    assert decode_workers("MI300X", cpu_threads=3) == ("cuda", 608)
+    cpu = MachineProfile("box", {"fp32": 1e11}, {"read": 4e10, "copy": 4e10, "triad": 4e10})
+    assert decode_workers(cpu, cpu_threads=3) == ("cpu", 3)
+    assert decode_workers(cpu)[1] == (os.cpu_count() or 1)
+    gpu = MachineProfile("NVIDIA H100 80GB HBM3 on a host", {"bf16": 6.8e14}, {"read": 2.6e12},
+                         links={"h2d_pinned": 5.3e10}, source="measured")
+    if torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        assert decode_workers(gpu) == ("cuda", 2 * sms)
+    else:
+        with pytest.raises(ValueError, match=r"^machine: .*GPU profile.*H100-SXM"):
+            decode_workers(gpu)
+    with pytest.raises(ValueError, match=r"^machine: "):
+        decode_workers("no-such-gpu")
+    assert all(name in HARDWARE for name in GPU_SM_COUNT)
 
 
 def test_report_of_a_profile_with_a_disk_probe_and_under_an_ascii_locale(tmp_path):
