@@ -6,7 +6,6 @@ boundary (the native launchers check again); the backend is chosen by ``backends
 """
 from __future__ import annotations
 
-import importlib
 import math
 from collections import OrderedDict
 
@@ -292,11 +291,8 @@ def _accepts_kv(q):
         if name in ("triton", "cuda"):
             if D > 256:
                 return f"head_dim must be <= 256 for the {name} kernel, got {D}"
-            try:
-                ok, why = importlib.import_module(f"pykernels.{name}.kv_attention").available()
-            except ImportError as e:
-                return f"pykernels.{name}.kv_attention cannot be imported: {e}"
-            return None if ok else why
+            mod, why = backends.module_status(f"pykernels.{name}.kv_attention")  # once per process
+            return None if mod is not None else why
         return None
 
     return accepts

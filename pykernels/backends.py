@@ -9,6 +9,7 @@ reference silently (ask for it with ``backend="reference"``). An explicit backen
 """
 from __future__ import annotations
 
+import importlib
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -94,6 +95,32 @@ def _triton_interprets() -> bool:
     except Exception:
         return False
     return bool(INTERPRET)
+
+
+_MODULE_STATUS: dict = {}
+
+
+def module_status(modname: str) -> tuple:
+    """``(module or None, why not)`` of a kernel module (e.g. ``"pykernels.cuda.kv_attention"``):
+    imported, and its ``available()`` (if it has one) true. Computed once per process, as the
+    registry's backend status is: availability cannot change while a process runs, and asking
+    again on every call cost ~150 us on a GPU host (``available()`` stats the file system for
+    cupy and counts devices)."""
+    hit = _MODULE_STATUS.get(modname)
+    if hit is None:
+        try:
+            mod = importlib.import_module(modname)
+        except Exception as e:  # a missing or broken optional backend is a reason, not a crash
+            hit = (None, f"{modname} cannot be imported ({type(e).__name__}: {e})")
+        else:
+            avail = getattr(mod, "available", None)
+            try:
+                ok, why = avail() if callable(avail) else (True, "")
+            except Exception as e:
+                ok, why = False, f"{modname}.available() failed: {type(e).__name__}: {e}"
+            hit = (mod, "") if ok else (None, why)
+        _MODULE_STATUS[modname] = hit
+    return hit
 
 
 def status() -> dict:

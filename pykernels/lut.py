@@ -13,7 +13,6 @@ with x [M <= 16, K_pad] already permuted and zero-padded, out [M, N] float32.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -842,21 +841,12 @@ def _entry(name):
                           "`pip install .` or `make test`")
         return fn, None
     modname = f"pykernels.{name}.lut_gemv"
-    try:
-        mod = importlib.import_module(modname)
-    except Exception as e:  # a missing or broken optional backend is a reason, not a crash
-        return None, f"{modname} cannot be imported ({type(e).__name__}: {e})"
+    mod, why = backends.module_status(modname)  # imported and available, once per process
+    if mod is None:
+        return None, why
     fn = getattr(mod, "lut_gemv", None)
     if fn is None:
         return None, f"{modname} has no lut_gemv function"
-    avail = getattr(mod, "available", None)
-    if callable(avail):
-        try:
-            ok, why = avail()
-        except Exception as e:
-            ok, why = False, f"available() failed: {type(e).__name__}: {e}"
-        if not ok:
-            return None, why
     return fn, None
 
 

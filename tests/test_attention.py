@@ -560,3 +560,31 @@ def test_inputs_that_require_grad_are_read_detached():
     ref = pk.decode_attention(q, k, v, sl, backend="cpu")
     out = pk.decode_attention(q.clone().requires_grad_(), k.clone().requires_grad_(), v, sl, backend="cpu")
     assert torch.equal(out, ref) and not out.requires_grad
+
+
+def test_kernel_module_availability_is_asked_once(monkeypatch):
+    """backends.module_status imports a kernel module and asks its available() once per process
+    (asking on every call stat'ed the file system for cupy: ~150 us per call on a GPU host); a
+    module that cannot be imported, or says it is unavailable, gives the reason instead."""
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("pk_fake_kernels")
+    fake.available = lambda: (calls.append(1), (True, "ok"))[1]
+    monkeypatch.setitem(sys.modules, "pk_fake_kernels", fake)
+    monkeypatch.setattr(backends, "_MODULE_STATUS", {})
+    assert backends.module_status("pk_fake_kernels") == (fake, "")
+    assert backends.module_status("pk_fake_kernels") == (fake, "")
+    assert len(calls) == 1
+    off = types.ModuleType("pk_fake_off")
+    off.available = lambda: (False, "no GPU here")
+    monkeypatch.setitem(sys.modules, "pk_fake_off", off)
+    assert backends.module_status("pk_fake_off") == (None, "no GPU here")
+    mod, why = backends.module_status("pk_no_such_module_xyz")
+    assert mod is None and "pk_no_such_module_xyz cannot be imported (ModuleNotFoundError" in why
+    broken = types.ModuleType("pk_fake_broken")
+    broken.available = lambda: 1 / 0
+    monkeypatch.setitem(sys.modules, "pk_fake_broken", broken)
+    assert backends.module_status("pk_fake_broken") == (
+        None, "pk_fake_broken.available() failed: ZeroDivisionError: division by zero")
