@@ -111,11 +111,14 @@ def _validate(q, k_cache, v_cache, seqlens, block_table, scale, method, num_spli
                              "(pass block_table for a paged cache)")
         capacity = k_cache.shape[1]
 
+    lens_host = None
     if not torch.compiler.is_compiling():
-        lo, hi = int(seqlens.min()), int(seqlens.max())
+        # one device-to-host copy (a sync on a GPU) serves every check and the schedule (_run)
+        lens_host = seqlens.cpu()
+        lo, hi = int(lens_host.min()), int(lens_host.max())
         if lo < 1 or hi > capacity:
-            bad = int(torch.nonzero((seqlens < 1) | (seqlens > capacity))[0, 0])
-            raise ValueError(f"seqlens: seqlens[{bad}] = {int(seqlens[bad])} is outside [1, {capacity}] (cache capacity)")
+            bad = int(torch.nonzero((lens_host < 1) | (lens_host > capacity))[0, 0])
+            raise ValueError(f"seqlens: seqlens[{bad}] = {int(lens_host[bad])} is outside [1, {capacity}] (cache capacity)")
         if block_table is not None and block_table.shape[1] > 0:
             bs = k_cache.shape[1]
             used = torch.arange(block_table.shape[1], device=q.device)[None, :] < ((seqlens.long() + bs - 1) // bs)[:, None]
@@ -126,7 +129,8 @@ def _validate(q, k_cache, v_cache, seqlens, block_table, scale, method, num_spli
                 raise ValueError(f"block_table: block_table[{b}, {j}] = {int(block_table[b, j])} is outside "
                                  f"[0, {k_cache.shape[0]}) (num_blocks)")
 
-    return q, k_cache, v_cache, seqlens, block_table, _check_options(q, scale, method, num_splits, out)
+    return (q, k_cache, v_cache, seqlens, block_table, _check_options(q, scale, method, num_splits, out),
+            lens_host)
 
 
 def _check_options(q, scale, method, num_splits, out) -> float:
@@ -252,10 +256,18 @@ def _resolve_method(method, num_splits, lens_host, num_kv_heads, W, tile, q, dty
     return method, 1 if num_splits is None else num_splits
 
 
-def _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, backend, out, lse):
-    """Dispatch validated inputs; writes out [B, Hq, D] and lse [B, Hq] float32."""
+def _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, backend, out, lse,
+         lens_host=None):
+    """Dispatch validated inputs; writes out [B, Hq, D] and lse [B, Hq] float32. ``lens_host``:
+    seqlens on the host when the caller has them (no second device-to-host copy)."""
+    def host_lens():
+        nonlocal lens_host
+        if lens_host is None:
+            lens_host = seqlens.cpu()
+        return lens_host
+
     name = backends.select(backend, q.device, _accepts(q, k_cache),
-                           _measured_backend("decode_attention", seqlens.cpu, q, k_cache.shape[2],
+                           _measured_backend("decode_attention", host_lens, q, k_cache.shape[2],
                                              k_cache.element_size()))
     if name == "reference":
         from .reference import decode_attention_reference
@@ -266,8 +278,8 @@ def _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, b
         return
     W = _num_workers(q.device, name)
     seqlens_i32 = seqlens.to(torch.int32).contiguous()
-    method, num_splits = _resolve_method(method, num_splits, lambda: seqlens_i32.cpu(), k_cache.shape[2], W,
-                                         DEFAULT_TILE, q, k_cache.element_size())
+    method, num_splits = _resolve_method(method, num_splits, lambda: host_lens().to(torch.int32), k_cache.shape[2],
+                                         W, DEFAULT_TILE, q, k_cache.element_size())
     bt = block_table.to(torch.int32).contiguous() if block_table is not None else None
     if name == "cpu":
         backends.cpu_module().decode_attention(q, k_cache, v_cache, seqlens_i32, bt, out, lse, scale,
@@ -415,11 +427,12 @@ def decode_attention(q, k_cache, v_cache=None, seqlens=None, *, block_table=None
         raise TypeError(f"k_cache: expected a tensor or a pk.QuantizedKVCache, got {type(k_cache).__name__}")
     if v_cache is None:
         raise ValueError("v_cache: required for a tensor k_cache")
-    q, k_cache, v_cache, seqlens, block_table, scale = _validate(
+    q, k_cache, v_cache, seqlens, block_table, scale, lens_host = _validate(
         q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, out)
     o, lse = _call(q, out, lambda: torch.ops.pykernels.decode_attention(
         q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits or 0, backend),
-        lambda o, lse: _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, backend, o, lse))
+        lambda o, lse: _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, backend, o, lse,
+                            lens_host))
     return (o, lse) if return_lse else o
 
 

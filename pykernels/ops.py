@@ -18,11 +18,11 @@ def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     """out [B, Hq, D] (q's dtype), lse [B, Hq] float32. num_splits 0 = heuristic."""
     from .attention import _validate
 
-    q, k_cache, v_cache, seqlens, block_table, scale = _validate(
+    q, k_cache, v_cache, seqlens, block_table, scale, lens_host = _validate(
         q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits or None, None)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits or None, backend, out, lse)
+    _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits or None, backend, out, lse, lens_host)
     return out, lse
 
 
