@@ -4,8 +4,9 @@ Timings are benchmarks, not tests: nothing here asserts a speed, only that the f
 well-formed and that bytes are counted by the stated formula.
 """
 import json
-import os
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -551,3 +552,24 @@ def test_kv_dequantize_dense_baseline_matches_the_cache(bits):
     k, v = dequantize_dense(c, torch.float32)
     rk, rv = c.dequantize()
     assert torch.equal(k, rk.transpose(1, 2)) and torch.equal(v, rv.transpose(1, 2))
+
+
+def test_bench_gpu_without_a_gpu_says_so_and_formats_rows():
+    """bench.gpu (the GPU suite: kernel time vs per-call time) refuses clearly without a GPU; its
+    table shows both times, GB/s and % of HBM, and a case that could not run with its reason."""
+    from bench import gpu
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            gpu.main([])
+    doc = {"device": "GPU X", "torch": "2.x", "probe": {"mem_bandwidth": {"read": 2.5e12}},
+           "rows": [dict(group="attention L=16k", name="pk triton split", bytes=64 << 20, kernel_us=40.0,
+                         call_us=400.0, kernel_GB_s=1677.7, pct_hbm=67.1),
+                    dict(group="attention L=16k", name="pk cuda lean", bytes=64 << 20,
+                         error="NotImplementedError: no backend"),
+                    dict(group="lut", name="torch linear bf16", bytes=None, kernel_us=43.5, call_us=45.6)]}
+    text = gpu.format_rows(doc)
+    assert "HBM read 2.50 TB/s" in text
+    assert re.search(r"pk triton split\s+40\.0\s+400\.0\s+1678\s+67\.1", text), text
+    assert "pk cuda lean             not run: NotImplementedError: no backend" in text
+    assert re.search(r"torch linear bf16\s+43\.5\s+45\.6\s+-\s+-", text), text

@@ -1,0 +1,202 @@
+"""GPU suite: kernel time and per-call time of the CUDA and Triton backends against torch.
+
+``python -m bench.gpu [--json PATH] [--only NAME,...] [--quick]`` on a machine with a CUDA GPU.
+
+Why two times per case: on the one GPU this package has run on (an H100, see README), the host
+work around each call (argument checks, device-to-host copies that wait for the GPU, launches)
+took longer than the kernels themselves. The two times separate those costs:
+
+- **kernel us**: the GPU time of the kernels one call launches (``torch.profiler``, summed over
+  the call's kernels and copies, averaged over 10 calls). ``kernel GB/s`` and ``% HBM`` divide
+  the bytes a call must read by it. ``% HBM`` uses the HBM read bandwidth that
+  ``roofline.probe(device="cuda", quick=True)`` measures in the same run.
+- **call us**: the wall-clock time per call over 50 back-to-back calls, then one synchronize.
+  When the host work of a call is longer than its kernels, this is the host's time, and the GPU
+  waits.
+
+Inputs are reused between calls, so data smaller than L2 (50 MiB on an H100) is read from L2 in
+the kernel time. The cases are sized above it (a 64 MiB KV cache, 30 MiB of 4-bit weights, and
+up to 537 MiB of quantized KV) except where noted. Baselines: ``torch.nn.functional.
+scaled_dot_product_attention`` (cuDNN / flash on a GPU) and ``torch.nn.functional.linear``
+(cuBLAS) on bf16 data of the same shape.
+
+Nothing here has run yet. The ad-hoc scripts it was written from ran on an H100 on
+2026-11-23; their figures are in the README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+MiB = 1 << 20
+
+
+def _require_gpu():
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.gpu: needs a CUDA GPU (torch.cuda.is_available() is False on this machine)")
+
+
+def kernel_time_us(fn, calls: int = 10) -> tuple[float, list]:
+    """(GPU microseconds per call, [(kernel name, us per call)] heaviest first) from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    per = sorted(((e.key, e.device_time_total / calls) for e in ev), key=lambda kv: -kv[1])
+    return sum(t for _, t in per), per
+
+
+def call_time_us(fn, calls: int = 50) -> float:
+    """Wall-clock microseconds per call over ``calls`` back-to-back calls and one synchronize."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / calls * 1e6
+
+
+def _cases(quick: bool):
+    """[(name, group, bytes read per call, fn)] for every case; a case whose setup fails becomes
+    (name, group, None, the error text)."""
+    import pykernels as pk
+
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    out = []
+
+    def add(name, group, nbytes, make):
+        try:
+            out.append((name, group, nbytes, make()))
+        except Exception as e:  # a backend that cannot run here is a row with its reason
+            out.append((name, group, None, f"{type(e).__name__}: {e}"[:300]))
+
+    # decode attention: B=1, Hq=32, Hkv=8, D=128, L=16k bf16 (64 MiB of K and V)
+    B, L, Hq, Hkv, D = 1, 4096 if quick else 16384, 32, 8, 128
+    k = torch.randn(B, L, Hkv, D, device=dev, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, L, Hkv, D, device=dev, dtype=torch.bfloat16, generator=g)
+    q = torch.randn(B, Hq, D, device=dev, dtype=torch.bfloat16, generator=g)
+    sl = torch.full((B,), L, dtype=torch.int32, device=dev)
+    kv_bytes = 2 * k.numel() * k.element_size()
+    grp = f"attention B={B} Hq={Hq} Hkv={Hkv} D={D} L={L} bf16"
+    for be in ("cuda", "triton"):
+        for m in ("lean", "split"):
+            add(f"pk {be} {m}", grp, kv_bytes,
+                lambda be=be, m=m: (lambda: pk.decode_attention(q, k, v, sl, method=m, backend=be)))
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+    add("torch sdpa", grp, kv_bytes, lambda: (lambda: torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], kt, vt, enable_gqa=True)))
+
+    # LUT-GEMV: N=4096, K=14336, M=1 (an 8B model's down projection), bf16 activations
+    N, K = (1024, 4096) if quick else (4096, 14336)
+    w = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g)
+    x = torch.randn(1, K, device=dev, dtype=torch.bfloat16, generator=g)
+    grp = f"lut_gemv N={N} K={K} M=1 bf16"
+    for bits in (4, 2):
+        qw = pk.quantize_weight(w, bits=bits, group_size=128)
+        for be in ("cuda", "triton"):
+            add(f"pk {be} {bits}-bit", grp, qw.nbytes,
+                lambda be=be, qw=qw: (lambda: pk.lut_gemv(x, qw, backend=be)))
+    add("torch linear bf16", grp, w.numel() * 2, lambda: (lambda: torch.nn.functional.linear(x, w)))
+
+    # quantized KV cache: B=4, L=32k, group 32, residual 128, split schedule
+    B, L = (1, 4096) if quick else (4, 32768)
+    kk = torch.randn(B, L, Hkv, D, device=dev, dtype=torch.bfloat16, generator=g)
+    vv = torch.randn(B, L, Hkv, D, device=dev, dtype=torch.bfloat16, generator=g)
+    q4 = torch.randn(B, Hq, D, device=dev, dtype=torch.bfloat16, generator=g)
+    sl4 = torch.full((B,), L, dtype=torch.int32, device=dev)
+    grp = f"quantized KV B={B} Hq={Hq} Hkv={Hkv} D={D} L={L}, group 32, split"
+    for be in ("cuda", "triton"):
+        add(f"pk {be} bf16 cache", grp, 2 * kk.numel() * 2,
+            lambda be=be: (lambda: pk.decode_attention(q4, kk, vv, sl4, method="split", backend=be)))
+    for bits in (8, 4, 2, "fp8"):
+        try:
+            cache = pk.QuantizedKVCache(B, L, Hkv, D, bits=bits, group_size=32, residual=128,
+                                        dtype=torch.bfloat16, device=dev)
+            cache.append(kk, vv)
+        except Exception as e:
+            out.append((f"pk {bits} cache", grp, None, f"{type(e).__name__}: {e}"[:300]))
+            continue
+        for be in ("cuda", "triton"):
+            add(f"pk {be} {bits} cache", grp, cache.nbytes,
+                lambda be=be, c=cache: (lambda: pk.decode_attention(q4, c, method="split", backend=be)))
+    return out
+
+
+def run(only=None, quick: bool = False) -> dict:
+    """Measure every case (or those whose name contains one of ``only``); returns the JSON document."""
+    _require_gpu()
+    import roofline
+
+    prof = roofline.probe(device="cuda", quick=True, cache=False)
+    hbm = prof.mem_bandwidth.get("read")
+    rows = []
+    for name, group, nbytes, fn in _cases(quick):
+        if only and not any(o in name for o in only):
+            continue
+        row = dict(group=group, name=name, bytes=nbytes)
+        if isinstance(fn, str):
+            row["error"] = fn
+        else:
+            try:
+                kus, kernels = kernel_time_us(fn)
+                row.update(kernel_us=kus, call_us=call_time_us(fn),
+                           kernels=[dict(name=n[:80], us=t) for n, t in kernels[:6]])
+                if nbytes:
+                    row["kernel_GB_s"] = nbytes / kus / 1e3
+                    if hbm:
+                        row["pct_hbm"] = 100.0 * nbytes / (kus * 1e-6) / hbm
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+    return dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
+                probe=prof.to_dict(), rows=rows,
+                timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def format_rows(doc: dict) -> str:
+    lines = [f"{doc['device']} (torch {doc['torch']}); HBM read "
+             f"{doc['probe']['mem_bandwidth'].get('read', 0) / 1e12:.2f} TB/s (probe)"]
+    group = None
+    for r in doc["rows"]:
+        if r["group"] != group:
+            group = r["group"]
+            lines.append(f"\n{group}\n{'case':<24} {'kernel us':>10} {'call us':>9} {'GB/s':>8} {'% HBM':>6}")
+        if "error" in r:
+            lines.append(f"{r['name']:<24} not run: {r['error']}")
+            continue
+        gbs = f"{r['kernel_GB_s']:8.0f}" if "kernel_GB_s" in r else f"{'-':>8}"
+        pct = f"{r['pct_hbm']:6.1f}" if "pct_hbm" in r else f"{'-':>6}"
+        lines.append(f"{r['name']:<24} {r['kernel_us']:10.1f} {r['call_us']:9.1f} {gbs} {pct}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--only", default=None, help="comma list: cases whose name contains one of these")
+    ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run, not figures)")
+    args = ap.parse_args(argv)
+    only = [s for s in args.only.split(",") if s] if args.only else None
+    doc = run(only, args.quick)
+    print(format_rows(doc))
+    if args.json:
+        from roofline.report import _write
+
+        _write(args.json, json.dumps(doc, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
