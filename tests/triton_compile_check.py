@@ -41,7 +41,7 @@ def main():
         meta = dict(HKV=2, G=4, D=80, G_PAD=16, D_PAD=128)
         types = dict(seqlens_ptr="*i32", cum_ptr="*i64", out_ptr="*bf16", lse_ptr="*fp32", po_ptr="*fp32",
                      plse_ptr="*fp32")
-        for fn, extra in ((m._split_merge_kernel, dict(TILE=64)), (m._lean_merge_kernel, {})):
+        for fn, extra in ((m._split_merge_kernel, dict(TILE=64, SB=32)), (m._lean_merge_kernel, dict(SB=16))):
             try:
                 compile_one(fn, types, {**meta, **extra}, arch)
                 count += 1

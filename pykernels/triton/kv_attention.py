@@ -41,6 +41,7 @@ import operator
 
 from ._runtime import IMPORT_ERROR as _IMPORT_ERROR, INTERPRET as _INTERPRET, tl, triton  # noqa: F401
 from ._runtime import available as _available
+from .decode_attention import merge_block
 
 _FMT_BITS = {"int8": 8, "int4": 4, "int2": 2, "fp8": 0}  # 0: fp8 (the KvFormat code of kv_quant.h)
 MAX_HEAD_DIM = 256
@@ -567,8 +568,9 @@ def decode_attention_kv(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, f
         _kv_split_kernel[(B, Hkv, Sp)](*tensors, out_k, lse, po, plse, qk_scale, Sp, S, *strides,
                                        **meta, **kmeta)
         if Sp > 1:
-            _split_merge_kernel[(B, Hkv)](len32, out_k, lse, po, plse, Sp,
-                                          out_k.stride(0), out_k.stride(1), lse.stride(0), **meta, TILE=tile)
+            _split_merge_kernel[(B, Hkv, G)](len32, out_k, lse, po, plse, Sp,
+                                             out_k.stride(0), out_k.stride(1), lse.stride(0), **meta, TILE=tile,
+                                             SB=merge_block(Sp))
     else:
         nseg = B * Hkv
         W = min(num_workers, nseg * max_tiles)
@@ -580,7 +582,8 @@ def decode_attention_kv(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, f
         _kv_lean_kernel[(W,)](*tensors, cum, out_k, lse, po, plse, qk_scale, nseg, W, S, *strides,
                               **meta, **kmeta)
         if W > 1:
-            _lean_merge_kernel[(nseg,)](cum, out_k, lse, po, plse, nseg, W,
-                                        out_k.stride(0), out_k.stride(1), lse.stride(0), **meta)
+            _lean_merge_kernel[(nseg, G)](cum, out_k, lse, po, plse, nseg, W,
+                                          out_k.stride(0), out_k.stride(1), lse.stride(0), **meta,
+                                          SB=merge_block(W))
     if out_k is not out:
         out.copy_(out_k)
