@@ -143,18 +143,21 @@ def _measured_first(candidates: list, measured: Optional[Callable[[], Optional[d
 
 
 def select(backend: str, device: torch.device, accepts: Callable[[str], Optional[str]],
-           measured: Optional[Callable[[], Optional[dict]]] = None) -> str:
+           measured: Optional[Callable[[], Optional[dict]]] = None, order: Optional[tuple] = None) -> str:
     """Pick the backend for a call.
 
     ``accepts(name)`` returns None if the backend can serve this particular call, or the reason
     it cannot (dtype, head dim, ...). Returns the chosen backend name. Under ``"auto"``, when
     more than one backend can serve the call (CUDA and Triton on a GPU), ``measured()`` is
     consulted: a ``roofline.autotune`` entry for the call's shape bucket whose timings are keyed
-    by backend name; the fastest measured backend wins, else the static order does.
+    by backend name; the fastest measured backend wins, else the static order does. ``order``
+    replaces that static order (default ``BACKENDS``) for an op whose measured ranking differs.
     """
     if backend != "auto" and backend not in REGISTRY:
         raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
-    names = BACKENDS if backend == "auto" else (backend,)
+    if order is not None and sorted(order) != sorted(BACKENDS):
+        raise ValueError(f"order: expected a permutation of {BACKENDS}, got {order!r}")
+    names = (order or BACKENDS) if backend == "auto" else (backend,)
     reasons, candidates = {}, []
     for name in names:
         b = REGISTRY[name]
