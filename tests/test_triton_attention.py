@@ -287,3 +287,25 @@ def test_compiled_on_gpu():
     tail = r.stdout[-6000:] + r.stderr[-2000:]
     assert r.returncode == 0, tail
     assert " passed" in r.stdout and " failed" not in r.stdout, tail
+
+
+@interpreter_only
+def test_interpreter_self_check(monkeypatch):
+    """available() runs a one-off loop with a loaded bound in the interpreter: Triton 3.6's
+    interpreter fails there under NumPy 2.5 (int() of a 1-element array), and then every kernel
+    would fail; the backend is then unavailable with that reason instead."""
+    from pykernels.triton import _runtime
+
+    assert _runtime.interpreter_problem() is None  # the installed triton runs it
+    monkeypatch.setattr(_runtime, "_LOOP_CHECK", [])
+
+    class Broken:
+        def __getitem__(self, grid):
+            def run(*args):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return run
+
+    monkeypatch.setattr(_runtime, "_loop_probe", Broken())
+    ok, why = available()
+    assert not ok and "cannot run a loop with a loaded bound" in why and "0-dimensional" in why
+    assert _runtime.interpreter_problem() == why  # decided once per process

@@ -32,6 +32,41 @@ if triton is not None:
         INTERPRET = interpret_requested()
 
 
+_LOOP_CHECK: list = []  # [reason or None] once the interpreter self-check has run
+
+
+def interpreter_problem() -> str | None:
+    """None if the Triton interpreter runs a loop whose bound is a loaded value (every kernel
+    here has one), else why not. Checked once per process by running such a loop.
+
+    Triton 3.6's interpreter converts the bound with ``int()`` on a 1-element array, which
+    NumPy 2.5 rejects (seen on a GPU host with Triton 3.6.0 and NumPy 2.5.2); Triton 3.9
+    squeezes the array first."""
+    if not _LOOP_CHECK:
+        try:
+            import torch
+
+            x = torch.zeros(4, dtype=torch.int32)
+            _loop_probe[(1,)](x, torch.tensor([3], dtype=torch.int32))
+            ok = x.tolist() == [0, 1, 2, 0]
+            _LOOP_CHECK.append(None if ok else f"the interpreter ran a test loop wrongly (got {x.tolist()})")
+        except Exception as exc:
+            import numpy as np
+
+            _LOOP_CHECK.append(f"triton {triton.__version__}'s interpreter cannot run a loop with a loaded "
+                               f"bound under NumPy {np.__version__} ({type(exc).__name__}: {exc}); "
+                               "use a newer triton (3.9 works) or NumPy < 2.5 for TRITON_INTERPRET=1")
+    return _LOOP_CHECK[0]
+
+
+if triton is not None and INTERPRET:
+    @triton.jit
+    def _loop_probe(x_ptr, n_ptr):
+        n = tl.load(n_ptr + tl.program_id(0))
+        for i in range(0, n, 1):
+            tl.store(x_ptr + i, i)
+
+
 def available(module: str) -> tuple[bool, str]:
     """(True, how) if the Triton kernels of ``module`` can run here, else (False, reason).
     Never raises."""
@@ -39,6 +74,9 @@ def available(module: str) -> tuple[bool, str]:
         if triton is None:
             return False, f"triton cannot be imported ({type(IMPORT_ERROR).__name__}: {IMPORT_ERROR})"
         if INTERPRET:
+            problem = interpreter_problem()
+            if problem is not None:
+                return False, problem
             return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1)"
         if interpret_requested():
             return False, (f"TRITON_INTERPRET=1 was set after {module} was imported; set it "
