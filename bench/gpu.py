@@ -14,11 +14,13 @@ took longer than the kernels themselves. The two times separate those costs:
   When the host work of a call is longer than its kernels, this is the host's time, and the GPU
   waits.
 
-Inputs are reused between calls, so data smaller than L2 (50 MiB on an H100) is read from L2 in
-the kernel time. The cases are sized above it (a 64 MiB KV cache, 30 MiB of 4-bit weights, and
-up to 537 MiB of quantized KV) except where noted. Baselines: ``torch.nn.functional.
-scaled_dot_product_attention`` (cuDNN / flash on a GPU) and ``torch.nn.functional.linear``
-(cuBLAS) on bf16 data of the same shape.
+Cold data: each case cycles through enough copies of its data (KV cache, weights) that one
+round is at least 3x the GPU's L2 (50 MiB on an H100), so a call never finds its inputs in L2
+from the call before; the baselines cycle the same way. Cases: decode attention B=1, L=16k bf16;
+LUT-GEMV N=4096, K=14336, M=1 at 4 and 2 bits; decode attention over a quantized KV cache B=4,
+L=32k, split schedule. Baselines: ``torch.nn.functional.scaled_dot_product_attention`` (cuDNN /
+flash on a GPU) and ``torch.nn.functional.linear`` (cuBLAS) on bf16 data of the same shape. The
+README's ragged B=8 attention row came from ``pykernels-bench attention --device cuda``.
 
 Nothing here has run yet. The ad-hoc scripts it was written from ran on an H100 on
 2026-11-23; their figures are in the README.
@@ -67,6 +69,23 @@ def call_time_us(fn, calls: int = 50) -> float:
     return (time.perf_counter() - t) / calls * 1e6
 
 
+def _copies(nbytes: int) -> int:
+    """Copies of a case's data so that one round through them is >= 3x the L2 cache."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or 64 * MiB
+    return max(1, -(-3 * l2 // max(1, nbytes)))
+
+
+def _cycle(calls):
+    """One function that makes the calls in turn (each on its own copy of the data)."""
+    state = [0]
+
+    def fn():
+        i = state[0]
+        state[0] = (i + 1) % len(calls)
+        return calls[i]()
+    return fn
+
+
 def _cases(quick: bool):
     """[(name, group, bytes read per call, fn)] for every case; a case whose setup fails becomes
     (name, group, None, the error text)."""
@@ -84,31 +103,36 @@ def _cases(quick: bool):
 
     # decode attention: B=1, Hq=32, Hkv=8, D=128, L=16k bf16 (64 MiB of K and V)
     B, L, Hq, Hkv, D = 1, 4096 if quick else 16384, 32, 8, 128
-    k = torch.randn(B, L, Hkv, D, device=dev, dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B, L, Hkv, D, device=dev, dtype=torch.bfloat16, generator=g)
+    kv_bytes = 2 * B * L * Hkv * D * 2
+    kvs = [(torch.randn(B, L, Hkv, D, device=dev, dtype=torch.bfloat16, generator=g),
+            torch.randn(B, L, Hkv, D, device=dev, dtype=torch.bfloat16, generator=g))
+           for _ in range(_copies(kv_bytes))]
     q = torch.randn(B, Hq, D, device=dev, dtype=torch.bfloat16, generator=g)
     sl = torch.full((B,), L, dtype=torch.int32, device=dev)
-    kv_bytes = 2 * k.numel() * k.element_size()
-    grp = f"attention B={B} Hq={Hq} Hkv={Hkv} D={D} L={L} bf16"
+    grp = f"attention B={B} Hq={Hq} Hkv={Hkv} D={D} L={L} bf16, {len(kvs)} caches in turn"
     for be in ("cuda", "triton"):
         for m in ("lean", "split"):
-            add(f"pk {be} {m}", grp, kv_bytes,
-                lambda be=be, m=m: (lambda: pk.decode_attention(q, k, v, sl, method=m, backend=be)))
-    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
-    add("torch sdpa", grp, kv_bytes, lambda: (lambda: torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None], kt, vt, enable_gqa=True)))
+            add(f"pk {be} {m}", grp, kv_bytes, lambda be=be, m=m: _cycle(
+                [lambda k=k, v=v: pk.decode_attention(q, k, v, sl, method=m, backend=be) for k, v in kvs]))
+    add("torch sdpa", grp, kv_bytes, lambda: _cycle(
+        [lambda k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True) for k, v in kvs]))
 
     # LUT-GEMV: N=4096, K=14336, M=1 (an 8B model's down projection), bf16 activations
     N, K = (1024, 4096) if quick else (4096, 14336)
     w = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g)
     x = torch.randn(1, K, device=dev, dtype=torch.bfloat16, generator=g)
-    grp = f"lut_gemv N={N} K={K} M=1 bf16"
+    grp = f"lut_gemv N={N} K={K} M=1 bf16, weights in turn"
     for bits in (4, 2):
         qw = pk.quantize_weight(w, bits=bits, group_size=128)
+        qws = [qw] + [pk.quantize_weight(w.roll(i, 0), bits=bits, group_size=128)
+                      for i in range(1, _copies(qw.nbytes))]
         for be in ("cuda", "triton"):
-            add(f"pk {be} {bits}-bit", grp, qw.nbytes,
-                lambda be=be, qw=qw: (lambda: pk.lut_gemv(x, qw, backend=be)))
-    add("torch linear bf16", grp, w.numel() * 2, lambda: (lambda: torch.nn.functional.linear(x, w)))
+            add(f"pk {be} {bits}-bit", grp, qw.nbytes, lambda be=be, qws=qws: _cycle(
+                [lambda qw=qw: pk.lut_gemv(x, qw, backend=be) for qw in qws]))
+    ws = [w] + [w.roll(i, 0) for i in range(1, _copies(w.numel() * 2))]
+    add("torch linear bf16", grp, w.numel() * 2, lambda: _cycle(
+        [lambda w=w: torch.nn.functional.linear(x, w) for w in ws]))
 
     # quantized KV cache: B=4, L=32k, group 32, residual 128, split schedule
     B, L = (1, 4096) if quick else (4, 32768)
@@ -117,20 +141,23 @@ def _cases(quick: bool):
     q4 = torch.randn(B, Hq, D, device=dev, dtype=torch.bfloat16, generator=g)
     sl4 = torch.full((B,), L, dtype=torch.int32, device=dev)
     grp = f"quantized KV B={B} Hq={Hq} Hkv={Hkv} D={D} L={L}, group 32, split"
-    for be in ("cuda", "triton"):
+    for be in ("cuda", "triton"):  # 537 MiB: > 3x L2 without copies
         add(f"pk {be} bf16 cache", grp, 2 * kk.numel() * 2,
             lambda be=be: (lambda: pk.decode_attention(q4, kk, vv, sl4, method="split", backend=be)))
     for bits in (8, 4, 2, "fp8"):
         try:
-            cache = pk.QuantizedKVCache(B, L, Hkv, D, bits=bits, group_size=32, residual=128,
+            caches = []
+            while not caches or len(caches) < _copies(caches[0].nbytes):
+                c = pk.QuantizedKVCache(B, L, Hkv, D, bits=bits, group_size=32, residual=128,
                                         dtype=torch.bfloat16, device=dev)
-            cache.append(kk, vv)
+                c.append(kk, vv)
+                caches.append(c)
         except Exception as e:
             out.append((f"pk {bits} cache", grp, None, f"{type(e).__name__}: {e}"[:300]))
             continue
         for be in ("cuda", "triton"):
-            add(f"pk {be} {bits} cache", grp, cache.nbytes,
-                lambda be=be, c=cache: (lambda: pk.decode_attention(q4, c, method="split", backend=be)))
+            add(f"pk {be} {bits} cache", grp, caches[0].nbytes, lambda be=be, cs=caches: _cycle(
+                [lambda c=c: pk.decode_attention(q4, c, method="split", backend=be) for c in cs]))
     return out
 
 

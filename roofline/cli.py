@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--model", metavar="CONFIG.json", help="HF config.json to predict and advise for")
     r.add_argument("--batch", type=int, default=1)
     r.add_argument("--context", type=int, default=16384)
-    r.add_argument("--threads", type=_positive_int, default=None, help="CPU workers the advice plans for")
+    r.add_argument("--threads", type=_positive_int, default=None, help="CPU workers the advice plans for (a GPU --device plans for 2 CTAs per SM)")
     return ap
 
 

@@ -102,6 +102,19 @@ def make_inputs(lengths, Hq, Hkv, D, dtype, block_size=None, seed=0, q_dtype=Non
     return q, k_cache, v_cache, block_table, k, v
 
 
+def _to_device(t):
+    """``t`` on DEVICE with its strides kept (a plain ``.to()`` packs a non-dense view, which would
+    hide the head / row / page strides a test sets up); the gaps between elements hold NaN
+    (floats) or 0, as the CPU originals do."""
+    if t is None or DEVICE == "cpu":
+        return t
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 1
+    fill = float("nan") if t.is_floating_point() else 0
+    out = torch.full((span,), fill, dtype=t.dtype, device=DEVICE).as_strided(t.shape, t.stride())
+    out.copy_(t)
+    return out
+
+
 def run_and_check(q, k_cache, v_cache, block_table, k, v, lengths, method, *, num_splits=3,
                   num_workers=5, tile=16, scale=None):
     B, Hq, D = q.shape
@@ -109,7 +122,7 @@ def run_and_check(q, k_cache, v_cache, block_table, k, v, lengths, method, *, nu
     seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     out = torch.full((B, Hq, D), float("nan"), dtype=q.dtype, device=DEVICE)  # every element must be written
     lse = torch.full((B, Hq), float("nan"), dtype=torch.float32, device=DEVICE)
-    dq, dk, dv, dbt = (None if t is None else t.to(DEVICE) for t in (q, k_cache, v_cache, block_table))
+    dq, dk, dv, dbt = (_to_device(t) for t in (q, k_cache, v_cache, block_table))
     decode_attention(dq, dk, dv, seqlens, dbt, out, lse, scale, method, num_splits, num_workers, tile)
     out, lse = out.cpu(), lse.cpu()
     ref_out, ref_lse = reference(q, k, v, lengths, scale)

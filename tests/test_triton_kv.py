@@ -141,13 +141,26 @@ def assert_close(name, got, ref, atol, rtol):
                              f"got {got[idx].item()!r}, expected {ref[idx].item()!r} (atol={atol}, rtol={rtol})")
 
 
+def _to_device(t):
+    """``t`` on DEVICE with its strides kept (a plain ``.to()`` packs a non-dense view, which would
+    hide the head / row / page strides a test sets up); the gaps between elements hold NaN
+    (floats) or 0, as the CPU originals do."""
+    if t is None or DEVICE == "cpu":
+        return t
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 1
+    fill = float("nan") if t.is_floating_point() else 0
+    out = torch.full((span,), fill, dtype=t.dtype, device=DEVICE).as_strided(t.shape, t.stride())
+    out.copy_(t)
+    return out
+
+
 def run_and_check(args, K, V, lengths, method, *, num_splits=3, num_workers=5, tile=16, scale=None,
                   out_dtype=None, **kw):
     q = args["q"]
     B, Hq, D = q.shape
     out = torch.full((B, Hq, D), float("nan"), dtype=out_dtype or q.dtype, device=DEVICE)  # every element must be written
     lse = torch.full((B, Hq), float("nan"), dtype=torch.float32, device=DEVICE)
-    dargs = {k: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for k, t in args.items()}
+    dargs = {k: (_to_device(t) if isinstance(t, torch.Tensor) else t) for k, t in args.items()}
     decode_attention_kv(**dargs, out=out, lse=lse, scale=scale, method=method, num_splits=num_splits,
                         num_workers=num_workers, tile=tile, **kw)
     out, lse = out.cpu(), lse.cpu()
