@@ -225,9 +225,11 @@ def _auto_choice(lens, num_kv_heads, W, tile, q, dtype_bytes) -> dict:
     else:
         a = lens.numpy() if isinstance(lens, torch.Tensor) else np.asarray(lens, dtype=np.int64)
         tiles, longest, total = ((a + (tile - 1)) // tile).tobytes(), int(a.max()), int(a.sum())
+    use = _autotune.enabled()
     key = (tiles, _autotune.imbalance_class(longest, len(lens), total), int(num_kv_heads), W, tile,
-           q.shape[1], q.shape[2], float(dtype_bytes), q.device.type, _autotune.enabled(),
-           _autotune.generation())
+           q.shape[1], q.shape[2], float(dtype_bytes), q.device.type, use,
+           # records of this process at once, another process's within a second
+           _autotune.quick_stamp("cuda" if q.device.type == "cuda" else "cpu") if use else None)
     hit = _AUTO_CACHE.get(key)
     if hit is None:
         hit = advise_schedule(lens, num_kv_heads, W, tile, num_heads=q.shape[1], head_dim=q.shape[2],

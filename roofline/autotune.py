@@ -60,6 +60,24 @@ def stamp(device: str) -> tuple:
     return _GENERATION[0], mtime
 
 
+STAMP_INTERVAL_S = 1.0  # quick_stamp stats the file at most this often
+_QUICK: dict = {}  # (device, XDG_CACHE_HOME, HOME) -> (monotonic time of the stat, mtime)
+
+
+def quick_stamp(device: str) -> tuple:
+    """``stamp(device)`` for per-call memos (``method="auto"`` on every decode call): this
+    process's records count at once, through ``generation``. The file is stat'ed at most once
+    per ``STAMP_INTERVAL_S``, so another process's records are seen within that interval, at
+    about 0.3 us per call instead of the stat and path building (about 10 us)."""
+    key = (device, os.environ.get("XDG_CACHE_HOME"), os.environ.get("HOME"))
+    now = time.monotonic()
+    hit = _QUICK.get(key)
+    if hit is None or now - hit[0] >= STAMP_INTERVAL_S:
+        hit = (now, stamp(device)[1])
+        _QUICK[key] = hit
+    return _GENERATION[0], hit[1]
+
+
 def enabled() -> bool:
     """False when ``PYKERNELS_AUTOTUNE=0`` (or off / false / no)."""
     return env_switch("PYKERNELS_AUTOTUNE")

@@ -393,3 +393,27 @@ def test_backend_auto_order_for_tensor_caches_on_a_gpu(monkeypatch):
     assert backends.select("auto", gpu, lambda n: "declined" if n == "triton" else None, order=order) == "cuda"
     with pytest.raises(ValueError, match=r"^order: expected a permutation"):
         backends.select("auto", gpu, every, order=("triton", "cuda"))
+
+
+def test_auto_choice_follows_other_processes_within_the_stamp_interval(autotune_home, monkeypatch):
+    """method="auto" memoises its choice per call shape; a timing another process records later
+    is followed once autotune.quick_stamp re-reads the file's time (at most once per
+    STAMP_INTERVAL_S, so a decode loop does not stat the file on every call)."""
+    import subprocess
+    import sys
+
+    import torch
+    from pykernels.attention import _auto_choice
+
+    lens = [4096, 4096]
+    q = torch.zeros(2, 8, 128, dtype=torch.bfloat16)
+    t = torch.tensor(lens, dtype=torch.int32)
+    first = _auto_choice(t, 8, 2, 64, q, 2)
+    assert first == {"method": "lean", "num_splits": None}
+    bucket = autotune_home.decode_bucket(lens, 8, 8, 128, 2, 2, "cpu")
+    monkeypatch.setattr(autotune_home, "STAMP_INTERVAL_S", 3600.0)
+    subprocess.run([sys.executable, "-c", "from roofline import autotune; autotune.record('decode_attention', "
+                    f"{bucket!r}, {{'lean': 2e-3, 'split4': 1e-3}})"], check=True)
+    assert _auto_choice(t, 8, 2, 64, q, 2) == first  # inside the interval: the memo stands
+    monkeypatch.setattr(autotune_home, "STAMP_INTERVAL_S", 0.0)
+    assert _auto_choice(t, 8, 2, 64, q, 2) == {"method": "split", "num_splits": 4}
