@@ -76,7 +76,7 @@ def _summary(cmp: list[dict], what: str, rows) -> tuple[list, list[str]]:
 
 def suite_advisor_attention(ctx) -> dict:
     """Decode attention: advisor's (method, num_splits) vs every schedule, measured together."""
-    rows, cmp, reasons, recorded = [], [], [], []
+    rows, cmp, reasons, recorded, busy = [], [], [], [], []
     # the kernel's worker count, what method="auto" plans for (CPU threads; 2 CTAs per SM)
     dev = "cpu" if ctx.device == "cpu" else "cuda"
     threads = _num_workers(torch.device(ctx.device), ctx.backend if dev == "cuda" else "cpu")
@@ -97,7 +97,9 @@ def suite_advisor_attention(ctx) -> dict:
         rows += rs
         cmp.append(_compare(rs, pick, cfg.label()))
         reasons.append(f"{cfg.label()}: {adv.reason}")
-        if ctx.record_autotune:
+        if ctx.record_autotune and busy_note(rs) is not None:
+            busy.append(cfg.label())  # timings taken under load would outlive this run: not kept
+        elif ctx.record_autotune:
             timed = {r["method"]: r["median_ms"] / 1e3 for r in rs if "median_ms" in r and r["method"] != "auto"}
             if timed:
                 bucket = decode_bucket(cfg.seqlens, cfg.heads_q, cfg.heads_kv, cfg.head_dim, cfg.elt_size,
@@ -115,6 +117,9 @@ def suite_advisor_attention(ctx) -> dict:
         notes.append(f"Recorded as measured autotune results ({autotune.path()}), which method='auto' "
                      f"prefers from now on for these {len(recorded)} shape buckets; the 'auto' rows above "
                      "ran with what was recorded before this run.")
+    if busy:
+        notes.append(f"Not recorded as autotune results, the machine being busy while they were timed: "
+                     f"{'; '.join(busy)}.")
     return {"rows": rows, "targets": targets, "notes": notes}
 
 

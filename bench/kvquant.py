@@ -825,6 +825,10 @@ def _record_kv_timings(ctx, rows, L) -> str | None:
     if (not getattr(ctx, "record_autotune", False) or getattr(ctx, "device", "cpu") != "cpu"
             or getattr(ctx, "backend", "cpu") not in ("cpu", "auto")):
         return None
+    from .attention import busy_note
+
+    if busy_note(rows) is not None:  # timings taken under load would outlive this run: not kept
+        return None
     from roofline import autotune
 
     label = speed_label(1, ctx.heads_q, ctx.heads_kv, ctx.head_dim, L)

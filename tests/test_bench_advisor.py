@@ -1,6 +1,8 @@
 """bench.advisor on tiny shapes: every configuration is measured, the advisor's pick is marked,
 and the target is t(best) / t(pick) over the timed rows (bench/ measures the real shapes)."""
 
+import os
+
 import pytest
 
 from bench import advisor as AD
@@ -32,7 +34,8 @@ def _check(res, pick_count):
         assert t["status"] == "PASS"
     else:
         assert t["status"].startswith("MISS")
-    assert all(n.startswith(("Advisor:", "Schedules:", "Recorded as")) or "ratio" in n for n in res["notes"])
+    assert all(n.startswith(("Advisor:", "Schedules:", "Recorded as", "Not recorded")) or "ratio" in n
+               for n in res["notes"])
 
 
 def test_attention_suite(monkeypatch, tmp_path):
@@ -42,6 +45,7 @@ def test_attention_suite(monkeypatch, tmp_path):
     monkeypatch.setattr(autotune, "_MEMO", {})
     cases = [A.AttnConfig(3, 4, 1, 16, [700, 64, 30], "fp32"), A.AttnConfig(2, 4, 2, 16, [256, 256], "fp32")]
     monkeypatch.setattr(AD, "attention_cases", lambda quick: cases)
+    monkeypatch.setattr(AD, "busy_note", lambda rows: None)  # recorded whatever else runs here
     res = AD.suite_advisor_attention(_ctx())
     _check(res, 2)
     # every configuration's timings are recorded as autotune results for its shape bucket
@@ -57,6 +61,20 @@ def test_attention_suite(monkeypatch, tmp_path):
     # lean, split S up to the 11 tiles of the longest sequence, and auto itself
     assert methods == {"lean", "split1", "split2", "split4", "split8", "auto"}
     assert any("lean gives each" in n or "splits per" in n or "one chunk per" in n for n in res["notes"])
+
+
+def test_attention_suite_records_nothing_measured_on_a_busy_machine(monkeypatch, tmp_path):
+    from roofline import autotune
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    cases = [A.AttnConfig(2, 4, 2, 16, [256, 256], "fp32")]
+    monkeypatch.setattr(AD, "attention_cases", lambda quick: cases)
+    monkeypatch.setattr(AD, "busy_note", lambda rows: "machine busy: other processes used up to 60% of the CPUs")
+    res = AD.suite_advisor_attention(_ctx())
+    assert not os.path.exists(autotune.path())
+    assert any(n.startswith("Not recorded as autotune results, the machine being busy") and cases[0].label() in n
+               for n in res["notes"])
 
 
 def test_lut_suite(monkeypatch):

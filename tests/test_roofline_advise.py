@@ -168,6 +168,8 @@ def test_kv_format_follows_measured_timings(autotune_home):
     # nothing recorded without the flag, or for another backend
     assert KV._record_kv_timings(SimpleNamespace(**{**vars(ctx), "record_autotune": False}), rows, L) is None
     assert KV._record_kv_timings(SimpleNamespace(**{**vars(ctx), "backend": "triton"}), rows, L) is None
+    # nor timings taken while other processes used the CPUs (bench.attention.busy_note)
+    assert KV._record_kv_timings(ctx, [dict(r, other_cpu_load=0.5) for r in rows], L) is None
 
 
 def test_lut():
