@@ -229,6 +229,9 @@ def cmd_attention(args) -> int:
     if bad:
         raise SystemExit(f"--method: unknown {bad}; expected a comma list of {', '.join(A.ALL_METHODS)} "
                          "or split<S> (num_splits=S)")
+    if args.num_splits is not None and not args.sweep:
+        # --num-splits S fixes split's chunk count: the row is split<S>, labelled as what it ran
+        methods = [f"split{args.num_splits}" if m == "split" else m for m in methods]
     bw, probe = _bandwidth(args)
 
     out = {"probe": probe, "rows": [], "targets": []}
@@ -243,8 +246,8 @@ def cmd_attention(args) -> int:
         lens = _parse_seqlens(args.seqlens, args.batch)
         cfg = A.AttnConfig(len(lens), args.heads_q, args.heads_kv, args.head_dim, lens, args.dtype)
         rows = A.bench_attention(cfg, methods, backend=args.backend, device=args.device,
-                                 repeats=args.repeats, bandwidth_GB_s=bw, num_splits=args.num_splits,
-                                 wait_quiet_s=args.wait_quiet, machine=machine)
+                                 repeats=args.repeats, bandwidth_GB_s=bw, wait_quiet_s=args.wait_quiet,
+                                 machine=machine)
         print(A.format_rows(rows))
         out["rows"] = rows
     if args.json:

@@ -151,6 +151,17 @@ def test_cli_attention_writes_json(tmp_path, capsys):
     assert "GB/s" in capsys.readouterr().out
 
 
+def test_cli_attention_num_splits_names_the_row(tmp_path):
+    """--num-splits S: the split row is split<S> (what ran), not plain 'split' (auto splits)."""
+    out = tmp_path / "rows.json"
+    assert cli.main(["attention", "--seqlens", "300", "--batch", "1", "--heads-q", "4", "--heads-kv", "2",
+                     "--head-dim", "16", "--dtype", "fp32", "--method", "split,lean", "--num-splits", "4",
+                     "--bandwidth", "10", "--repeats", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["split4", "lean"]
+    assert all(r.get("check", "ok") == "ok" for r in rows)
+
+
 def test_cli_rejects_unknown_method():
     with pytest.raises(SystemExit):
         cli.main(["attention", "--method", "fast", "--bandwidth", "1"])
