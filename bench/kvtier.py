@@ -29,15 +29,11 @@ from __future__ import annotations
 import os
 import time
 
+from .offload import _median
+
 __all__ = ["SUITES", "suite_kvtier"]
 
 _MiB = 1 << 20
-
-
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 def _fill(cache, cfg, ctx, topics, seed):

@@ -230,8 +230,13 @@ def _busy(r) -> float:
 
 
 def _median(xs):
+    """Median (the mean of the middle two for an even count), None for no values; the one median
+    of the offload and kvtier suites."""
     xs = sorted(xs)
-    return xs[len(xs) // 2] if xs else None
+    n = len(xs)
+    if not n:
+        return None
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 def suite_offload(ctx) -> dict:
