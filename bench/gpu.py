@@ -87,23 +87,24 @@ def _cycle(calls):
 
 
 def _cases(quick: bool):
-    """[(name, group, bytes read per call, fn)] for every case; a case whose setup fails becomes
-    (name, group, None, the error text)."""
+    """[(name, group, bytes read per call, FLOPs per call, fn)] for every case; a case whose setup
+    fails becomes (name, group, None, None, the error text)."""
     import pykernels as pk
 
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
     out = []
 
-    def add(name, group, nbytes, make):
+    def add(name, group, nbytes, flops, make):
         try:
-            out.append((name, group, nbytes, make()))
+            out.append((name, group, nbytes, flops, make()))
         except Exception as e:  # a backend that cannot run here is a row with its reason
-            out.append((name, group, None, f"{type(e).__name__}: {e}"[:300]))
+            out.append((name, group, None, None, f"{type(e).__name__}: {e}"[:300]))
 
     # decode attention: B=1, Hq=32, Hkv=8, D=128, L=16k bf16 (64 MiB of K and V)
     B, L, Hq, Hkv, D = 1, 4096 if quick else 16384, 32, 8, 128
     kv_bytes = 2 * B * L * Hkv * D * 2
+    att_flops = 4 * B * Hq * L * D  # q.k and p.v, a multiply-add each
     kvs = [(torch.randn(B, L, Hkv, D, device=dev, dtype=torch.bfloat16, generator=g),
             torch.randn(B, L, Hkv, D, device=dev, dtype=torch.bfloat16, generator=g))
            for _ in range(_copies(kv_bytes))]
@@ -112,9 +113,9 @@ def _cases(quick: bool):
     grp = f"attention B={B} Hq={Hq} Hkv={Hkv} D={D} L={L} bf16, {len(kvs)} caches in turn"
     for be in ("cuda", "triton"):
         for m in ("lean", "split"):
-            add(f"pk {be} {m}", grp, kv_bytes, lambda be=be, m=m: _cycle(
+            add(f"pk {be} {m}", grp, kv_bytes, att_flops, lambda be=be, m=m: _cycle(
                 [lambda k=k, v=v: pk.decode_attention(q, k, v, sl, method=m, backend=be) for k, v in kvs]))
-    add("torch sdpa", grp, kv_bytes, lambda: _cycle(
+    add("torch sdpa", grp, kv_bytes, att_flops, lambda: _cycle(
         [lambda k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
             q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True) for k, v in kvs]))
 
@@ -128,10 +129,10 @@ def _cases(quick: bool):
         qws = [qw] + [pk.quantize_weight(w.roll(i, 0), bits=bits, group_size=128)
                       for i in range(1, _copies(qw.nbytes))]
         for be in ("cuda", "triton"):
-            add(f"pk {be} {bits}-bit", grp, qw.nbytes, lambda be=be, qws=qws: _cycle(
+            add(f"pk {be} {bits}-bit", grp, qw.nbytes, 2 * N * K, lambda be=be, qws=qws: _cycle(
                 [lambda qw=qw: pk.lut_gemv(x, qw, backend=be) for qw in qws]))
     ws = [w] + [w.roll(i, 0) for i in range(1, _copies(w.numel() * 2))]
-    add("torch linear bf16", grp, w.numel() * 2, lambda: _cycle(
+    add("torch linear bf16", grp, w.numel() * 2, 2 * N * K, lambda: _cycle(
         [lambda w=w: torch.nn.functional.linear(x, w) for w in ws]))
 
     # quantized KV cache: B=4, L=32k, group 32, residual 128, split schedule
@@ -141,8 +142,9 @@ def _cases(quick: bool):
     q4 = torch.randn(B, Hq, D, device=dev, dtype=torch.bfloat16, generator=g)
     sl4 = torch.full((B,), L, dtype=torch.int32, device=dev)
     grp = f"quantized KV B={B} Hq={Hq} Hkv={Hkv} D={D} L={L}, group 32, split"
+    kv_flops = 4 * B * Hq * L * D
     for be in ("cuda", "triton"):  # 537 MiB: > 3x L2 without copies
-        add(f"pk {be} bf16 cache", grp, 2 * kk.numel() * 2,
+        add(f"pk {be} bf16 cache", grp, 2 * kk.numel() * 2, kv_flops,
             lambda be=be: (lambda: pk.decode_attention(q4, kk, vv, sl4, method="split", backend=be)))
     for bits in (8, 4, 2, "fp8"):
         try:
@@ -153,10 +155,10 @@ def _cases(quick: bool):
                 c.append(kk, vv)
                 caches.append(c)
         except Exception as e:
-            out.append((f"pk {bits} cache", grp, None, f"{type(e).__name__}: {e}"[:300]))
+            out.append((f"pk {bits} cache", grp, None, None, f"{type(e).__name__}: {e}"[:300]))
             continue
         for be in ("cuda", "triton"):
-            add(f"pk {be} {bits} cache", grp, caches[0].nbytes, lambda be=be, cs=caches: _cycle(
+            add(f"pk {be} {bits} cache", grp, caches[0].nbytes, kv_flops, lambda be=be, cs=caches: _cycle(
                 [lambda c=c: pk.decode_attention(q4, c, method="split", backend=be) for c in cs]))
     return out
 
@@ -169,10 +171,10 @@ def run(only=None, quick: bool = False) -> dict:
     prof = roofline.probe(device="cuda", quick=True, cache=False)
     hbm = prof.mem_bandwidth.get("read")
     rows = []
-    for name, group, nbytes, fn in _cases(quick):
+    for name, group, nbytes, flops, fn in _cases(quick):
         if only and not any(o in name for o in only):
             continue
-        row = dict(group=group, name=name, bytes=nbytes)
+        row = dict(group=group, name=name, bytes=nbytes, flops=flops)
         if isinstance(fn, str):
             row["error"] = fn
         else:
@@ -190,6 +192,45 @@ def run(only=None, quick: bool = False) -> dict:
     return dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
                 probe=prof.to_dict(), rows=rows,
                 timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def rows_for_report(doc: dict) -> list[dict]:
+    """``run()``'s rows as ``bench.report`` rows on device "cuda": the roofline point of each is
+    its kernel time (``seconds``), with the per-call time beside it; torch rows are baselines."""
+    out = []
+    for r in doc["rows"]:
+        row = {"suite": "gpu-1", "label": r["group"], "method": r["name"], "device": "cuda",
+               "baseline": r["name"].startswith("torch"), "bytes": r.get("bytes"), "flops": r.get("flops")}
+        if "error" in r:
+            row["error"] = r["error"]
+        else:
+            row.update(seconds=r["kernel_us"] * 1e-6, kernel_us=r["kernel_us"], call_us=r["call_us"],
+                       kernels=r.get("kernels", []))
+            for k in ("kernel_GB_s", "pct_hbm"):
+                if k in r:
+                    row[k] = r[k]
+        out.append(row)
+    return out
+
+
+def suite_gpu(ctx) -> dict:
+    """bench.report's GPU suite: every case of ``run()`` (kernel and per-call time, against torch).
+    Without a CUDA GPU it returns a note and no rows. ``gpu_machine``: the measured GPU profile
+    (``roofline.probe(device="cuda")``) the rows are placed against."""
+    if not torch.cuda.is_available():
+        return {"rows": [], "targets": [], "notes": ["No CUDA GPU on this machine: the GPU suite did not run."]}
+    doc = run(quick=getattr(ctx, "quick", False))
+    hbm = doc["probe"]["mem_bandwidth"].get("read", 0) / 1e12
+    notes = [f"{doc['device']}, torch {doc['torch']}: HBM read {hbm:.2f} TB/s measured by "
+             "roofline.probe(device='cuda', quick=True) in this run.",
+             "kernel us: the GPU time of a call's kernels (torch.profiler, mean of 10 calls), the roofline "
+             "point; call us: wall-clock time per call over 50 back-to-back calls, host work included. "
+             "Each case cycles through copies of its data (>= 3x L2 per round), so inputs are read from "
+             "HBM, not L2."]
+    return {"rows": rows_for_report(doc), "targets": [], "notes": notes, "gpu_machine": doc["probe"]}
+
+
+SUITES = [("gpu-1", "GPU kernels (CUDA and Triton) against torch: kernel time and time per call", suite_gpu)]
 
 
 def format_rows(doc: dict) -> str:

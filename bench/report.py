@@ -6,9 +6,11 @@ targets, what ran where) and ``report.md`` (the same tables, PASS/MISS per targe
 Bounded to a few minutes on a 2-core machine. Suites are ``bench.probe_check.SUITES`` (the probe
 against an independent numpy measurement), ``bench.attention.SUITES``, ``bench.lut.SUITES``,
 ``bench.kvquant.SUITES``, ``bench.advisor.SUITES`` (the roofline advisor's picks against
-exhaustive sweeps), then ``bench.offload.SUITES`` (a ~1.1B Llama streamed from disk); each entry is (name, title, fn(ctx) -> {"rows", "targets", "notes"}); later
-issues append their own lists. ``--suites`` takes names (``lut-2``), numbers (``2``: that suite
-of every family) or families (``probe``, ``attention``, ``lut``, ``kv``, ``advisor``, ``offload``).
+exhaustive sweeps), then ``bench.offload.SUITES`` (a ~1.1B Llama streamed from disk), the
+KV-tier suite and ``bench.gpu.SUITES`` (CUDA and Triton kernels, on a machine with a GPU); each
+entry is (name, title, fn(ctx) -> {"rows", "targets", "notes"}); later issues append their own
+lists. ``--suites`` takes names (``lut-2``), numbers (``2``: that suite of every family) or
+families (``probe``, ``attention``, ``lut``, ``kv``, ``advisor``, ``offload``, ``kvtier``, ``gpu``).
 """
 
 from __future__ import annotations
@@ -23,11 +25,16 @@ import traceback
 import torch
 
 
-def _gpu_statement() -> dict:
+def _gpu_statement(gpu_suite_ran: bool = False) -> dict:
     if torch.cuda.is_available():
-        return {"cuda_available": True, "gpu": torch.cuda.get_device_name(0),
-                "statement": (f"A GPU ({torch.cuda.get_device_name(0)}) is present, but this report "
-                              "version times CPU suites only: CUDA and Triton kernels were not benchmarked.")}
+        name = torch.cuda.get_device_name(0)
+        if gpu_suite_ran:
+            return {"cuda_available": True, "gpu": name,
+                    "statement": (f"GPU: {name}. Suite gpu-1 timed the CUDA and Triton kernels on it against "
+                                  "torch; every other suite times the CPU backend.")}
+        return {"cuda_available": True, "gpu": name,
+                "statement": (f"A GPU ({name}) is present, but the GPU suite (gpu-1) was not selected: "
+                              "CUDA and Triton kernels were not benchmarked in this report.")}
     return {"cuda_available": False, "gpu": None,
             "statement": ("No GPU on this machine (torch.cuda.is_available() is False): CUDA and Triton "
                           "kernels were NOT run on a GPU. Every figure here is the CPU backend or a CPU "
@@ -65,6 +72,21 @@ def _md_timed(rows: list[dict], mid=(), extra=(), err_key="max_abs_err", check_t
 
 def _md_table(rows: list[dict]) -> list[str]:
     return _md_timed(rows)
+
+
+def _md_table_gpu(rows: list[dict]) -> list[str]:
+    """bench.gpu rows: kernel time (the roofline point), time per call, kernel GB/s and % HBM."""
+    out = ["| config | case | kernel us | call us | kernel GB/s | % HBM | kernels (us per call) |",
+           "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "kernel_us" not in r:
+            out.append(f"| {r['label']} | {r['method']} | not run | | | | {r.get('error', '')} |")
+            continue
+        ks = ", ".join(f"{k['name'][:40]} {k['us']:.1f}" for k in r.get("kernels", [])[:3])
+        gbs = f"{r['kernel_GB_s']:.0f}" if "kernel_GB_s" in r else "-"
+        pct = f"{r['pct_hbm']:.1f}" if "pct_hbm" in r else "-"
+        out.append(f"| {r['label']} | {r['method']} | {r['kernel_us']:.1f} | {r['call_us']:.1f} | {gbs} | {pct} | {ks} |")
+    return out
 
 
 def _md_table_lut(rows: list[dict]) -> list[str]:
@@ -215,6 +237,8 @@ def markdown_body(rep: dict) -> str:
                 L += _md_table_kvtier(rows) + [""]
             elif any("engine" in r for r in rows):     # bench.offload rows
                 L += _md_table_offload(rows) + [""]
+            elif any(r.get("device") == "cuda" and r.get("suite") == "gpu-1" for r in rows):  # bench.gpu rows
+                L += _md_table_gpu(rows) + [""]
             elif any("probe_GB_s" in r for r in rows):  # bench.probe_check rows
                 L += _md_table_probe(rows) + [""]
             elif any("kind" in r for r in rows):       # bench.lut rows
@@ -234,6 +258,7 @@ def _all_suites() -> list:
     """(name, title, fn) of every suite, in report order (read at call time)."""
     from . import advisor as AD
     from . import attention as A
+    from . import gpu as G
     from . import kvquant as KV
     from . import kvtier as KT
     from . import lut as LU
@@ -241,7 +266,7 @@ def _all_suites() -> list:
     from . import probe_check as PC
 
     return (list(PC.SUITES) + list(A.SUITES) + list(LU.SUITES) + list(KV.SUITES) + list(AD.SUITES)
-            + list(OF.SUITES) + list(KT.SUITES))
+            + list(OF.SUITES) + list(KT.SUITES) + list(G.SUITES))
 
 
 def suite_names() -> list[str]:
@@ -299,12 +324,14 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
         results.append(entry)
     A.wait_for_quiet(wait_quiet_s)
     probe_after = probe_memory_bandwidth(size_bytes=probe_size_bytes)
+    gpu_machine = next((s.pop("gpu_machine") for s in results if s.get("gpu_machine")), None)
 
     rep = {
         "hostname": host, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([os.path.basename(sys.executable), "-m", "bench.report"] + sys.argv[1:]),
         "quick": quick, "probe": probe, "probe_after": probe_after, "machine": probe["machine"],
-        "facts": A.run_facts(), "gpu": _gpu_statement(), "suites": results,
+        "facts": A.run_facts(), "gpu": _gpu_statement(gpu_machine is not None), "suites": results,
+        "gpu_machine": gpu_machine,
         "roofline": {"machine": machine and machine.to_dict(), "note": roof_note},
         "rows": [r for s in results for r in s.get("rows", [])],
         "targets": [dict(t, suite=s["name"]) for s in results for t in s.get("targets", [])],
@@ -333,6 +360,8 @@ def write_report(rep: dict, machine, out_dir: str) -> dict:
             recs, preds, notes = report_advice(machine, rep["facts"].get("threads") or 1)
         except Exception as e:  # advice is an extra: never lose the measured report over it
             notes = [f"advisor failed: {type(e).__name__}: {e}"]
+    if rep.get("gpu_machine"):  # the GPU suite's rows (device "cuda") go on the GPU's own roofline
+        machine = {"cpu": machine, "cuda": MachineProfile.from_dict(rep["gpu_machine"])}
     return report(rep, machine, out_dir, title=f"pykernels benchmark report: {rep['hostname']}",
                   statement=rep["gpu"]["statement"], recommendations=recs, analyses=preds, notes=notes,
                   extra_markdown=markdown_body(rep))

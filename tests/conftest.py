@@ -60,10 +60,11 @@ def no_full_size_suites(monkeypatch):
     """Empty the suite lists of bench.report whose shapes are full size and not chosen by the
     test (the probe check, the advisor sweeps and the offload benchmark; tests/test_probe_check.py,
     tests/test_bench_advisor.py and tests/test_bench_offload.py run them on small shapes)."""
-    from bench import advisor, kvtier, offload, probe_check
+    from bench import advisor, gpu, kvtier, offload, probe_check
 
     monkeypatch.setattr(advisor, "SUITES", [])
     monkeypatch.setattr(offload, "SUITES", [])  # tests/test_bench_offload.py runs its quick form
     monkeypatch.setattr(probe_check, "SUITES", [])
     monkeypatch.setattr(kvtier, "SUITES", [])  # tests/test_bench_kvtier.py runs its quick form
+    monkeypatch.setattr(gpu, "SUITES", [])  # full GPU shapes (tests/test_bench_smoke.py fakes its run)
 

@@ -584,3 +584,40 @@ def test_bench_gpu_without_a_gpu_says_so_and_formats_rows():
     assert re.search(r"pk triton split\s+40\.0\s+400\.0\s+1678\s+67\.1", text), text
     assert "pk cuda lean             not run: NotImplementedError: no backend" in text
     assert re.search(r"torch linear bf16\s+43\.5\s+45\.6\s+-\s+-", text), text
+
+
+def test_report_places_the_gpu_suite_on_the_gpu_roofline(tmp_path, monkeypatch):
+    """bench.report with the GPU suite (bench.gpu): its rows (device "cuda") go on a roofline of the
+    measured GPU profile beside the CPU's, and report.md gets the kernel / per-call table. The GPU
+    run itself is faked (no GPU here): a run() document of the shape bench.gpu.run returns."""
+    from bench import gpu as G
+    from roofline import MachineProfile
+
+    prof = MachineProfile("GPU X", {"bf16": 6.8e14, "fp32": 5.2e13}, {"read": 2.6e12, "copy": 3.0e12, "triad": 3.0e12},
+                          links={"h2d_pinned": 5.3e10}, source="measured")
+    doc = {"device": "GPU X", "torch": "2.x", "probe": prof.to_dict(), "rows": [
+        dict(group="attention L=16k", name="pk triton split", bytes=64 << 20, flops=4 * 32 * 16384 * 128,
+             kernel_us=30.0, call_us=300.0, kernel_GB_s=2237.0, pct_hbm=86.0,
+             kernels=[{"name": "_split_kernel", "us": 27.0}, {"name": "_split_merge_kernel", "us": 3.0}]),
+        dict(group="attention L=16k", name="torch sdpa", bytes=64 << 20, flops=4 * 32 * 16384 * 128,
+             kernel_us=29.0, call_us=47.0, kernels=[]),
+        dict(group="attention L=16k", name="pk cuda lean", bytes=64 << 20, flops=1, error="RuntimeError: x")]}
+
+    def fake_suite(ctx):
+        return {"rows": G.rows_for_report(doc), "targets": [], "notes": ["faked"], "gpu_machine": doc["probe"]}
+
+    monkeypatch.setattr(G, "SUITES", [("gpu-1", "GPU kernels", fake_suite)])
+    monkeypatch.setattr(A, "SUITES", [])
+    monkeypatch.setattr(LU, "SUITES", [])
+    monkeypatch.setattr(KV, "SUITES", [])
+    report.run_report(str(tmp_path), probe_size_bytes=1 << 20, log=lambda *a: None, suites=["gpu"])
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert set(data["machines"]) == {"cpu", "cuda"} and data["machines"]["cuda"]["name"] == "GPU X"
+    pts = [p for p in data["points"] if p["device"] == "cuda"]
+    assert {p["method"] for p in pts} == {"pk triton split", "torch sdpa"}  # the failed case has no point
+    split = next(p for p in pts if p["method"] == "pk triton split")
+    assert split["seconds"] == pytest.approx(30e-6)
+    md = (tmp_path / "report.md").read_text()
+    assert "| attention L=16k | pk triton split | 30.0 | 300.0 | 2237 | 86.0 | _split_kernel 27.0, _split_merge_kernel 3.0 |" in md
+    assert "| attention L=16k | pk cuda lean | not run | | | | RuntimeError: x |" in md
+    assert "GPU X" in (tmp_path / "index.html").read_text()
