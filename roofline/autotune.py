@@ -31,7 +31,6 @@ import fcntl
 import json
 import math
 import os
-import re
 import tempfile
 import threading
 import time
@@ -89,10 +88,10 @@ _IDENT: dict[str, str] = {}
 def path(device: str = "cpu") -> str:
     """The autotune file of this machine (for ``device``); the machine identity is read once
     per process, the folder (``XDG_CACHE_HOME``) on every call."""
-    from .measure import _identity, cache_dir
+    from .measure import _identity, cache_dir, file_stem
 
     if device not in _IDENT:
-        _IDENT[device] = re.sub(r"[^A-Za-z0-9.-]+", "_", _identity(device)).strip("_")[:100]
+        _IDENT[device] = file_stem(_identity(device))
     return os.path.join(cache_dir(), f"autotune-{_IDENT[device]}-{device}.json")
 
 

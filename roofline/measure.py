@@ -357,9 +357,20 @@ def _identity(device: str) -> str:
     return f"{torch.cuda.get_device_name(0)} on {ident}" if device == "cuda" else ident
 
 
+def file_stem(identity: str, limit: int = 100) -> str:
+    """``identity`` as a file-name stem of at most ``limit`` characters. A longer one keeps its
+    start and ends with a hash of the whole identity: cutting it off would drop the host hash at
+    its end, and two hosts whose GPU / CPU names share the first ``limit`` characters would then
+    share one cache file."""
+    stem = re.sub(r"[^A-Za-z0-9.-]+", "_", identity).strip("_")
+    if len(stem) <= limit:
+        return stem
+    return stem[:limit - 17] + "-" + hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
 def _cache_path(identity: str, device: str, quick: bool, disk_dirs: tuple, threads: int) -> str:
     key = hashlib.sha256(json.dumps([disk_dirs, threads]).encode()).hexdigest()[:8]
-    stem = re.sub(r"[^A-Za-z0-9.-]+", "_", identity).strip("_")[:100]
+    stem = file_stem(identity)
     return os.path.join(cache_dir(),
                         f"{stem}-{device}-{'quick' if quick else 'full'}-{key}.json")
 

@@ -222,3 +222,17 @@ def test_cli_errors_exit_2(argv, config, capsys):
         main([a.replace("{cfg}", str(config)) for a in argv])
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_cache_file_stems_keep_long_identities_apart():
+    """A machine identity longer than the 100-character stem keeps a hash of the whole: two hosts
+    whose names agree on the first 100 characters (the host hash comes last) get different files;
+    short identities keep their plain stem (existing cache files stay valid)."""
+    from roofline.measure import file_stem
+
+    short = "AMD EPYC 7B13 x2 host-1a2b3c4d"
+    assert file_stem(short) == "AMD_EPYC_7B13_x2_host-1a2b3c4d"
+    a = "NVIDIA H100 80GB HBM3 on " + "Intel(R) Xeon(R) Platinum 8480+ " * 3 + "x16 host-aaaaaaaa"
+    b = a.replace("host-aaaaaaaa", "host-bbbbbbbb")
+    assert len(file_stem(a)) == 100 and file_stem(a) != file_stem(b)
+    assert file_stem(a).startswith("NVIDIA_H100_80GB_HBM3_on_Intel")
