@@ -357,6 +357,8 @@ def bench_attention(cfg: AttnConfig, methods=("lean", "split", "sdpa", "referenc
     calls, rows = {}, {}
     for m in methods:
         row = dict(base_row, method=m, backend=backend if is_pk_method(m) else "torch")
+        if m == "split" and num_splits is not None:
+            row["num_splits"] = int(num_splits)  # shown as "split S=<n>"; still the 'split' baseline
         rows[m] = row
         try:
             layout, fn, row["backend"], row["impl"] = _make_call(m, cfg, q, seqlens, backend, num_splits)
@@ -668,7 +670,8 @@ def format_timed(rows: list[dict], label_w: int, method_w: int, p_w: int = 8, ex
             continue
         sp = " ".join(f"{k[3:]}={v:.2f}x" for k, v in r.get("speedup", {}).items())
         chk = "" if r.get("check", "ok") == "ok" else f"  CHECK {r['check']} {err[1]}={r[err[0]]:.3g}"
-        lines.append(f"{r['label']:<{label_w}} {r['method']:<{method_w}} {r['median_ms']:>10.3f} "
+        meth = f"{r['method']} S={r['num_splits']}" if "num_splits" in r else r["method"]
+        lines.append(f"{r['label']:<{label_w}} {meth:<{method_w}} {r['median_ms']:>10.3f} "
                      f"{r['p10_ms']:>{p_w}.3f}..{r['p90_ms']:<{p_w}.3f} {r['GB_s']:>7.2f} {_fmt(r['pct_bw'], '6.1f')} "
                      f"{roof_pct(r)}" + "".join(" " + fn(r) for _, fn in extra) + f"  {sp}{chk}")
     return "\n".join(lines)

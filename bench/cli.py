@@ -210,6 +210,8 @@ def cmd_attention(args) -> int:
 
     if args.sweep:
         _check_sweep(args.sweep, A.SUITES)
+        if args.num_splits is not None:
+            raise SystemExit("--num-splits: not used with --sweep (the suites set their own schedules)")
     else:
         _positive(heads_q=args.heads_q, heads_kv=args.heads_kv, head_dim=args.head_dim, num_splits=args.num_splits)
         if args.heads_q % args.heads_kv:
@@ -229,9 +231,6 @@ def cmd_attention(args) -> int:
     if bad:
         raise SystemExit(f"--method: unknown {bad}; expected a comma list of {', '.join(A.ALL_METHODS)} "
                          "or split<S> (num_splits=S)")
-    if args.num_splits is not None and not args.sweep:
-        # --num-splits S fixes split's chunk count: the row is split<S>, labelled as what it ran
-        methods = [f"split{args.num_splits}" if m == "split" else m for m in methods]
     bw, probe = _bandwidth(args)
 
     out = {"probe": probe, "rows": [], "targets": []}
@@ -246,8 +245,8 @@ def cmd_attention(args) -> int:
         lens = _parse_seqlens(args.seqlens, args.batch)
         cfg = A.AttnConfig(len(lens), args.heads_q, args.heads_kv, args.head_dim, lens, args.dtype)
         rows = A.bench_attention(cfg, methods, backend=args.backend, device=args.device,
-                                 repeats=args.repeats, bandwidth_GB_s=bw, wait_quiet_s=args.wait_quiet,
-                                 machine=machine)
+                                 repeats=args.repeats, bandwidth_GB_s=bw, num_splits=args.num_splits,
+                                 wait_quiet_s=args.wait_quiet, machine=machine)
         print(A.format_rows(rows))
         out["rows"] = rows
     if args.json:

@@ -180,6 +180,8 @@ def run(only=None, quick: bool = False) -> dict:
         else:
             try:
                 kus, kernels = kernel_time_us(fn)
+                if not kus > 0:
+                    raise RuntimeError("the profiler recorded no GPU kernel for this call")
                 row.update(kernel_us=kus, call_us=call_time_us(fn),
                            kernels=[dict(name=n[:80], us=t) for n, t in kernels[:6]])
                 if nbytes:

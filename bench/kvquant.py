@@ -813,7 +813,9 @@ def suite_speed(ctx: KVContext) -> dict:
         "then SDPA, the pure-torch path; run only "
         "for formats the HF baseline cannot serve (" + (", ".join(fmt_name(f) for f in deq) or "none") + ").",
     ]
-    if recorded:
+    if recorded == "busy":
+        notes.append(f"Not recorded as autotune results: the machine was busy while L={max(lengths)} was timed.")
+    elif recorded:
         notes.append(f"Recorded as measured autotune results ({recorded}): roofline.advise_kv_format ranks the "
                      "formats by these per-token times from now on for this shape.")
     return {"rows": rows, "targets": targets, "notes": [n for n in notes if n]}
@@ -821,17 +823,19 @@ def suite_speed(ctx: KVContext) -> dict:
 
 def _record_kv_timings(ctx, rows, L) -> str | None:
     """Store the formats' measured decode-attention seconds per token of context at length L
-    (fused kernels and our bf16 kernel, CPU) as the autotune topic "kv_format"; -> the bucket."""
+    (fused kernels and our bf16 kernel, CPU) as the autotune topic "kv_format"; -> the bucket,
+    "busy" when L's rows were timed while other processes used the CPUs (nothing stored), or
+    None when nothing is to be recorded."""
     if (not getattr(ctx, "record_autotune", False) or getattr(ctx, "device", "cpu") != "cpu"
             or getattr(ctx, "backend", "cpu") not in ("cpu", "auto")):
         return None
     from .attention import busy_note
 
-    if busy_note(rows) is not None:  # timings taken under load would outlive this run: not kept
-        return None
+    label = speed_label(1, ctx.heads_q, ctx.heads_kv, ctx.head_dim, L)
+    if busy_note([r for r in rows if r.get("label") == label]) is not None:
+        return "busy"  # timings taken under load would outlive this run: not kept
     from roofline import autotune
 
-    label = speed_label(1, ctx.heads_q, ctx.heads_kv, ctx.head_dim, L)
     names = ["bf16"] + [fmt_name(parse_format(f)) for f in ctx.formats]
     timed = {}
     for name in names:

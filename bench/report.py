@@ -25,16 +25,18 @@ import traceback
 import torch
 
 
-def _gpu_statement(gpu_suite_ran: bool = False) -> dict:
+def _gpu_statement(gpu_suite_ran: bool = False, gpu_suite_error: str | None = None) -> dict:
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         if gpu_suite_ran:
             return {"cuda_available": True, "gpu": name,
                     "statement": (f"GPU: {name}. Suite gpu-1 timed the CUDA and Triton kernels on it against "
                                   "torch; every other suite times the CPU backend.")}
+        why = (f"the GPU suite (gpu-1) failed ({gpu_suite_error})" if gpu_suite_error else
+               "the GPU suite (gpu-1) was not selected")
         return {"cuda_available": True, "gpu": name,
-                "statement": (f"A GPU ({name}) is present, but the GPU suite (gpu-1) was not selected: "
-                              "CUDA and Triton kernels were not benchmarked in this report.")}
+                "statement": (f"A GPU ({name}) is present, but {why}: CUDA and Triton kernels were not "
+                              "benchmarked in this report.")}
     return {"cuda_available": False, "gpu": None,
             "statement": ("No GPU on this machine (torch.cuda.is_available() is False): CUDA and Triton "
                           "kernels were NOT run on a GPU. Every figure here is the CPU backend or a CPU "
@@ -330,7 +332,11 @@ def run_report(out_dir: str | None = None, suites: list[str] | None = None, quic
         "hostname": host, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([os.path.basename(sys.executable), "-m", "bench.report"] + sys.argv[1:]),
         "quick": quick, "probe": probe, "probe_after": probe_after, "machine": probe["machine"],
-        "facts": A.run_facts(), "gpu": _gpu_statement(gpu_machine is not None), "suites": results,
+        "facts": A.run_facts(),
+        "gpu": _gpu_statement(gpu_machine is not None,
+                              next((s["error"] for s in results if s["name"].startswith("gpu-") and s.get("error")),
+                                   None)),
+        "suites": results,
         "gpu_machine": gpu_machine,
         "roofline": {"machine": machine and machine.to_dict(), "note": roof_note},
         "rows": [r for s in results for r in s.get("rows", [])],

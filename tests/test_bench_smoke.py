@@ -151,15 +151,44 @@ def test_cli_attention_writes_json(tmp_path, capsys):
     assert "GB/s" in capsys.readouterr().out
 
 
-def test_cli_attention_num_splits_names_the_row(tmp_path):
-    """--num-splits S: the split row is split<S> (what ran), not plain 'split' (auto splits)."""
+def test_cli_attention_num_splits_names_the_row(tmp_path, capsys):
+    """--num-splits S: the split row records S and prints as "split S=4" (plain 'split' elsewhere
+    means the heuristic's splits); it stays the 'split' baseline of the other rows."""
     out = tmp_path / "rows.json"
     assert cli.main(["attention", "--seqlens", "300", "--batch", "1", "--heads-q", "4", "--heads-kv", "2",
                      "--head-dim", "16", "--dtype", "fp32", "--method", "split,lean", "--num-splits", "4",
                      "--bandwidth", "10", "--repeats", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["split4", "lean"]
-    assert all(r.get("check", "ok") == "ok" for r in rows)
+    assert [(r["method"], r.get("num_splits")) for r in rows] == [("split", 4), ("lean", None)]
+    assert "vs_split" in rows[1]["speedup"] and all(r.get("check", "ok") == "ok" for r in rows)
+    assert "split S=4" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--num-splits: not used with --sweep"):
+        cli.main(["attention", "--sweep", "1", "--num-splits", "4", "--bandwidth", "1"])
+
+
+def test_bench_gpu_suite_without_a_gpu_and_the_report_statement(monkeypatch):
+    """suite_gpu on a machine without a GPU: a note, no rows; the report's GPU statement says
+    whether the GPU suite ran, was not selected, or failed (faked GPU)."""
+    from bench import gpu as G
+
+    if not torch.cuda.is_available():
+        res = G.suite_gpu(A.BenchContext(bandwidth_GB_s=1.0))
+        assert res["rows"] == [] and "did not run" in res["notes"][0] and "gpu_machine" not in res
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "GPU X")
+    assert "Suite gpu-1 timed the CUDA and Triton kernels" in report._gpu_statement(True)["statement"]
+    assert "gpu-1) was not selected" in report._gpu_statement(False)["statement"]
+    st = report._gpu_statement(False, "RuntimeError: CUDA out of memory")["statement"]
+    assert "gpu-1) failed (RuntimeError: CUDA out of memory)" in st
+
+
+def test_offload_and_kvtier_share_one_median():
+    from bench import kvtier, offload
+
+    assert kvtier._median is offload._median
+    assert offload._median([3.0, 1.0, 2.0]) == 2.0
+    assert offload._median([4.0, 1.0, 3.0, 2.0]) == 2.5  # the mean of the middle two
+    assert offload._median([]) is None
 
 
 def test_cli_rejects_unknown_method():

@@ -169,7 +169,10 @@ def test_kv_format_follows_measured_timings(autotune_home):
     assert KV._record_kv_timings(SimpleNamespace(**{**vars(ctx), "record_autotune": False}), rows, L) is None
     assert KV._record_kv_timings(SimpleNamespace(**{**vars(ctx), "backend": "triton"}), rows, L) is None
     # nor timings taken while other processes used the CPUs (bench.attention.busy_note)
-    assert KV._record_kv_timings(ctx, [dict(r, other_cpu_load=0.5) for r in rows], L) is None
+    assert KV._record_kv_timings(ctx, [dict(r, other_cpu_load=0.5) for r in rows], L) == "busy"
+    # only the recorded length's rows count: a busy shorter length does not block it
+    other = KV.speed_label(1, 32, 8, 128, L // 2)
+    assert KV._record_kv_timings(ctx, rows + [dict(rows[0], label=other, other_cpu_load=0.5)], L) == bucket
 
 
 def test_lut():
