@@ -93,8 +93,14 @@ def _validate(q, k_cache, v_cache, seqlens, block_table, scale, method, num_spli
         raise ValueError(f"seqlens: expected shape [{B}] (one length per sequence), got {tuple(seqlens.shape)}")
     if seqlens.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
         raise TypeError(f"seqlens: expected int32, int64, int16 or uint8 lengths, got {seqlens.dtype}")
+    lens_host = None
     if seqlens.device != q.device:
-        raise ValueError(f"seqlens: on {seqlens.device}, but q is on {q.device}")
+        if seqlens.device.type != "cpu":
+            raise ValueError(f"seqlens: on {seqlens.device}, but q is on {q.device}")
+        # host lengths for a GPU q (a scheduler keeps them): checked and planned on the host and
+        # copied to the device without waiting for it, so the call has no device-to-host sync
+        lens_host = seqlens
+        seqlens = seqlens.to(q.device, non_blocking=True)
 
     if block_table is not None:
         block_table = _as_tensor(block_table, "block_table")
@@ -111,10 +117,10 @@ def _validate(q, k_cache, v_cache, seqlens, block_table, scale, method, num_spli
                              "(pass block_table for a paged cache)")
         capacity = k_cache.shape[1]
 
-    lens_host = None
     if not torch.compiler.is_compiling():
         # one device-to-host copy (a sync on a GPU) serves every check and the schedule (_run)
-        lens_host = seqlens.cpu()
+        if lens_host is None:
+            lens_host = seqlens.cpu()
         lo, hi = int(lens_host.min()), int(lens_host.max())
         if lo < 1 or hi > capacity:
             bad = int(torch.nonzero((lens_host < 1) | (lens_host > capacity))[0, 0])
@@ -401,6 +407,9 @@ def decode_attention(q, k_cache, v_cache=None, seqlens=None, *, block_table=None
         residual tokens, dequantizing inside the kernel (KV tiles of a multiple of group_size
         tokens, at least 64).
     seqlens : int Tensor [B] (or list), 1 <= seqlens[b] <= capacity. Only these tokens are read.
+        On q's device, or on the CPU (a list too) when q is on a GPU: then the checks and the
+        schedule use the host values and the call never waits for the GPU (with lengths on the
+        GPU, reading them back is one device-to-host sync per call).
     block_table : int32 Tensor [B, max_blocks], block ids of each sequence (paged cache).
     scale : softmax scale, default 1/sqrt(D).
     method : "split" (flash-decoding: num_splits chunks per (sequence, kv-head), then merge),

@@ -588,3 +588,24 @@ def test_kernel_module_availability_is_asked_once(monkeypatch):
     monkeypatch.setitem(sys.modules, "pk_fake_broken", broken)
     assert backends.module_status("pk_fake_broken") == (
         None, "pk_fake_broken.available() failed: ZeroDivisionError: division by zero")
+
+
+def test_host_seqlens_for_a_device_q():
+    """Lengths kept on the host (a CPU tensor or a list) for a q on another device: checked and
+    planned from the host values, copied to q's device for the kernels (no device-to-host sync on
+    a GPU). Lengths on a third, non-CPU device are refused. (The meta device stands in for a GPU.)"""
+    from pykernels import attention
+
+    q = torch.empty(2, 4, 16, device="meta")
+    k = torch.empty(2, 8, 2, 16, device="meta")
+    for given in ([5, 8], torch.tensor([5, 8], dtype=torch.int32)):
+        *_, sl, bt, scale, lens_host = attention._validate(q, k, k, given, None, None, "auto", None, None)
+        assert sl.device.type == "meta" and lens_host.device.type == "cpu" and lens_host.tolist() == [5, 8]
+    with pytest.raises(ValueError, match=r"^seqlens: seqlens\[1\] = 9 is outside \[1, 8\]"):
+        attention._validate(q, k, k, torch.tensor([5, 9]), None, None, "auto", None, None)
+    qc, kc = torch.randn(2, 4, 16), torch.randn(2, 8, 2, 16)
+    with pytest.raises(ValueError, match=r"^seqlens: on meta, but q is on cpu"):
+        attention._validate(qc, kc, kc, torch.tensor([5, 8], device="meta"), None, None, "auto", None, None)
+    # on the CPU both ways the lengths are used as given
+    *_, sl, _, _, lens_host = attention._validate(qc, kc, kc, torch.tensor([5, 8]), None, None, "auto", None, None)
+    assert sl.device.type == "cpu" and lens_host.tolist() == [5, 8]
