@@ -611,7 +611,7 @@ def test_bench_gpu_without_a_gpu_says_so_and_formats_rows():
     text = gpu.format_rows(doc)
     assert "HBM read 2.50 TB/s" in text
     assert re.search(r"pk triton split\s+40\.0\s+400\.0\s+1678\s+67\.1", text), text
-    assert "pk cuda lean             not run: NotImplementedError: no backend" in text
+    assert "pk cuda lean                 not run: NotImplementedError: no backend" in text
     assert re.search(r"torch linear bf16\s+43\.5\s+45\.6\s+-\s+-", text), text
 
 
