@@ -322,3 +322,34 @@ def test_interpreter_self_check(monkeypatch):
     ok, why = available()
     assert not ok and "cannot run a loop with a loaded bound" in why and "0-dimensional" in why
     assert _runtime.interpreter_problem() == why  # decided once per process
+
+
+@interpreter_only
+def test_launchers_run_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: the launchers make the first tensor's device
+    current for the call when it is not (a q on cuda:1 while cuda:0 is current); no device switch
+    for CPU tensors or when the device is already current. Simulated: no GPU here."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from pykernels.triton import _runtime
+
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(dev):
+        entered.append(str(dev))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    seen = []
+    run = _runtime.launch_on_device(lambda t, x: seen.append((t, x)) or "ran")
+    on1 = SimpleNamespace(device=torch.device("cuda", 1))
+    assert run(on1, 5) == "ran" and entered == ["cuda:1"] and seen == [(on1, 5)]
+    assert run(SimpleNamespace(device=torch.device("cuda", 0)), 6) == "ran" and entered == ["cuda:1"]
+    assert run(torch.zeros(1), 7) == "ran" and entered == ["cuda:1"] and len(seen) == 3
+    assert run(t=on1, x=8) == "ran" and entered == ["cuda:1", "cuda:1"]  # passed by keyword
+    from pykernels.triton import decode_attention as da, kv_attention as kv, lut_gemv as lg
+    assert all(getattr(f, "__wrapped__", None) is not None
+               for f in (da.decode_attention, kv.decode_attention_kv, lg.lut_gemv))

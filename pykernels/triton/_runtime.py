@@ -5,6 +5,7 @@ reports.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 try:
@@ -88,3 +89,24 @@ def available(module: str) -> tuple[bool, str]:
         return False, "no CUDA device and TRITON_INTERPRET is not set to 1"
     except Exception as exc:  # defensive: available() must never raise
         return False, f"triton availability check failed: {type(exc).__name__}: {exc}"
+
+
+def launch_on_device(fn):
+    """Run a kernel launcher with its first argument's CUDA device current. Triton launches on the
+    current device (and that device's current stream), so for a tensor on another GPU the kernel
+    would run on the wrong device. No-op on the CPU and when the device is already current."""
+    import inspect
+
+    first = next(iter(inspect.signature(fn).parameters))
+
+    @functools.wraps(fn)
+    def launcher(*args, **kwargs):
+        dev = getattr(args[0] if args else kwargs.get(first), "device", None)
+        if dev is not None and dev.type == "cuda" and dev.index is not None:
+            import torch
+
+            if dev.index != torch.cuda.current_device():
+                with torch.cuda.device(dev):
+                    return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return launcher

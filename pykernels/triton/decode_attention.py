@@ -28,7 +28,7 @@ buffer that torch rounds correctly. On a GPU neither workaround is used.
 from __future__ import annotations
 
 from ._runtime import IMPORT_ERROR as _IMPORT_ERROR, INTERPRET as _INTERPRET, tl, triton  # noqa: F401
-from ._runtime import available as _available
+from ._runtime import available as _available, launch_on_device
 
 
 def available() -> tuple[bool, str]:
@@ -321,6 +321,7 @@ def merge_block(slots: int) -> int:
     return 16 if slots <= 16 else 32
 
 
+@launch_on_device
 def decode_attention(q, k_cache, v_cache, seqlens, block_table, out, lse, scale, method,
                      num_splits, num_workers, tile) -> None:
     """Launch the Triton decode-attention kernels; writes ``out`` [B, Hq, D] and ``lse`` [B, Hq].

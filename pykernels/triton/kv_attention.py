@@ -40,7 +40,7 @@ import math
 import operator
 
 from ._runtime import IMPORT_ERROR as _IMPORT_ERROR, INTERPRET as _INTERPRET, tl, triton  # noqa: F401
-from ._runtime import available as _available
+from ._runtime import available as _available, launch_on_device
 from .decode_attention import merge_block
 
 _FMT_BITS = {"int8": 8, "int4": 4, "int2": 2, "fp8": 0}  # 0: fp8 (the KvFormat code of kv_quant.h)
@@ -473,6 +473,7 @@ def default_num_workers(device) -> int:
     return 4
 
 
+@launch_on_device
 def decode_attention_kv(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fp_k, fp_v, block_table,
                         n_sink, n_quant, n_res, out, lse, scale=None, fmt="int4", group_size=32, method="lean",
                         num_splits=8, num_workers=None, tile=None) -> None:

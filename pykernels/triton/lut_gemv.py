@@ -35,7 +35,7 @@ every dot runs on operands converted to fp32 first (exact), as in ``decode_atten
 from __future__ import annotations
 
 from ._runtime import IMPORT_ERROR as _IMPORT_ERROR, INTERPRET as _INTERPRET, tl, triton  # noqa: F401
-from ._runtime import available as _available
+from ._runtime import available as _available, launch_on_device
 
 MAX_M = 16     # rows of x per call (the Python side splits larger M)
 MAX_BITS = 8
@@ -160,6 +160,7 @@ def launch_config(N: int, K_pad: int, gs: int, num_sms: int | None) -> tuple[int
     return block_n, block_k, k_per_split, (8 if block_k >= 64 else 4)
 
 
+@launch_on_device
 def lut_gemv(x, planes, scales, zeros, codebook, out, N, K_pad, bits, gs, mode="int8", *,
              split_k: int | None = None) -> None:
     """Launch the Triton LUT-GEMV kernel: ``out[m, n] = sum_k x[m, k] W[n, k]`` (written, fp32).
