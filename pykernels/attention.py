@@ -108,8 +108,13 @@ def _validate(q, k_cache, v_cache, seqlens, block_table, scale, method, num_spli
             raise ValueError(f"block_table: expected [{B}, max_blocks], got shape {tuple(block_table.shape)}")
         if block_table.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"block_table: expected int32 (or int64), got {block_table.dtype}")
+        bt_host = None
         if block_table.device != q.device:
-            raise ValueError(f"block_table: on {block_table.device}, but q is on {q.device}")
+            if block_table.device.type != "cpu":
+                raise ValueError(f"block_table: on {block_table.device}, but q is on {q.device}")
+            # as seqlens: a host table for a GPU q is checked on the host, copied without a wait
+            bt_host = block_table
+            block_table = block_table.to(q.device, non_blocking=True)
         capacity = block_table.shape[1] * k_cache.shape[1]
     else:
         if k_cache.shape[0] != B:
@@ -127,12 +132,14 @@ def _validate(q, k_cache, v_cache, seqlens, block_table, scale, method, num_spli
             raise ValueError(f"seqlens: seqlens[{bad}] = {int(lens_host[bad])} is outside [1, {capacity}] (cache capacity)")
         if block_table is not None and block_table.shape[1] > 0:
             bs = k_cache.shape[1]
-            used = torch.arange(block_table.shape[1], device=q.device)[None, :] < ((seqlens.long() + bs - 1) // bs)[:, None]
-            ids = block_table.long()
+            host = bt_host is not None  # a host table: checked against the host lengths, no sync
+            tab, lens = (bt_host, lens_host) if host else (block_table, seqlens)
+            used = torch.arange(tab.shape[1], device=tab.device)[None, :] < ((lens.long() + bs - 1) // bs)[:, None]
+            ids = tab.long()
             bad = used & ((ids < 0) | (ids >= k_cache.shape[0]))
             if bool(bad.any()):
                 b, j = (int(x) for x in torch.nonzero(bad)[0])
-                raise ValueError(f"block_table: block_table[{b}, {j}] = {int(block_table[b, j])} is outside "
+                raise ValueError(f"block_table: block_table[{b}, {j}] = {int(tab[b, j])} is outside "
                                  f"[0, {k_cache.shape[0]}) (num_blocks)")
 
     return (q, k_cache, v_cache, seqlens, block_table, _check_options(q, scale, method, num_splits, out),
@@ -410,7 +417,8 @@ def decode_attention(q, k_cache, v_cache=None, seqlens=None, *, block_table=None
         On q's device, or on the CPU (a list too) when q is on a GPU: then the checks and the
         schedule use the host values and the call never waits for the GPU (with lengths on the
         GPU, reading them back is one device-to-host sync per call).
-    block_table : int32 Tensor [B, max_blocks], block ids of each sequence (paged cache).
+    block_table : int32 Tensor [B, max_blocks], block ids of each sequence (paged cache). On q's
+        device, or on the CPU when q is on a GPU (checked on the host, as ``seqlens``).
     scale : softmax scale, default 1/sqrt(D).
     method : "split" (flash-decoding: num_splits chunks per (sequence, kv-head), then merge),
         "lean" (stream-K: all KV tiles cut into equal contiguous ranges per worker), or "auto"

@@ -606,6 +606,17 @@ def test_host_seqlens_for_a_device_q():
     qc, kc = torch.randn(2, 4, 16), torch.randn(2, 8, 2, 16)
     with pytest.raises(ValueError, match=r"^seqlens: on meta, but q is on cpu"):
         attention._validate(qc, kc, kc, torch.tensor([5, 8], device="meta"), None, None, "auto", None, None)
+    # a paged cache's block table on the host too: checked there (used entries only)
+    kp = torch.empty(6, 4, 2, 16, device="meta")
+    bt = torch.tensor([[0, 1, -1], [2, 3, 4]], dtype=torch.int32)
+    *_, sl, btd, _, lens_host = attention._validate(q, kp, kp, [5, 9], bt, None, "auto", None, None)
+    assert btd.device.type == "meta" and btd.shape == (2, 3) and lens_host.tolist() == [5, 9]
+    with pytest.raises(ValueError, match=r"^block_table: block_table\[1, 2\] = 7 is outside \[0, 6\)"):
+        attention._validate(q, kp, kp, [5, 9], torch.tensor([[0, 1, -1], [2, 3, 7]], dtype=torch.int32),
+                            None, "auto", None, None)
+    with pytest.raises(ValueError, match=r"^block_table: on meta, but q is on cpu"):
+        attention._validate(qc, torch.randn(6, 4, 2, 16), torch.randn(6, 4, 2, 16), [5, 9], bt.to("meta"),
+                            None, "auto", None, None)
     # on the CPU both ways the lengths are used as given
     *_, sl, _, _, lens_host = attention._validate(qc, kc, kc, torch.tensor([5, 8]), None, None, "auto", None, None)
     assert sl.device.type == "cpu" and lens_host.tolist() == [5, 8]
