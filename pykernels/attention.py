@@ -50,6 +50,14 @@ def _num_workers(device: torch.device, backend: str) -> int:
     return 4  # Triton interpreter / reference: the schedule is exercised, not timed
 
 
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device: from pageable memory the copy
+    is staged before the call returns. Pinned memory would be read by the DMA later, after the
+    caller may have changed it (the next step's lengths), so a pinned tensor goes through a
+    pageable copy first."""
+    return (t.clone() if t.is_pinned() else t).to(device, non_blocking=True)
+
+
 def _validate(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, out):
     """Shape/dtype/device/value checks shared by every backend. Returns normalised inputs."""
     q = _as_tensor(q, "q")
@@ -100,7 +108,7 @@ def _validate(q, k_cache, v_cache, seqlens, block_table, scale, method, num_spli
         # host lengths for a GPU q (a scheduler keeps them): checked and planned on the host and
         # copied to the device without waiting for it, so the call has no device-to-host sync
         lens_host = seqlens
-        seqlens = seqlens.to(q.device, non_blocking=True)
+        seqlens = _upload(seqlens, q.device)
 
     if block_table is not None:
         block_table = _as_tensor(block_table, "block_table")
@@ -114,7 +122,7 @@ def _validate(q, k_cache, v_cache, seqlens, block_table, scale, method, num_spli
                 raise ValueError(f"block_table: on {block_table.device}, but q is on {q.device}")
             # as seqlens: a host table for a GPU q is checked on the host, copied without a wait
             bt_host = block_table
-            block_table = block_table.to(q.device, non_blocking=True)
+            block_table = _upload(block_table, q.device)
         capacity = block_table.shape[1] * k_cache.shape[1]
     else:
         if k_cache.shape[0] != B:
