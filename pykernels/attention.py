@@ -55,6 +55,8 @@ def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     is staged before the call returns. Pinned memory would be read by the DMA later, after the
     caller may have changed it (the next step's lengths), so a pinned tensor goes through a
     pageable copy first."""
+    if torch.compiler.is_compiling():  # is_pinned() does not trace; a compiled graph copies in order
+        return t.to(device, non_blocking=True)
     return (t.clone() if t.is_pinned() else t).to(device, non_blocking=True)
 
 
@@ -423,8 +425,11 @@ def decode_attention(q, k_cache, v_cache=None, seqlens=None, *, block_table=None
         tokens, at least 64).
     seqlens : int Tensor [B] (or list), 1 <= seqlens[b] <= capacity. Only these tokens are read.
         On q's device, or on the CPU (a list too) when q is on a GPU: then the checks and the
-        schedule use the host values and the call never waits for the GPU (with lengths on the
-        GPU, reading them back is one device-to-host sync per call).
+        schedule use the host values and the Triton path never waits for the GPU (with lengths
+        on the GPU, reading them back is one device-to-host sync per call). Still syncing: a
+        paged ``block_table`` on the GPU (its used ids are checked there; pass it on the host
+        too), the CUDA backend's launcher (it reads the lengths back itself), and calls under
+        ``torch.compile`` (the op checks its device inputs).
     block_table : int32 Tensor [B, max_blocks], block ids of each sequence (paged cache). On q's
         device, or on the CPU when q is on a GPU (checked on the host, as ``seqlens``).
     scale : softmax scale, default 1/sqrt(D).

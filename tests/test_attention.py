@@ -620,3 +620,49 @@ def test_host_seqlens_for_a_device_q():
     # on the CPU both ways the lengths are used as given
     *_, sl, _, _, lens_host = attention._validate(qc, kc, kc, torch.tensor([5, 8]), None, None, "auto", None, None)
     assert sl.device.type == "cpu" and lens_host.tolist() == [5, 8]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_host_lengths_reach_the_launcher_without_a_device_read(backend, monkeypatch):
+    """pk.decode_attention end to end with q on the meta device (standing in for a GPU: any read
+    back of a meta tensor raises, so finishing proves the call never syncs) and the lengths (and a
+    paged table) on the host: the launcher gets contiguous int32 tensors on q's device, and the
+    schedule was planned from the host values. The launchers are stubbed (no GPU here)."""
+    import importlib
+
+    seen = {}
+
+    def fake_launch(q, k, v, sl, bt, out, lse, scale, method, ns, W, tile):
+        seen.update(sl=(sl.device.type, sl.dtype, sl.is_contiguous()),
+                    bt=None if bt is None else (bt.device.type, bt.dtype), method=method, ns=ns)
+
+    mod = importlib.import_module(f"pykernels.{backend}.decode_attention")
+    monkeypatch.setattr(mod, "decode_attention", fake_launch)
+    monkeypatch.setattr(backends, "select", lambda *a, **kw: backend)
+    q = torch.empty(3, 4, 16, device="meta")
+    k = torch.empty(3, 300, 2, 16, device="meta")
+    for lens in ([5, 300, 7], torch.tensor([5, 255, 7], dtype=torch.uint8),
+                 torch.tensor([5, 0, 300, 0, 7], dtype=torch.int16)[::2]):
+        for method in ("auto", "split", "lean"):
+            seen.clear()
+            pk.decode_attention(q, k, k, lens, method=method, backend=backend)
+            assert seen["sl"] == ("meta", torch.int32, True) and seen["bt"] is None
+            assert seen["method"] in ("lean", "split") and seen["ns"] >= 1
+    kp = torch.empty(10, 64, 2, 16, device="meta")
+    bt = torch.tensor([[0, 1, 2, 3, 4], [5, 6, -1, -1, -1], [7, 8, 9, -1, -1]])
+    seen.clear()
+    pk.decode_attention(q, kp, kp, [300, 100, 150], block_table=bt, backend=backend)
+    assert seen["bt"] == ("meta", torch.int32)
+
+
+def test_host_lengths_trace_under_torch_compile():
+    """_validate with host lengths for a (meta, standing in for GPU) q traces with fullgraph=True
+    (is_pinned() does not; a compiled graph takes the plain copy)."""
+    from pykernels import attention
+
+    def f(q, k, s):
+        return attention._validate(q, k, k, s, None, None, "auto", None, None)[3]
+
+    q, k = torch.empty(2, 4, 16, device="meta"), torch.empty(2, 8, 2, 16, device="meta")
+    sl = torch.compile(f, backend="eager", fullgraph=True)(q, k, torch.tensor([5, 8], dtype=torch.int32))
+    assert sl.device.type == "meta" and sl.shape == (2,)
