@@ -318,8 +318,9 @@ def _run(q, k_cache, v_cache, seqlens, block_table, scale, method, num_splits, b
                                          W, DEFAULT_TILE, q, k_cache.element_size())
     bt = block_table.to(torch.int32).contiguous() if block_table is not None else None
     if name == "cpu":
-        backends.cpu_module().decode_attention(q, k_cache, v_cache, seqlens_i32, bt, out, lse, scale,
-                                               method, num_splits, W, DEFAULT_TILE)
+        dl = backends.dl
+        backends.cpu_module().decode_attention(dl(q), dl(k_cache), dl(v_cache), dl(seqlens_i32), dl(bt), dl(out),
+                                               dl(lse), scale, method, num_splits, W, DEFAULT_TILE)
     elif name == "triton":
         from .triton.decode_attention import decode_attention as fn
 
@@ -378,7 +379,8 @@ def _run_kv(q, cache, scale, method, num_splits, backend, out, lse):
             cache.fp_k, cache.fp_v, cache.block_table, cache.n_sink, cache.n_quant, cache.n_res, out, lse,
             scale, cache.fmt, cache.group_size, method, num_splits, W, tile)
     if name == "cpu":
-        backends.cpu_module().decode_attention_kv(*args)
+        backends.cpu_module().decode_attention_kv(*(backends.dl(a) if isinstance(a, torch.Tensor) else a
+                                                    for a in args))
     elif name == "triton":
         from .triton.kv_attention import decode_attention_kv
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
@@ -95,6 +96,14 @@ def _triton_interprets() -> bool:
     except Exception:
         return False
     return bool(INTERPRET)
+
+
+def dl(t):
+    """A DLPack capsule of tensor ``t`` (None stays None) for the compiled extensions, which take
+    capsules or objects with ``__dlpack__``: the capsule skips ``Tensor.__dlpack__``'s Python
+    wrapper (about 2.5 us per tensor, five or six tensors per call). The public layers have
+    already checked and detached the tensors."""
+    return None if t is None else _to_dlpack(t)
 
 
 _MODULE_STATUS: dict = {}

@@ -145,6 +145,7 @@ def _gemv_cpu(x, w, bias, out):
     if bias is not None:
         bias = (bias if bias.dtype in X_DTYPES else bias.float()).contiguous()
     y = torch.empty(M, N, dtype=x.dtype) if out is None else out.view(M, N)
+    dl = backends.dl  # DLPack capsules: cheaper per call than Tensor.__dlpack__
     for i in range(0, M, MAX_M):  # every chunk re-reads W: M > 8 costs ceil(M / 8) passes
-        C.gemv(x[i:i + MAX_M], w, bias, y[i:i + MAX_M])
+        C.gemv(dl(x[i:i + MAX_M]), dl(w), dl(bias), dl(y[i:i + MAX_M]))
     return y
