@@ -15,9 +15,8 @@ import os
 
 # PK_TRITON_TEST_DEVICE=cuda: the kernel cases run compiled on a GPU instead of in the
 # interpreter (test_compiled_on_gpu at the end starts that run when a GPU is present).
-DEVICE = os.environ.get("PK_TRITON_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+from triton_device import DEVICE, run_compiled_on_gpu  # noqa: E402  (sets TRITON_INTERPRET first)
+from triton_device import to_device as _to_device  # noqa: E402
 
 import math
 import subprocess
@@ -139,19 +138,6 @@ def assert_close(name, got, ref, atol, rtol):
         idx = tuple(int(i) for i in torch.unravel_index(torch.argmax(err), got.shape))
         raise AssertionError(f"{name}: {int(bad.sum())}/{bad.numel()} elements differ; worst at {idx}: "
                              f"got {got[idx].item()!r}, expected {ref[idx].item()!r} (atol={atol}, rtol={rtol})")
-
-
-def _to_device(t):
-    """``t`` on DEVICE with its strides kept (a plain ``.to()`` packs a non-dense view, which would
-    hide the head / row / page strides a test sets up); the gaps between elements hold NaN
-    (floats) or 0, as the CPU originals do."""
-    if t is None or DEVICE == "cpu":
-        return t
-    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 1
-    fill = float("nan") if t.is_floating_point() else 0
-    out = torch.full((span,), fill, dtype=t.dtype, device=DEVICE).as_strided(t.shape, t.stride())
-    out.copy_(t)
-    return out
 
 
 def run_and_check(args, K, V, lengths, method, *, num_splits=3, num_workers=5, tile=16, scale=None,
@@ -445,17 +431,5 @@ def test_kernels_compile_for_gpu_without_a_gpu():
 @pytest.mark.skipif(DEVICE != "cpu" or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 def test_compiled_on_gpu():
-    """This module's kernel cases again, compiled by Triton and run on the GPU (the interpreter
-    above checks the kernels' logic, not GPU code generation): pytest in a subprocess with
-    PK_TRITON_TEST_DEVICE=cuda and without TRITON_INTERPRET."""
-    import pykernels
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PK_TRITON_TEST_DEVICE"] = "cuda"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(pykernels.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                        os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=1800)
-    tail = r.stdout[-6000:] + r.stderr[-2000:]
-    assert r.returncode == 0, tail
-    assert " passed" in r.stdout and " failed" not in r.stdout, tail
+    """This module's kernel cases again, compiled by Triton and run on the GPU."""
+    run_compiled_on_gpu(__file__)
