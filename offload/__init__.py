@@ -12,7 +12,7 @@ from importlib import import_module
 
 __all__ = ["load_model", "OffloadedModel", "plan_placement", "Placement", "demo_checkpoint", "convert",
            "Store", "StoreError", "IncompleteStoreError", "CorruptPageError", "Checkpoint", "parse_bytes",
-           "choose_prefill_chunk"]
+           "choose_prefill_chunk", "TieredKVCache"]
 
 _WHERE = {
     "load_model": "model", "OffloadedModel": "model",
@@ -21,6 +21,7 @@ _WHERE = {
     "demo_checkpoint": "checkpoint", "Checkpoint": "checkpoint",
     "convert": "store", "Store": "store", "StoreError": "store", "IncompleteStoreError": "store",
     "CorruptPageError": "store",
+    "TieredKVCache": "kvtier",
 }
 
 

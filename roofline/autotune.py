@@ -15,7 +15,7 @@ measured winner for every call whose shape falls in the same bucket.
   atomically: write to a temporary file, then rename).
 - ``lookup(topic, bucket)``: ``{"best", "timings", "recorded"}`` or None.
 
-The file is ``$XDG_CACHE_HOME/pykernels/roofline/autotune-<machine>.json`` (see
+The file is ``$XDG_CACHE_HOME/pykernels/roofline/autotune-<machine>-<device>.json`` (see
 ``roofline.measure.cache_dir``); ``PYKERNELS_AUTOTUNE=0`` turns lookups off.
 
 Example

@@ -616,3 +616,11 @@ def test_budget_honoured_with_the_kv_on_disk_peak_rss_in_subprocess(tmp_path):
     assert res["disk_bytes"] > res["kv_full"] // 4  # most of the KV is on disk
     # the stated overhead: the process's own base RSS plus 32 MiB of allocator and code slack
     assert res["peak"] - res["base"] <= budget + 32 * (1 << 20), res
+
+
+def test_tiered_kv_cache_is_exported_by_the_package():
+    """The issue's API name: offload.TieredKVCache (loaded lazily like the other names)."""
+    import offload
+    import offload.kvtier
+
+    assert offload.TieredKVCache is offload.kvtier.TieredKVCache and "TieredKVCache" in offload.__all__
