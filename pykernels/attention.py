@@ -379,8 +379,7 @@ def _run_kv(q, cache, scale, method, num_splits, backend, out, lse):
             cache.fp_k, cache.fp_v, cache.block_table, cache.n_sink, cache.n_quant, cache.n_res, out, lse,
             scale, cache.fmt, cache.group_size, method, num_splits, W, tile)
     if name == "cpu":
-        backends.cpu_module().decode_attention_kv(*(backends.dl(a) if isinstance(a, torch.Tensor) else a
-                                                    for a in args))
+        backends.cpu_module().decode_attention_kv(*map(backends.dl, args))
     elif name == "triton":
         from .triton.kv_attention import decode_attention_kv
 

@@ -99,11 +99,12 @@ def _triton_interprets() -> bool:
 
 
 def dl(t):
-    """A DLPack capsule of tensor ``t`` (None stays None) for the compiled extensions, which take
-    capsules or objects with ``__dlpack__``: the capsule skips ``Tensor.__dlpack__``'s Python
-    wrapper (about 2.5 us per tensor, five or six tensors per call). The public layers have
+    """A DLPack capsule of tensor ``t`` (anything else, None included, unchanged) for the compiled
+    extensions (``pykernels._C``, ``pykernels._cuda``), which take capsules or objects with
+    ``__dlpack__``: the capsule skips ``Tensor.__dlpack__``'s Python wrapper (about 2.5 us per
+    tensor, five or six tensors per call; stream-neutral either way). The public layers have
     already checked and detached the tensors."""
-    return None if t is None else _to_dlpack(t)
+    return _to_dlpack(t) if isinstance(t, torch.Tensor) else t
 
 
 _MODULE_STATUS: dict = {}

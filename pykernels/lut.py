@@ -839,8 +839,7 @@ def _entry(name):
         if fn is None:
             return None, ("pykernels._C was built without lut_gemv (an older build); rebuild with "
                           "`pip install .` or `make test`")
-        dl = backends.dl  # tensors handed over as DLPack capsules (backends.dl: cheaper per call)
-        return (lambda *a: fn(*(dl(t) if isinstance(t, torch.Tensor) else t for t in a))), None
+        return (lambda *a: fn(*map(backends.dl, a))), None  # tensors as DLPack capsules (cheaper per call)
     modname = f"pykernels.{name}.lut_gemv"
     mod, why = backends.module_status(modname)  # imported and available, once per process
     if mod is None:

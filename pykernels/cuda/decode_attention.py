@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.dlpack import to_dlpack
+
+from .. import backends
 
 __all__ = ["available", "decode_attention", "compile_nvrtc", "kernel_names", "kernel_config",
            "kernel_source", "default_num_workers"]
@@ -167,13 +168,6 @@ def _cupy():
             os.environ.pop("CUPY_CACHE_DIR", None)
         return None, f"cupy not importable ({type(e).__name__}: {e})"
     return cupy, f"cupy {cupy.__version__} importable"
-
-
-def _capsule(t):
-    """A DLPack capsule of a torch tensor (anything else unchanged) for pykernels._cuda, which
-    takes capsules or objects with ``__dlpack__``: skips ``Tensor.__dlpack__``'s Python wrapper
-    (a few us per tensor). Stream-neutral: neither way synchronises streams."""
-    return to_dlpack(t) if isinstance(t, torch.Tensor) else t
 
 
 def availability(native, native_reason: str) -> tuple[bool, str]:
@@ -526,7 +520,7 @@ def decode_attention(q, k_cache, v_cache, seqlens, block_table, out, lse, scale=
         raise RuntimeError(f"impl='native': {reason}")
     if native is not None and impl != "jit":
         stream = torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else 0
-        dl = _capsule  # DLPack capsules: cheaper per call than the extension calling __dlpack__
+        dl = backends.dl  # DLPack capsules: cheaper per call than the extension calling __dlpack__
         native.decode_attention(dl(q), dl(k_cache), dl(v_cache), dl(seqlens), dl(block_table), dl(out), dl(lse),
                                 scale, method, int(num_splits), int(num_workers), int(tile), stream)
         return

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .decode_attention import (PLAN_KERNEL, REDUCE_KERNEL, _capsule, _cupy, _expand, _native, availability,
+from .. import backends
+from .decode_attention import (PLAN_KERNEL, REDUCE_KERNEL, _cupy, _expand, _native, availability,
                                default_num_workers, grid_plan, kernel_config, nvrtc_entry_sizes)
 
 __all__ = ["available", "decode_attention_kv", "compile_nvrtc", "kernel_names", "kernel_config", "kernel_source",
@@ -479,6 +480,6 @@ def decode_attention_kv(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, f
         raise RuntimeError(f"impl='native': {reason}")
     if native is not None and impl != "jit":
         stream = torch.cuda.current_stream(q.device).cuda_stream if isinstance(q, torch.Tensor) and q.is_cuda else 0
-        native.decode_attention_kv(*(_capsule(a) for a in args), stream)
+        native.decode_attention_kv(*map(backends.dl, args), stream)
         return
     _launch_jit(*args)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .decode_attention import _capsule, _cupy, _expand, _native, availability, nvrtc_entry_sizes
+from .. import backends
+from .decode_attention import _cupy, _expand, _native, availability, nvrtc_entry_sizes
 
 __all__ = ["available", "lut_gemv", "compile_nvrtc", "kernel_names", "kernel_config", "kernel_source"]
 
@@ -260,7 +261,7 @@ def lut_gemv(x, planes, scales, zeros, codebook, out, N, K_pad, bits, gs, mode="
         raise RuntimeError(f"impl='native': {reason}")
     if native is not None and impl != "jit":
         stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
-        dl = _capsule  # DLPack capsules: cheaper per call than the extension calling __dlpack__
+        dl = backends.dl  # DLPack capsules: cheaper per call than the extension calling __dlpack__
         native.lut_gemv(dl(x), dl(planes), dl(scales), dl(zeros), dl(codebook), dl(out), int(N), int(K_pad),
                         int(bits), int(gs), str(mode), stream)
         return
