@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from roofline import autotune as _autotune
+from roofline.hardware import DECODE_CTAS_PER_SM
 
 from . import backends
 from ._checks import check_out
@@ -46,7 +47,7 @@ def _num_workers(device: torch.device, backend: str) -> int:
     if backend == "cpu":
         return _cpu_threads()
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count * 2
+        return torch.cuda.get_device_properties(device).multi_processor_count * DECODE_CTAS_PER_SM
     return 4  # Triton interpreter / reference: the schedule is exercised, not timed
 
 

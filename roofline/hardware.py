@@ -33,7 +33,7 @@ import copy
 import math
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["MachineProfile", "HARDWARE", "GPU_SM_COUNT", "get_machine", "decode_workers"]
+__all__ = ["MachineProfile", "HARDWARE", "GPU_SM_COUNT", "DECODE_CTAS_PER_SM", "get_machine", "decode_workers"]
 
 _GiB = float(1 << 30)
 
@@ -209,12 +209,15 @@ GPU_SM_COUNT: dict[str, int] = {
 }
 assert set(GPU_SM_COUNT) == {n for n, p in HARDWARE.items() if "h2d_pinned" in p.links}
 
+#: decode-attention workers (CTAs / Triton programs) pykernels launches per SM on a GPU
+DECODE_CTAS_PER_SM = 2
+
 
 def decode_workers(machine: str | MachineProfile, cpu_threads: int | None = None) -> tuple[str, int]:
     """``(device, num_workers)`` of decode attention on ``machine``, for the schedule model.
 
-    A GPU of the table: ``("cuda", 2 * SMs)``, the CTA count ``pykernels`` launches
-    (``pykernels.attention``: two resident CTAs per SM). A measured GPU profile (it has a
+    A GPU of the table: ``("cuda", DECODE_CTAS_PER_SM * SMs)``, the CTA count ``pykernels``
+    launches. A measured GPU profile (it has a
     ``h2d_pinned`` link): the SM count of the CUDA device torch sees, else ValueError. Any other
     machine is a CPU: ``("cpu", cpu_threads or os.cpu_count())``.
 
@@ -225,13 +228,13 @@ def decode_workers(machine: str | MachineProfile, cpu_threads: int | None = None
 
     p = get_machine(machine)
     if p.name in GPU_SM_COUNT:
-        return "cuda", 2 * GPU_SM_COUNT[p.name]
+        return "cuda", DECODE_CTAS_PER_SM * GPU_SM_COUNT[p.name]
     if "h2d_pinned" in p.links:  # a probe(device="cuda") profile
         try:
             import torch
 
             if torch.cuda.is_available():
-                return "cuda", 2 * torch.cuda.get_device_properties(0).multi_processor_count
+                return "cuda", DECODE_CTAS_PER_SM * torch.cuda.get_device_properties(0).multi_processor_count
         except ImportError:
             pass
         raise ValueError(f"machine: {p.name!r} is a GPU profile, but no CUDA device is visible to "
