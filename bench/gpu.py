@@ -29,6 +29,7 @@ Nothing here has run yet. The ad-hoc scripts it was written from ran on an H100 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -78,19 +79,16 @@ def _copies(nbytes: int) -> int:
 
 def _cycle(calls):
     """One function that makes the calls in turn (each on its own copy of the data)."""
-    state = [0]
-
-    def fn():
-        i = state[0]
-        state[0] = (i + 1) % len(calls)
-        return calls[i]()
-    return fn
+    turn = itertools.cycle(calls)
+    return lambda: next(turn)()
 
 
 def _cases(quick: bool):
     """[(name, group, bytes read per call, FLOPs per call, fn)] for every case; a case whose setup
     fails becomes (name, group, None, None, the error text)."""
     import pykernels as pk
+
+    from .attention import AttnConfig, byte_counts, flop_count
 
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
@@ -104,8 +102,12 @@ def _cases(quick: bool):
 
     # decode attention: B=1, Hq=32, Hkv=8, D=128, L=16k bf16 (64 MiB of K and V)
     B, L, Hq, Hkv, D = 1, 4096 if quick else 16384, 32, 8, 128
-    kv_bytes = 2 * B * L * Hkv * D * 2
-    att_flops = 4 * B * Hq * L * D  # q.k and p.v, a multiply-add each
+
+    def kv_cost(B, L):  # (K+V bytes, FLOPs) of a bf16 decode step, as the attention suites count them
+        cfg = AttnConfig(B, Hq, Hkv, D, [L] * B, "bf16")
+        return byte_counts(cfg)["kv_bytes"], flop_count(cfg)
+
+    kv_bytes, att_flops = kv_cost(B, L)
     kvs = [(torch.randn(B, L, Hkv, D, device=dev, dtype=torch.bfloat16, generator=g),
             torch.randn(B, L, Hkv, D, device=dev, dtype=torch.bfloat16, generator=g))
            for _ in range(_copies(kv_bytes))]
@@ -145,9 +147,9 @@ def _cases(quick: bool):
     q4 = torch.randn(B, Hq, D, device=dev, dtype=torch.bfloat16, generator=g)
     sl4 = torch.full((B,), L, dtype=torch.int32, device=dev)
     grp = f"quantized KV B={B} Hq={Hq} Hkv={Hkv} D={D} L={L}, group 32, split"
-    kv_flops = 4 * B * Hq * L * D
+    bf16_bytes, kv_flops = kv_cost(B, L)
     for be in ("cuda", "triton"):  # 537 MiB: > 3x L2 without copies
-        add(f"pk {be} bf16 cache", grp, 2 * kk.numel() * 2, kv_flops,
+        add(f"pk {be} bf16 cache", grp, bf16_bytes, kv_flops,
             lambda be=be: (lambda: pk.decode_attention(q4, kk, vv, sl4, method="split", backend=be)))
     for bits in (8, 4, 2, "fp8"):
         try:
