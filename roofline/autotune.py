@@ -67,7 +67,7 @@ def stamp(device: str) -> tuple:
 
 
 STAMP_INTERVAL_S = 1.0  # quick_stamp stats the file at most this often
-_QUICK: dict = {}  # (device, XDG_CACHE_HOME, HOME) -> (monotonic time of the stat, mtime)
+_QUICK: dict = {}  # (device, XDG_CACHE_HOME, HOME) -> (monotonic time of the stat, file version)
 
 
 def quick_stamp(device: str) -> tuple:
@@ -140,17 +140,17 @@ def _load(device: str) -> dict:
     """The file's contents, re-read when its version (mtime, inode, size) changes (another
     process may have recorded since)."""
     p = path(device)
-    mtime = _file_version(p)
+    version = _file_version(p)
     memo = _MEMO.get(p)
-    if memo is None or memo[0] != mtime:
+    if memo is None or memo[0] != version:
         data = {}
-        if mtime is not None:
+        if version is not None:
             try:
                 with open(p) as fh:
                     data = json.load(fh)
             except (OSError, ValueError):
                 data = {}
-        memo = _MEMO[p] = (mtime, data if isinstance(data, dict) else {})
+        memo = _MEMO[p] = (version, data if isinstance(data, dict) else {})
     return memo[1]
 
 
